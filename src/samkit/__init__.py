@@ -1,0 +1,38 @@
+"""samkit: sharpness-aware training for PyTorch.
+
+The optimizers and their protocol are re-exported here; measurements live in
+:mod:`samkit.sharpness`, training in :mod:`samkit.train`, sweeps in :mod:`samkit.bench`.
+"""
+
+from samkit.optim import (
+    ASAM,
+    SAM,
+    BatchClosure,
+    NonFiniteError,
+    OptimizerInfo,
+    SharpnessAwareOptimizer,
+    create_optimizer,
+    frozen_bn_stats,
+    get_optimizer_info,
+    list_optimizers,
+    make_closure,
+    register,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ASAM",
+    "SAM",
+    "BatchClosure",
+    "NonFiniteError",
+    "OptimizerInfo",
+    "SharpnessAwareOptimizer",
+    "__version__",
+    "create_optimizer",
+    "frozen_bn_stats",
+    "get_optimizer_info",
+    "list_optimizers",
+    "make_closure",
+    "register",
+]

@@ -1,0 +1,37 @@
+"""Sharpness-aware optimizers: a shared base, one module per method family, a registry."""
+
+from samkit.optim.base import (
+    BASE_OPTIMIZERS,
+    NonFiniteError,
+    SharpnessAwareOptimizer,
+    resolve_base_optimizer,
+)
+from samkit.optim.batchnorm import frozen_bn_stats
+from samkit.optim.closure import BatchClosure, make_closure
+from samkit.optim.registry import (
+    OptimizerInfo,
+    create_optimizer,
+    get_optimizer_info,
+    is_sharpness_aware,
+    list_optimizers,
+    register,
+)
+from samkit.optim.sam import ASAM, SAM
+
+__all__ = [
+    "ASAM",
+    "BASE_OPTIMIZERS",
+    "BatchClosure",
+    "NonFiniteError",
+    "OptimizerInfo",
+    "SAM",
+    "SharpnessAwareOptimizer",
+    "create_optimizer",
+    "frozen_bn_stats",
+    "get_optimizer_info",
+    "is_sharpness_aware",
+    "list_optimizers",
+    "make_closure",
+    "register",
+    "resolve_base_optimizer",
+]

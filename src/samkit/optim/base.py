@@ -1,0 +1,482 @@
+"""The shared machinery of every sharpness-aware optimizer in samkit.
+
+:class:`SharpnessAwareOptimizer` wraps any ``torch.optim.Optimizer`` (the *base* optimizer)
+and owns everything the variants have in common:
+
+* the closure protocol: ``step(closure)`` calls the closure for every pass the method needs
+  (including the first) and returns the clean loss;
+* saving, perturbing and restoring the weights with ``torch._foreach_*`` kernels grouped by
+  device and dtype (a plain loop with ``foreach=False``); restoring copies the saved weights
+  back, so it is exact, and it also happens when a pass raises;
+* the global gradient norm, ASAM's elementwise scaling ``T = |w| + eta``, per-group radii;
+* BatchNorm running statistics frozen during every perturbed pass
+  (:func:`~samkit.optim.batchnorm.frozen_bn_stats`), ``no_sync()`` for the ascent pass under
+  DistributedDataParallel;
+* non-finite losses and gradients (``on_nonfinite``);
+* ``state_dict()`` that contains the base optimizer's state (momentum buffers) and every
+  samkit buffer, so a resumed run continues exactly.
+
+A method overrides one small hook: :meth:`ascent_direction` (the direction to normalise,
+default the clean gradient) or, for methods with a different sequence of passes,
+:meth:`sharpness_step`. See ``docs/adding_a_method.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from samkit.optim import _tensors as T
+from samkit.optim.batchnorm import frozen_bn_stats
+from samkit.optim.closure import BatchClosure
+
+__all__ = [
+    "SharpnessAwareOptimizer",
+    "NonFiniteError",
+    "BASE_OPTIMIZERS",
+    "resolve_base_optimizer",
+    "GroupParams",
+]
+
+#: Base optimizers that can be named by a string.
+BASE_OPTIMIZERS: dict[str, type[Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+}
+
+_NO_CLOSURE_MESSAGE = (
+    "{name}.step() needs a closure, because it evaluates the loss more than once per step. "
+    "Either pass a standard closure:\n"
+    "    def closure():\n"
+    "        optimizer.zero_grad()\n"
+    "        loss = loss_fn(model(inputs), targets)\n"
+    "        loss.backward()\n"
+    "        return loss\n"
+    "    loss = optimizer.step(closure)\n"
+    "(or closure = samkit.make_closure(model, loss_fn, inputs, targets)), or drive the passes "
+    "yourself: loss.backward(); optimizer.first_step(zero_grad=True); "
+    "loss_fn(model(inputs), targets).backward(); optimizer.second_step(zero_grad=True)."
+)
+
+
+class NonFiniteError(FloatingPointError):
+    """A pass produced a NaN or infinite loss or gradient."""
+
+
+class _SkipStep(Exception):
+    """Internal: abandon the current step (on_nonfinite='skip')."""
+
+
+class GroupParams:
+    """The parameters of one param group that take part in a step, with their gradients."""
+
+    __slots__ = ("group", "params", "grads")
+
+    def __init__(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]):
+        self.group = group
+        self.params = params
+        self.grads = grads
+
+
+def resolve_base_optimizer(base_optimizer: Any) -> type[Optimizer]:
+    """A base optimizer class from a class or one of the names in ``BASE_OPTIMIZERS``."""
+    if isinstance(base_optimizer, str):
+        key = base_optimizer.lower()
+        if key not in BASE_OPTIMIZERS:
+            raise ValueError(
+                f"Unknown base optimizer {base_optimizer!r}; "
+                f"choose one of {sorted(BASE_OPTIMIZERS)} or pass a torch.optim.Optimizer class"
+            )
+        return BASE_OPTIMIZERS[key]
+    if isinstance(base_optimizer, Optimizer):
+        raise TypeError(
+            f"base_optimizer must be an optimizer class, not an instance "
+            f"({type(base_optimizer).__name__}(...)); pass {type(base_optimizer).__name__} "
+            "and its keyword arguments instead"
+        )
+    if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
+        raise TypeError(
+            f"base_optimizer must be a torch.optim.Optimizer subclass or a name, "
+            f"got {base_optimizer!r}"
+        )
+    return base_optimizer
+
+
+class SharpnessAwareOptimizer(Optimizer):
+    """Base class: a sharpness-aware wrapper around a torch optimizer.
+
+    Args:
+        params: parameters or param groups (named parameters work too). Groups may carry
+            their own values of the method's hyperparameters (e.g. ``rho``).
+        base_optimizer: a ``torch.optim.Optimizer`` class or a name from
+            ``BASE_OPTIMIZERS`` (``"sgd"``, ``"adamw"``, ...).
+        defaults: the method's per-group hyperparameters and their default values.
+        model: the model being trained. Optional; when given (or when the closure is a
+            :class:`~samkit.BatchClosure`, which knows its model) BatchNorm running
+            statistics are frozen during perturbed passes and, under DDP, the ascent pass
+            runs inside ``no_sync()``.
+        foreach: use ``torch._foreach_*`` kernels (default) or a plain loop.
+        on_nonfinite: ``"raise"`` (default) raises :class:`NonFiniteError` naming the method
+            and the pass when a loss or gradient is NaN/inf; ``"skip"`` restores the weights,
+            skips the update and counts it in ``skipped_steps``; ``"ignore"`` does not check
+            (saves one device synchronisation per pass).
+        sync_ascent: under DDP, also all-reduce the ascent pass's gradients (default
+            ``False``: each replica perturbs with its own gradient, as in the original SAM).
+        perturb_eps: added to the norm in every normalisation (``1e-12``).
+        **base_kwargs: passed to the base optimizer (``lr``, ``momentum``, ...).
+    """
+
+    #: Registry-style name used in messages.
+    method_name = "sharpness-aware optimizer"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: Any = "sgd",
+        defaults: dict[str, Any] | None = None,
+        *,
+        model: nn.Module | None = None,
+        foreach: bool | None = None,
+        on_nonfinite: str = "raise",
+        sync_ascent: bool = False,
+        perturb_eps: float = 1e-12,
+        **base_kwargs: Any,
+    ) -> None:
+        base_cls = resolve_base_optimizer(base_optimizer)
+        if on_nonfinite not in ("raise", "skip", "ignore"):
+            raise ValueError(
+                f"Invalid on_nonfinite value: {on_nonfinite!r} (use 'raise', 'skip' or 'ignore')"
+            )
+        if not perturb_eps >= 0.0:
+            raise ValueError(f"Invalid perturb_eps value: {perturb_eps}")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if "foreach" in base_kwargs:
+            raise ValueError(
+                "foreach is samkit's own option; it is not passed to the base optimizer"
+            )
+        self._method_defaults = dict(defaults or {})
+        super().__init__(params, self._method_defaults)
+        self.base_optimizer: Optimizer = base_cls(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        for group in self.param_groups:
+            self._check_group(group)
+        self.model = model
+        self.foreach = True if foreach is None else bool(foreach)
+        self.on_nonfinite = on_nonfinite
+        self.sync_ascent = bool(sync_ascent)
+        self.perturb_eps = float(perturb_eps)
+        #: Counters saved in ``state_dict()``: optimizer steps taken and steps skipped.
+        self.samkit_state: dict[str, Any] = {"step": 0, "skipped_steps": 0}
+        self._backup: dict[Tensor, Tensor] = {}
+        self._perturbed: list[Tensor] = []
+
+    # ------------------------------------------------------------------ hyperparameters
+    def validate_group(self, group: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for invalid per-group hyperparameters (override to extend)."""
+        rho = group.get("rho")
+        if rho is not None and not (isinstance(rho, (int, float)) and rho >= 0.0):
+            raise ValueError(f"Invalid rho value: {rho}")
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        for p in group["params"]:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"optimizer parameters must be tensors, got {type(p).__name__}")
+        self.validate_group(group)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not hasattr(self, "base_optimizer"):
+            # Called by Optimizer.__init__: build the group with the method's defaults.
+            super().add_param_group(param_group)
+            return
+        for key, value in self._method_defaults.items():
+            param_group.setdefault(key, value)
+        self.base_optimizer.add_param_group(param_group)  # appends to the shared list
+        self._check_group(self.param_groups[-1])
+
+    # ------------------------------------------------------------------ the step
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Run every pass of the method through ``closure`` and update the weights.
+
+        ``closure`` is a standard torch closure (zero the gradients, compute the loss, call
+        ``backward()``, return the loss) or a :class:`~samkit.BatchClosure`. Returns the
+        loss at the clean weights (the closure's first return value).
+        """
+        if closure is None:
+            raise RuntimeError(_NO_CLOSURE_MESSAGE.format(name=type(self).__name__))
+        if not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        try:
+            return self.sharpness_step(closure)
+        except _SkipStep as skip:
+            self.zero_grad(set_to_none=True)
+            self.samkit_state["skipped_steps"] += 1
+            return skip.args[0] if skip.args else None
+        finally:
+            self.restore()
+
+    def sharpness_step(self, closure: Callable[[], Any]) -> Any:
+        """The passes of one step. Default: SAM's two passes.
+
+        Override for methods with another sequence of passes, using :meth:`run_pass`,
+        :meth:`perturb`, :meth:`restore` and :meth:`base_step`.
+        """
+        loss = self.run_pass(closure, "clean")
+        self.perturb()
+        self.run_pass(closure, "perturbed", perturbed=True)
+        self.restore()
+        self.base_step()
+        return loss
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move to the perturbed weights using the gradients already in ``.grad``."""
+        self.perturb()
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore the clean weights and apply the base optimizer with the current ``.grad``."""
+        self.restore()
+        self.base_step()
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ building blocks
+    def run_pass(
+        self,
+        closure: Callable[[], Any],
+        name: str,
+        *,
+        perturbed: bool = False,
+        sync: bool | None = None,
+        subset: Tensor | None = None,
+        backward: bool = True,
+        per_sample: bool = False,
+        extra_loss: Callable[..., Tensor] | None = None,
+    ) -> Any:
+        """Evaluate one pass through the closure and check it.
+
+        ``perturbed=True`` freezes BatchNorm running statistics. ``sync`` (default: ``True``
+        for perturbed passes, ``sync_ascent`` for the clean pass) controls DDP gradient
+        synchronisation. ``subset``, ``backward=False``, ``per_sample`` and ``extra_loss`` need
+        a :class:`~samkit.BatchClosure`.
+        """
+        if sync is None:
+            sync = True if perturbed else self.sync_ascent
+        needs_batch = subset is not None or not backward or per_sample or extra_loss is not None
+        if backward:
+            self.zero_grad(set_to_none=True)
+        model = self.model if self.model is not None else getattr(closure, "model", None)
+        bn = frozen_bn_stats(model) if perturbed else contextlib.nullcontext()
+        with bn, torch.enable_grad():
+            if isinstance(closure, BatchClosure):
+                loss = closure.evaluate(
+                    subset,
+                    backward=backward,
+                    per_sample=per_sample,
+                    sync_gradients=sync,
+                    extra_loss=extra_loss,
+                )
+            elif needs_batch:
+                raise TypeError(
+                    f"{type(self).__name__} needs per-sample or sub-batch evaluations: build the "
+                    "closure with samkit.make_closure(model, loss_fn, inputs, targets)"
+                )
+            else:
+                loss = closure()
+        if self.on_nonfinite != "ignore":
+            self._check_finite(name, loss, backward)
+        return loss
+
+    def _check_finite(self, name: str, loss: Any, check_grads: bool) -> None:
+        checks: list[Tensor] = []
+        if isinstance(loss, Tensor):
+            checks.append(torch.isfinite(loss.detach()).all())
+        if check_grads:
+            grads = [g for gp in self.collect() for g in gp.grads]
+            if grads:
+                checks.append(torch.isfinite(T.global_norm(grads, self.foreach)))
+        if not checks:
+            return
+        ok = checks[0] if len(checks) == 1 else torch.stack([c.cpu() for c in checks]).all()
+        if bool(ok):
+            return
+        loss_text = f"{float(loss.detach().float().mean()):g}" if isinstance(loss, Tensor) else "?"
+        if self.on_nonfinite == "skip":
+            raise _SkipStep(loss)
+        raise NonFiniteError(
+            f"{type(self).__name__}: non-finite loss or gradient in the {name} pass "
+            f"(loss={loss_text}); the weights were left unchanged. Pass on_nonfinite='skip' "
+            "to skip such steps."
+        )
+
+    def collect(self) -> list[GroupParams]:
+        """Per param group, the parameters that have a gradient (frozen ones are skipped)."""
+        out = []
+        for group in self.param_groups:
+            params, grads = [], []
+            for p in group["params"]:
+                if p.grad is None or not p.requires_grad:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients "
+                        f"(parameter of shape {tuple(p.shape)})"
+                    )
+                params.append(p)
+                grads.append(p.grad)
+            out.append(GroupParams(group, params, grads))
+        return out
+
+    def ascent_direction(self, groups: list[GroupParams]) -> list[list[Tensor]]:
+        """The direction to normalise into the perturbation, per group. Default: ``g``."""
+        return [gp.grads for gp in groups]
+
+    @torch.no_grad()
+    def perturb(
+        self,
+        directions: list[list[Tensor]] | None = None,
+        *,
+        radius: str | Callable[[dict[str, Any]], float] = "rho",
+        sign: float = 1.0,
+    ) -> Tensor:
+        """Save the weights and move them to ``w + sign·ε``.
+
+        ``ε = r_g · d / (‖d‖ + eps)`` or, for groups with ``adaptive=True`` (ASAM),
+        ``ε = r_g · T²d / (‖T d‖ + eps)`` with ``T = |w| + eta`` on weight tensors and 1
+        elsewhere. ``d`` is ``directions`` or :meth:`ascent_direction`; the norm is global over
+        every group; ``r_g`` is the group's ``radius`` entry (or ``radius(group)``). Returns the
+        norm ‖d‖ (or ‖T d‖) as a 0-dim tensor.
+        """
+        if self._perturbed:
+            raise RuntimeError("the weights are already perturbed: call restore() first")
+        groups = self.collect()
+        if directions is None:
+            directions = self.ascent_direction(groups)
+        # t_dirs = T ⊙ d (T = 1 outside adaptive weight tensors); scales = T per tensor.
+        t_dirs: list[list[Tensor]] = []
+        scales: list[list[Tensor | None]] = []
+        for gp, d in zip(groups, directions):
+            if gp.group.get("adaptive", False):
+                t = self._asam_scales(gp)
+                t_dirs.append([di if ti is None else ti * di for ti, di in zip(t, d)])
+                scales.append(t)
+            else:
+                t_dirs.append(list(d))
+                scales.append([None] * len(d))
+        norm = T.global_norm([x for td in t_dirs for x in td], self.foreach)
+        denom = norm + self.perturb_eps
+        params_all: list[Tensor] = []
+        eps_all: list[Tensor] = []
+        for gp, td, t in zip(groups, t_dirs, scales):
+            r = radius(gp.group) if callable(radius) else gp.group[radius]
+            if not gp.params:
+                continue
+            scale = sign * r / denom
+            eps = T.scaled(td, scale, self.foreach)
+            for i, ti in enumerate(t):
+                if ti is not None:
+                    eps[i].mul_(ti)
+            params_all.extend(gp.params)
+            eps_all.extend(eps)
+        self._save(params_all)
+        T.add_(params_all, eps_all, foreach=self.foreach)
+        return norm
+
+    def _asam_scales(self, gp: GroupParams) -> list[Tensor | None]:
+        """ASAM's T = |w| + eta for weight tensors, None (T = 1) for the others."""
+        eta = gp.group.get("eta", 0.0)
+        choice = gp.group.get("weight_scaling")  # None: automatic rule
+        names = gp.group.get("param_names")
+        if names is not None:
+            name_of = dict(zip((id(p) for p in gp.group["params"]), names))
+        out: list[Tensor | None] = []
+        for p in gp.params:
+            if choice is None:
+                is_weight = name_of[id(p)].endswith("weight") if names is not None else p.dim() > 1
+            else:
+                is_weight = bool(choice)
+            out.append(p.detach().abs().add_(eta) if is_weight else None)
+        return out
+
+    def _save(self, params: list[Tensor]) -> None:
+        buffers = []
+        for p in params:
+            buf = self._backup.get(p)
+            if (
+                buf is None
+                or buf.shape != p.shape
+                or buf.dtype != p.dtype
+                or buf.device != p.device
+            ):
+                buf = torch.empty_like(p, memory_format=torch.preserve_format)
+                self._backup[p] = buf
+            buffers.append(buf)
+        T.copy_(buffers, [p.detach() for p in params], foreach=self.foreach)
+        self._perturbed = list(params)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the saved clean weights back (exact); does nothing if not perturbed."""
+        if not self._perturbed:
+            return
+        params = self._perturbed
+        self._perturbed = []
+        T.copy_(params, [self._backup[p] for p in params], foreach=self.foreach)
+
+    @property
+    def is_perturbed(self) -> bool:
+        """Whether the weights currently sit at a perturbed point."""
+        return bool(self._perturbed)
+
+    def base_step(self) -> None:
+        """Apply the base optimizer with the gradients in ``.grad`` (at the clean weights)."""
+        if self._perturbed:
+            raise RuntimeError("base_step() called while the weights are perturbed")
+        self.base_optimizer.step()
+        self.samkit_state["step"] += 1
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because of non-finite values (``on_nonfinite='skip'``)."""
+        return int(self.samkit_state["skipped_steps"])
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The method's state, the base optimizer's state and samkit's counters."""
+        sd = super().state_dict()
+        sd["base_optimizer"] = self.base_optimizer.state_dict()
+        sd["samkit"] = dict(self.samkit_state)
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        sd = dict(state_dict)
+        if "base_optimizer" not in sd:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the state has no 'base_optimizer' "
+                "entry (was it saved by a different optimizer?)"
+            )
+        base_sd = sd.pop("base_optimizer")
+        counters = sd.pop("samkit", {})
+        super().load_state_dict(sd)
+        self.base_optimizer.load_state_dict(base_sd)
+        self.base_optimizer.param_groups = self.param_groups
+        self.samkit_state.update(counters)
+        self._backup = {}
+        self._perturbed = []
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, groups={len(self.param_groups)})"

@@ -1,0 +1,337 @@
+"""Shared helpers for :mod:`samkit.sharpness`: data handling, parameter lists, flat vectors,
+state preservation and batch averaging.
+
+Conventions used by every public function of the package:
+
+* ``data`` is an iterable of ``(inputs, targets)`` batches (a list of tuples or a DataLoader).
+  One-shot iterators (generators) are materialised to a list once, so that several passes over
+  the data see the same batches.
+* ``loss_fn(model(inputs), targets)`` returns the *mean* loss of the batch (a scalar tensor).
+* Every quantity is averaged over the batches, each batch weighted by its size.
+* Only parameters with ``requires_grad=True`` take part.
+* The model runs in eval mode unless ``train_mode=True``; its weights, ``requires_grad`` flags,
+  gradients, buffers (BatchNorm running statistics) and training flags are restored on exit,
+  and the global RNG state is left untouched (forward passes run under a forked RNG that is
+  re-seeded per batch, so that a model with dropout in train mode sees the same masks every
+  time the same batch is evaluated).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+Data = Iterable[tuple[Any, Any]]
+
+__all__ = ["Data", "LossFn"]
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def check_nonneg_float(name: str, value: Any, *, strictly_positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if strictly_positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {list(choices)}")
+    return value
+
+
+def check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r} ({type(seed).__name__})")
+    return seed
+
+
+def check_module(model: Any) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def make_generator(seed: int) -> torch.Generator:
+    """A local CPU generator (random vectors are drawn on the CPU, then moved, so that results
+    do not depend on the device)."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(check_seed(seed))
+    return gen
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def prepare_data(data: Any) -> Iterable[Any]:
+    """Return a re-iterable view of ``data`` (materialising one-shot iterators) after basic checks."""
+    if isinstance(data, (torch.Tensor, str, bytes, Mapping)):
+        raise TypeError(
+            f"data must be an iterable of (inputs, targets) batches, got {type(data).__name__}"
+        )
+    if (
+        isinstance(data, tuple)
+        and len(data) == 2
+        and all(isinstance(x, torch.Tensor) for x in data)
+    ):
+        raise TypeError(
+            "data must be an iterable of (inputs, targets) batches, got a single "
+            "(Tensor, Tensor) pair; wrap it as [(inputs, targets)]"
+        )
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            f"data must be an iterable of (inputs, targets) batches, got {type(data).__name__}"
+        )
+    if iter(data) is data:  # generator / iterator: one pass only
+        data = list(data)
+    if hasattr(data, "__len__") and len(data) == 0:
+        raise ValueError("data is empty: it must contain at least one (inputs, targets) batch")
+    return data
+
+
+def _first_leading_dim(obj: Any) -> int | None:
+    if isinstance(obj, torch.Tensor):
+        return int(obj.shape[0]) if obj.ndim >= 1 else None
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            n = _first_leading_dim(item)
+            if n is not None:
+                return n
+    return None
+
+
+def batch_size(inputs: Any, targets: Any) -> int:
+    """Size of a batch: leading dimension of the first tensor in ``targets``, else ``inputs``."""
+    n = _first_leading_dim(targets)
+    if n is None:
+        n = _first_leading_dim(inputs)
+    return 1 if n is None else n
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device == device else obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def trainable_params(model: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
+    """Names and tensors of the parameters that require grad (the ones every measure uses)."""
+    names, params = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            names.append(name)
+            params.append(p)
+    if not params:
+        raise ValueError("model has no parameter with requires_grad=True: nothing to measure")
+    return names, params
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    out, i = [], 0
+    for p in like:
+        n = p.numel()
+        out.append(flat[i : i + n].view_as(p).to(p.dtype))
+        i += n
+    if i != flat.numel():
+        raise ValueError(f"flat vector has {flat.numel()} entries, parameters have {i}")
+    return out
+
+
+def check_vectors(vectors: Any, params: Sequence[torch.Tensor], name: str = "vectors"):
+    if isinstance(vectors, torch.Tensor) or not isinstance(vectors, (list, tuple)):
+        raise TypeError(
+            f"{name} must be a list of tensors shaped like the parameters that require grad, "
+            f"got {type(vectors).__name__}"
+        )
+    if len(vectors) != len(params):
+        raise ValueError(
+            f"{name} has {len(vectors)} tensors but the model has {len(params)} parameters "
+            "that require grad"
+        )
+    out = []
+    for i, (v, p) in enumerate(zip(vectors, params)):
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(v).__name__}")
+        if v.shape != p.shape:
+            raise ValueError(f"{name}[{i}] has shape {tuple(v.shape)}, expected {tuple(p.shape)}")
+        out.append(v.detach().to(device=p.device, dtype=p.dtype))
+    return out
+
+
+def grads_or_zeros(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]):
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _seed_for(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index * 7_919 + 12_345) % (2**63 - 1)
+
+
+class Evaluator:
+    """Runs ``loss_fn(model(inputs), targets)`` over the batches of ``data``.
+
+    Use it inside :meth:`session`, which sets the mode, forks the RNG and restores every piece
+    of model state on exit.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Any,
+        *,
+        train_mode: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.model = check_module(model)
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn
+        self.data = prepare_data(data)
+        self.train_mode = bool(train_mode)
+        self.seed = check_seed(seed)
+        self.names, self.params = trainable_params(model)
+        self.device = self.params[0].device
+        self.dtype = self.params[0].dtype
+        self.dim = sum(p.numel() for p in self.params)
+
+    # -- state ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Evaluator]:
+        model = self.model
+        modes = [(m, m.training) for m in model.modules()]
+        saved_params = [
+            (p, p.detach().clone(), p.requires_grad, p.grad) for p in model.parameters()
+        ]
+        saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        devices = []
+        if self.device.type == "cuda":
+            devices = [self.device.index if self.device.index is not None else 0]
+        try:
+            with torch.random.fork_rng(devices=devices):
+                model.train(self.train_mode)
+                yield self
+        finally:
+            with torch.no_grad():
+                for p, value, requires_grad, grad in saved_params:
+                    if p.requires_grad != requires_grad:
+                        p.requires_grad_(requires_grad)
+                    p.copy_(value)
+                    p.grad = grad
+                for b, value in saved_buffers:
+                    b.copy_(value)
+            for m, training in modes:
+                m.training = training
+
+    # -- batches -------------------------------------------------------------------------
+    def batches(self) -> Iterator[tuple[int, Any, Any, int]]:
+        """Yield ``(index, inputs, targets, size)``; raises ValueError if there is no batch."""
+        count = 0
+        for i, batch in enumerate(self.data):
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise TypeError(
+                    f"each batch must be an (inputs, targets) pair, got {type(batch).__name__}"
+                    + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                )
+            inputs, targets = batch
+            inputs = to_device(inputs, self.device)
+            targets = to_device(targets, self.device)
+            count += 1
+            yield i, inputs, targets, batch_size(inputs, targets)
+        if count == 0:
+            raise ValueError("data is empty: it must contain at least one (inputs, targets) batch")
+
+    def output_and_loss(
+        self,
+        index: int,
+        inputs: Any,
+        targets: Any,
+        overrides: Mapping[str, torch.Tensor] | None = None,
+    ) -> tuple[Any, torch.Tensor]:
+        """Forward pass (with optional parameter/buffer overrides) and the scalar mean loss."""
+        s = _seed_for(self.seed, index)
+        torch.default_generator.manual_seed(s)
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                torch.cuda.manual_seed(s)
+        if overrides:
+            out = functional_call(self.model, dict(overrides), (inputs,))
+        else:
+            out = self.model(inputs)
+        loss = self.loss_fn(out, targets)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn must return a scalar (mean) loss tensor, got {shape}; "
+                "use reduction='mean'"
+            )
+        return out, loss.reshape(())
+
+    def loss(self, index, inputs, targets, overrides=None) -> torch.Tensor:
+        return self.output_and_loss(index, inputs, targets, overrides)[1]
+
+    def perturbed(self, deltas: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Override dict ``{name: w + delta}`` (the deltas may require grad)."""
+        return {n: p.detach() + d for n, p, d in zip(self.names, self.params, deltas)}
+
+    def rand_flat(self, gen: torch.Generator, kind: str = "normal") -> torch.Tensor:
+        if kind == "normal":
+            z = torch.randn(self.dim, generator=gen, dtype=torch.float64)
+        elif kind == "rademacher":
+            z = torch.randint(0, 2, (self.dim,), generator=gen).to(torch.float64) * 2 - 1
+        elif kind == "uniform":
+            z = torch.rand(self.dim, generator=gen, dtype=torch.float64) * 2 - 1
+        else:  # pragma: no cover - internal
+            raise ValueError(kind)
+        return z.to(device=self.device, dtype=self.dtype)
+
+
+def accuracy_of(output: Any, targets: Any) -> float | None:
+    """Fraction of correct argmax predictions when targets look like class labels, else None."""
+    if not (isinstance(output, torch.Tensor) and isinstance(targets, torch.Tensor)):
+        return None
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        return None
+    if output.ndim != 2 or targets.ndim != 1 or output.shape[0] != targets.shape[0]:
+        return None
+    return float((output.argmax(dim=1) == targets).double().mean().item())

@@ -7,7 +7,9 @@ from samkit.optim.base import (
     resolve_base_optimizer,
 )
 from samkit.optim.batchnorm import frozen_bn_stats
+from samkit.optim.bsam import BilateralSAM
 from samkit.optim.closure import BatchClosure, make_closure
+from samkit.optim.fsam import FriendlySAM
 from samkit.optim.registry import (
     OptimizerInfo,
     create_optimizer,
@@ -22,6 +24,8 @@ __all__ = [
     "ASAM",
     "BASE_OPTIMIZERS",
     "BatchClosure",
+    "BilateralSAM",
+    "FriendlySAM",
     "NonFiniteError",
     "OptimizerInfo",
     "SAM",

@@ -13,6 +13,8 @@ from typing import Any
 from torch.optim import Optimizer
 
 from samkit.optim.base import BASE_OPTIMIZERS, SharpnessAwareOptimizer, resolve_base_optimizer
+from samkit.optim.bsam import BilateralSAM
+from samkit.optim.fsam import FriendlySAM
 from samkit.optim.sam import ASAM, SAM
 
 __all__ = ["OptimizerInfo", "register", "create_optimizer", "list_optimizers", "get_optimizer_info"]
@@ -130,5 +132,25 @@ register(
         cls=ASAM,
         description="ASAM: SAM in a neighbourhood scaled by |w| + eta (scale invariant)",
         reference="Kwon et al., ICML 2021",
+    )
+)
+register(
+    OptimizerInfo(
+        name="fsam",
+        cls=FriendlySAM,
+        description="F-SAM: SAM along g minus an EMA of past gradients (the batch-specific part)",
+        defaults={"rho": 0.1},
+        passes=2.0,
+        reference="Li et al., Friendly Sharpness-Aware Minimization, CVPR 2024",
+    )
+)
+register(
+    OptimizerInfo(
+        name="bsam",
+        cls=BilateralSAM,
+        description="Bilateral SAM: SAM's max point plus a min point along -g, three passes",
+        defaults={},
+        passes=3.0,
+        reference="Deng et al., Bilateral Sharpness-Aware Minimization for Flatter Minima, 2024",
     )
 )

@@ -327,3 +327,34 @@ def test_per_sample_request_with_mean_loss_fn_is_explained():
     c = samkit.make_closure(model, nn.CrossEntropyLoss(), x, y)
     with pytest.raises(ValueError, match="reduction='none'"):
         c.evaluate(per_sample=True)
+
+
+def test_grad_scaler_gives_the_same_steps_as_unscaled_training():
+    data = batches(4, dtype=torch.float32)
+    m1, m2 = tiny_net(dtype=torch.float32), tiny_net(dtype=torch.float32)
+    o1 = samkit.SAM(m1.parameters(), rho=0.05, lr=0.1, momentum=0.9)
+    o2 = samkit.SAM(m2.parameters(), rho=0.05, lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=10**6)
+    for x, y in data:
+        o1.step(samkit.make_closure(m1, loss_fn, x, y))
+        o2.step(samkit.make_closure(m2, loss_fn, x, y, grad_scaler=scaler))
+        scaler.update()
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_grad_scaler_overflow_skips_the_step_and_lowers_the_scale():
+    model = tiny_net(dtype=torch.float32)
+    opt = samkit.SAM(model.parameters(), rho=0.05, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = batches(1, dtype=torch.float32)[0]
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def overflowing(out, target):
+        return loss_fn(out, target) * 1e38  # finite loss, overflowing scaled gradients
+
+    opt.step(samkit.make_closure(model, overflowing, x, y, grad_scaler=scaler))
+    scaler.update()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert scaler.get_scale() == 2.0**9
+    assert opt.skipped_steps == 1 and not opt.is_perturbed

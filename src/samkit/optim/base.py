@@ -179,6 +179,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self.samkit_state: dict[str, Any] = {"step": 0, "skipped_steps": 0}
         self._backup: dict[Tensor, Tensor] = {}
         self._perturbed: list[Tensor] = []
+        self._grad_scaler: Any = None
 
     # ------------------------------------------------------------------ hyperparameters
     def validate_group(self, group: dict[str, Any]) -> None:
@@ -215,14 +216,21 @@ class SharpnessAwareOptimizer(Optimizer):
             raise RuntimeError(_NO_CLOSURE_MESSAGE.format(name=type(self).__name__))
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        self._grad_scaler = getattr(closure, "grad_scaler", None)
         try:
             return self.sharpness_step(closure)
         except _SkipStep as skip:
+            if self._grad_scaler is not None and self._grad_scaler.is_enabled():
+                # Let the scaler see the overflowing gradients: it skips the update and
+                # lowers its scale at the user's grad_scaler.update().
+                self.restore()
+                self._grad_scaler.step(self.base_optimizer)
             self.zero_grad(set_to_none=True)
             self.samkit_state["skipped_steps"] += 1
             return skip.args[0] if skip.args else None
         finally:
             self.restore()
+            self._grad_scaler = None
 
     def sharpness_step(self, closure: Callable[[], Any]) -> Any:
         """The passes of one step. Default: SAM's two passes.
@@ -313,7 +321,9 @@ class SharpnessAwareOptimizer(Optimizer):
         if bool(ok):
             return
         loss_text = f"{float(loss.detach().float().mean()):g}" if isinstance(loss, Tensor) else "?"
-        if self.on_nonfinite == "skip":
+        scaler = self._grad_scaler
+        if self.on_nonfinite == "skip" or (scaler is not None and scaler.is_enabled()):
+            # With a GradScaler, overflowing scaled gradients are routine: skip the step.
             raise _SkipStep(loss)
         raise NonFiniteError(
             f"{type(self).__name__}: non-finite loss or gradient in the {name} pass "
@@ -444,7 +454,10 @@ class SharpnessAwareOptimizer(Optimizer):
         """Apply the base optimizer with the gradients in ``.grad`` (at the clean weights)."""
         if self._perturbed:
             raise RuntimeError("base_step() called while the weights are perturbed")
-        self.base_optimizer.step()
+        if self._grad_scaler is not None:
+            self._grad_scaler.step(self.base_optimizer)
+        else:
+            self.base_optimizer.step()
         self.samkit_state["step"] += 1
 
     @property

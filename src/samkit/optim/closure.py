@@ -46,6 +46,12 @@ class BatchClosure:
             accumulation); gradients and losses equal the full-batch ones up to rounding.
         autocast_dtype: run forward passes under ``torch.autocast`` with this dtype
             (``torch.bfloat16`` or ``torch.float16``) on the inputs' device type.
+        grad_scaler: a ``torch.amp.GradScaler`` for float16 training: every backward pass
+            uses the scaled loss, and sharpness-aware optimizers take their base step with
+            ``grad_scaler.step(base_optimizer)`` (call ``grad_scaler.update()`` after
+            ``opt.step(closure)`` as usual). Perturbation directions are unaffected by the
+            scale (they are normalised); a step whose gradients overflow is skipped by the
+            scaler and the weights are restored.
 
     Calling the object (``closure()``) is the standard pass: zero the model's gradients,
     forward the whole batch, backward the mean loss, return the mean loss (detached).
@@ -67,6 +73,7 @@ class BatchClosure:
         indices: Tensor | None = None,
         accumulation_steps: int = 1,
         autocast_dtype: torch.dtype | None = None,
+        grad_scaler: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -81,6 +88,9 @@ class BatchClosure:
         self.indices = indices
         self.accumulation_steps = accumulation_steps
         self.autocast_dtype = autocast_dtype
+        if grad_scaler is not None and not hasattr(grad_scaler, "scale"):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {grad_scaler!r}")
+        self.grad_scaler = grad_scaler
         self.batch_size = int(targets.shape[0])
         if indices is not None and int(indices.shape[0]) != self.batch_size:
             raise ValueError(
@@ -164,7 +174,10 @@ class BatchClosure:
                         idx = indices[lo:hi] if indices is not None else None
                         objective = objective + extra_loss(out, idx, y) * ((hi - lo) / n)
                     if backward:
-                        objective.backward()
+                        if self.grad_scaler is not None:
+                            self.grad_scaler.scale(objective).backward()
+                        else:
+                            objective.backward()
                 total = objective.detach() if total is None else total + objective.detach()
                 if per_sample:
                     losses.append(raw.detach())
@@ -202,6 +215,7 @@ def make_closure(
     indices: Tensor | None = None,
     accumulation_steps: int = 1,
     autocast_dtype: torch.dtype | None = None,
+    grad_scaler: Any = None,
 ) -> BatchClosure:
     """Build the :class:`BatchClosure` for one batch (see the class for the arguments)."""
     return BatchClosure(
@@ -212,6 +226,7 @@ def make_closure(
         indices=indices,
         accumulation_steps=accumulation_steps,
         autocast_dtype=autocast_dtype,
+        grad_scaler=grad_scaler,
     )
 
 

@@ -9,10 +9,10 @@ import copy
 
 import pytest
 import torch
-from optim_helpers import batches, loss_fn, tiny_net
 from torch import nn
 
 import samkit
+from optim_helpers import batches, loss_fn, tiny_net
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

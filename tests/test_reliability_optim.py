@@ -1,0 +1,248 @@
+"""Optimizer invariants under faults, for every registered method (issue: reliability).
+
+* An exception in any pass leaves the weights exactly as before the step and restores every
+  temporary change (BatchNorm flags, requires_grad, autocast state, the perturbed flag).
+* A NaN in any pass raises NonFiniteError naming the method and the pass, or, with
+  ``on_nonfinite="skip"``, skips the update with the weights unchanged.
+* Property (hypothesis): after a step the weights equal the base optimizer applied, at the
+  clean weights, to the gradient the method hands it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import samkit
+from optim_helpers import batches, mean_loss, tiny_net
+
+METHODS = samkit.optim.list_optimizers(sharpness_aware=True)
+
+
+def make(name, model, **kw):
+    return samkit.create_optimizer(
+        name, model.parameters(), model=model, lr=0.05, momentum=0.9, weight_decay=1e-3, **kw
+    )
+
+
+class Faulty:
+    """A standard closure that raises, or returns NaN, at its ``at``-th call."""
+
+    def __init__(self, opt, model, x, y, at=None, fault="raise"):
+        self.opt, self.model, self.x, self.y = opt, model, x, y
+        self.at, self.fault, self.calls = at, fault, 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.calls == self.at and self.fault == "raise":
+            raise KeyboardInterrupt("injected")
+        self.opt.zero_grad()
+        loss = mean_loss(self.model, self.x, self.y)
+        if self.calls == self.at and self.fault == "nan":
+            loss = loss * float("nan")
+        loss.backward()
+        return loss
+
+
+def _warm(name):
+    """A model and optimizer a few steps in (past warm-up steps such as F-SAM's first)."""
+    model = tiny_net(bn=True)
+    opt = make(name, model)
+    for x, y in batches(3, size=16):
+        opt.step(Faulty(opt, model, x, y))
+    return model, opt
+
+
+def _passes(name):
+    model, opt = _warm(name)
+    x, y = batches(1, size=16, seed=9)[0]
+    c = Faulty(opt, model, x, y)
+    opt.step(c)
+    return c.calls
+
+
+def _snapshot(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [p.requires_grad for p in model.parameters()],
+        [m.track_running_stats for m in model.modules() if hasattr(m, "track_running_stats")],
+    )
+
+
+def _assert_same(model, snap, buffers=True):
+    """Parameters (and, with ``buffers``, BatchNorm statistics) equal the snapshot.
+
+    A failure after the clean pass keeps that pass's BatchNorm update (a completed forward
+    pass at the clean weights, as in plain training); perturbed passes never update them.
+    """
+    state, flags, bn = snap
+    names = {n for n, _ in model.named_parameters()}
+    for k, v in model.state_dict().items():
+        if buffers or k in names:
+            assert torch.equal(v, state[k]), k
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert [
+        m.track_running_stats for m in model.modules() if hasattr(m, "track_running_stats")
+    ] == bn
+
+
+CASES = [(name, k) for name in METHODS for k in range(1, _passes(name) + 1)]
+
+
+@pytest.mark.parametrize("name,at", CASES)
+def test_exception_in_any_pass_leaves_everything_as_before(name, at):
+    model, opt = _warm(name)
+    x, y = batches(1, size=16, seed=5)[0]
+    snap = _snapshot(model)
+    opt_state = copy.deepcopy(opt.state_dict())
+    autocast_before = torch.is_autocast_enabled("cpu")
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(Faulty(opt, model, x, y, at=at))
+    _assert_same(model, snap, buffers=at == 1)
+    assert not opt.is_perturbed
+    assert torch.is_autocast_enabled("cpu") == autocast_before
+    # the base optimizer took no step: its state is unchanged
+    after = opt.state_dict()["base_optimizer"]["state"]
+    for pid, st_ in opt_state["base_optimizer"]["state"].items():
+        for key, val in st_.items():
+            assert torch.equal(torch.as_tensor(val), torch.as_tensor(after[pid][key]))
+
+
+@pytest.mark.parametrize("name,at", CASES)
+def test_nan_in_any_pass_raises_naming_method_and_pass(name, at):
+    model, opt = _warm(name)
+    x, y = batches(1, size=16, seed=5)[0]
+    snap = _snapshot(model)
+    with pytest.raises(samkit.NonFiniteError, match=rf"{type(opt).__name__}: non-finite .* pass"):
+        opt.step(Faulty(opt, model, x, y, at=at, fault="nan"))
+    _assert_same(model, snap, buffers=False)
+
+
+@pytest.mark.parametrize("name,at", CASES)
+def test_nan_in_any_pass_is_skipped_on_request(name, at):
+    model, opt = _warm(name)
+    opt.on_nonfinite = "skip"
+    x, y = batches(1, size=16, seed=5)[0]
+    snap = _snapshot(model)
+    opt.step(Faulty(opt, model, x, y, at=at, fault="nan"))
+    _assert_same(model, snap, buffers=False)
+    assert opt.skipped_steps == 1
+    # and training goes on
+    opt.step(Faulty(opt, model, x, y))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_zero_gradients_never_produce_nan(name):
+    model = tiny_net()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = make(name, model)
+    x, y = batches(1)[0]
+
+    def zero_loss_closure():
+        opt.zero_grad()
+        loss = (model(x) * 0.0).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(zero_loss_closure)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- property
+def _record_base_step(opt):
+    """Wrap the base optimizer's step to capture the weights and gradients it is given."""
+    seen = {}
+    original = opt.base_optimizer.step
+
+    def step(*args, **kwargs):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        seen["weights"] = [p.detach().clone() for p in params]
+        seen["grads"] = [None if p.grad is None else p.grad.detach().clone() for p in params]
+        seen["base_state"] = copy.deepcopy(opt.base_optimizer.state_dict())
+        return original(*args, **kwargs)
+
+    opt.base_optimizer.step = step
+    return seen
+
+
+class Net(nn.Module):
+    def __init__(self, widths, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        dims = [3, *widths, 2]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.double()
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.tanh(x)
+        return x
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=st.sampled_from(METHODS),
+    widths=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    split=st.booleans(),
+    rho=st.floats(0.0, 1.0),
+    lr=st.floats(1e-3, 0.5),
+    momentum=st.sampled_from([0.0, 0.9]),
+    seed=st.integers(0, 10_000),
+    steps=st.integers(1, 3),
+)
+def test_step_is_the_base_optimizer_on_the_methods_gradient(
+    name, widths, split, rho, lr, momentum, seed, steps
+):
+    net = Net(widths, seed)
+    params = list(net.parameters())
+    groups = (
+        [{"params": params[::2]}, {"params": params[1::2], "rho": rho / 2}] if split else params
+    )
+    opt = samkit.create_optimizer(name, groups, lr=lr, momentum=momentum, rho=rho)
+    seen = _record_base_step(opt)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(8, 3, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 2, (8,), generator=g)
+        before = [p.detach().clone() for p in net.parameters()]
+        opt.step(samkit.make_closure(net, nn.functional.cross_entropy, x, y))
+        ordered = [p for grp in opt.param_groups for p in grp["params"]]
+        index = {id(p): i for i, p in enumerate(ordered)}
+        # the base step happened at the clean weights ...
+        for p, b in zip(net.parameters(), before):
+            assert torch.equal(seen["weights"][index[id(p)]], b)
+        # ... and the result is exactly the base optimizer on the method's gradient
+        replay = [nn.Parameter(w.clone()) for w in seen["weights"]]
+        for r, gr in zip(replay, seen["grads"]):
+            r.grad = gr
+        ref_groups = [
+            {
+                **{k: v for k, v in grp.items() if k != "params"},
+                "params": replay[a : a + len(grp["params"])],
+            }
+            for grp, a in zip(opt.param_groups, _offsets(opt.param_groups))
+        ]
+        ref = torch.optim.SGD(ref_groups, lr=lr, momentum=momentum)
+        ref.load_state_dict(seen["base_state"])
+        ref.step()
+        for p in ordered:
+            assert torch.isfinite(p).all()
+            torch.testing.assert_close(p.detach(), replay[index[id(p)]].detach(), rtol=0, atol=0)
+
+
+def _offsets(groups):
+    out, a = [], 0
+    for grp in groups:
+        out.append(a)
+        a += len(grp["params"])
+    return out

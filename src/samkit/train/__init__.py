@@ -1,0 +1,53 @@
+"""Training: datasets, models, the training loop and checkpoints behind ``samkit train``.
+
+Typical use::
+
+    from samkit.train import TrainConfig, train, load_checkpoint
+    summary = train(TrainConfig(optimizer="sam", epochs=30, out="runs/sam"))
+    model, config, ckpt = load_checkpoint("runs/sam")
+"""
+
+from samkit.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from samkit.train.config import ConfigError, TrainConfig
+from samkit.train.data import (
+    Dataset,
+    DatasetInfo,
+    InMemoryLoader,
+    UnsafePickleError,
+    add_label_noise,
+    augment_batch,
+    list_datasets,
+    load_cifar,
+    load_dataset,
+)
+from samkit.train.loop import build_dataset, optimizer_kwargs, resolve_config, train
+from samkit.train.models import create_model, list_models
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "Dataset",
+    "DatasetInfo",
+    "InMemoryLoader",
+    "TrainConfig",
+    "UnsafePickleError",
+    "add_label_noise",
+    "augment_batch",
+    "build_dataset",
+    "create_model",
+    "list_datasets",
+    "list_models",
+    "load_checkpoint",
+    "load_cifar",
+    "load_dataset",
+    "optimizer_kwargs",
+    "read_checkpoint",
+    "resolve_config",
+    "save_checkpoint",
+    "train",
+]

@@ -1,0 +1,294 @@
+"""The ``samkit`` command line: ``samkit train``, ``samkit list`` (more subcommands plug in).
+
+Each subcommand is one :class:`Subcommand` entry in :data:`SUBCOMMANDS`: a function that adds
+its arguments to its parser and a function that runs it and returns the exit code. Adding a
+subcommand is local: write the two functions and append one entry.
+
+Errors the user can fix (bad arguments, invalid values, missing files, unwritable output) are
+reported as one line, ``samkit: error: ...``, on stderr with exit code 2 — no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+__all__ = ["SUBCOMMANDS", "Subcommand", "UsageError", "build_parser", "main"]
+
+PROG = "samkit"
+
+
+class UsageError(Exception):
+    """A problem the user can fix: reported as one line with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line on stderr (exit code 2), no usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(message)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    first = " ".join(str(message).split())  # one line, whatever the message holds
+    sys.stderr.write(f"{PROG}: error: {first}\n")
+    sys.exit(code)
+
+
+@dataclasses.dataclass(frozen=True)
+class Subcommand:
+    """One ``samkit NAME`` subcommand."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ----------------------------------------------------------------------------- samkit train
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    import samkit
+    from samkit.train import TrainConfig, list_datasets, list_models
+    from samkit.train.config import AMP_MODES, SCHEDULES
+
+    d = TrainConfig()
+    # Every option defaults to SUPPRESS: the namespace holds only what was given, so the
+    # layers defaults < checkpoint (--resume) < --config file < flags merge cleanly.
+    S = argparse.SUPPRESS
+
+    def opt(*flags: str, **kw: Any) -> None:
+        p.add_argument(*flags, default=S, **kw)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=S, choices=list_datasets(), help=f"(default {d.dataset})")
+    g.add_argument("--data-dir", default=S, metavar="DIR", help="folder with the CIFAR files")
+    g.add_argument("--label-noise", default=S, type=float, metavar="P",
+                   help="symmetric label noise: each training label becomes a random other "
+                        "class with probability P (default 0)")  # fmt: skip
+    g.add_argument("--augment", default=S, action=argparse.BooleanOptionalAction,
+                   help="random crop + flip (default: on for CIFAR, off otherwise)")  # fmt: skip
+    g.add_argument("--cutout", default=S, type=int, metavar="N", help="cutout square side")
+    g.add_argument("--limit-train", default=S, type=int, metavar="N",
+                   help="use only the first N training samples (quick runs)")  # fmt: skip
+    g.add_argument("--limit-test", default=S, type=int, metavar="N",
+                   help="use only the first N test samples")  # fmt: skip
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=S, choices=list_models(),
+                   help="(default: the dataset's, cnn1d for mnist1d)")  # fmt: skip
+    g.add_argument("--model-arg", default=S, action="append", metavar="KEY=VALUE",
+                   help="model keyword argument, e.g. depth=16 (repeatable)")  # fmt: skip
+
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer", default=S, choices=samkit.list_optimizers(), metavar="NAME",
+                   help=f"one of {', '.join(samkit.list_optimizers())} "
+                        f"(default {d.optimizer}; see `samkit list`)")  # fmt: skip
+    g.add_argument("--base", default=S, help=f"base optimizer (default {d.base})")
+    g.add_argument("--rho", default=S, type=float,
+                   help="neighbourhood radius (default: the method's registry default, "
+                        "else 0.1)")  # fmt: skip
+    g.add_argument("--opt-arg", default=S, action="append", metavar="KEY=VALUE",
+                   help="optimizer keyword argument (int/float/bool/str), repeatable")  # fmt: skip
+    g.add_argument("--lr", default=S, type=float, help=f"(default {d.lr})")
+    g.add_argument("--momentum", default=S, type=float, help=f"(default {d.momentum})")
+    g.add_argument("--weight-decay", default=S, type=float, help=f"(default {d.weight_decay})")
+    g.add_argument("--schedule", default=S, choices=SCHEDULES,
+                   help=f"lr schedule, per step (default {d.schedule})")  # fmt: skip
+    g.add_argument("--label-smoothing", default=S, type=float, help="(default 0)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--epochs", default=S, type=int, help=f"(default {d.epochs})")
+    g.add_argument("--batch-size", default=S, type=int, help=f"(default {d.batch_size})")
+    g.add_argument("--seed", default=S, type=int, help=f"(default {d.seed})")
+    g.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:1, ...")
+    g.add_argument("--amp", default=S, choices=AMP_MODES, help="autocast dtype (default off)")
+    g.add_argument("--accumulation-steps", default=S, type=int, metavar="K",
+                   help="split every pass into K micro-batches (default 1)")  # fmt: skip
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's choice)")  # fmt: skip
+
+    g = p.add_argument_group("outputs")
+    g.add_argument("--out", default=S, metavar="DIR",
+                   help="run directory: config.json, metrics.jsonl, summary.json, "
+                        "checkpoint.pt (default: write nothing)")  # fmt: skip
+    g.add_argument("--resume", default=S, action="store_true",
+                   help="continue the run in --out from its checkpoint.pt")  # fmt: skip
+    g.add_argument("--checkpoint-every", default=S, type=int, metavar="N",
+                   help="checkpoint every N epochs and at the end (default 1; 0: end only)")  # fmt: skip
+    g.add_argument("--stop-after-epoch", default=S, type=int, metavar="E",
+                   help="stop after epoch E with a checkpoint (resume later)")  # fmt: skip
+    g.add_argument("--track-sharpness", default=S, type=int, metavar="N",
+                   help="every N epochs record lambda_max, Hessian trace and gradient/"
+                        "eigenvector alignment in metrics.jsonl (default 0: off)")  # fmt: skip
+    g.add_argument("--sharpness-samples", default=S, type=int, metavar="N",
+                   help="training samples used for --track-sharpness (default 512)")  # fmt: skip
+    g.add_argument("--config", default=None, metavar="FILE.json",
+                   help="JSON object of settings (same names); flags override it")  # fmt: skip
+    g.add_argument("--no-progress", action="store_true", help="one line per epoch, no bar")
+    g.add_argument("--quiet", action="store_true", help="print only the final line")
+    del opt
+
+
+def _train_config_from_args(args: argparse.Namespace) -> Any:
+    """TrainConfig from defaults < checkpoint (--resume) < --config file < flags."""
+    from samkit.train import TrainConfig, read_checkpoint
+    from samkit.train.config import parse_key_values
+
+    flags = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("command", "config", "no_progress", "quiet", "threads", "_run")
+    }
+    if "model_arg" in flags:
+        flags["model_args"] = parse_key_values(flags.pop("model_arg"), "--model-arg")
+    if "opt_arg" in flags:
+        flags["opt_args"] = parse_key_values(flags.pop("opt_arg"), "--opt-arg")
+    file_settings = TrainConfig.from_json_file(args.config) if args.config else {}
+    given = {**file_settings, **flags}
+
+    settings: dict[str, Any] = {}
+    if given.get("resume"):
+        if not given.get("out"):
+            raise UsageError("--resume needs --out (the run directory to resume)")
+        saved = read_checkpoint(given["out"])["config"]
+        settings.update(saved)
+    for key, value in given.items():
+        if key in ("model_args", "opt_args") and key in settings:
+            settings[key] = {**settings[key], **value}
+        else:
+            settings[key] = value
+    return TrainConfig.from_dict(settings)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from samkit.optim import NonFiniteError
+    from samkit.train import train
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"invalid --threads: {args.threads} (must be >= 1)")
+        torch.set_num_threads(args.threads)
+    config = _train_config_from_args(args)
+    log = None if args.quiet else print
+    try:
+        summary = train(config, progress=not (args.quiet or args.no_progress), log=log)
+    except NonFiniteError as e:
+        _fail(f"training diverged: {e}", code=1)
+    except KeyboardInterrupt:
+        hint = " (continue with --resume)" if config.out else ""
+        _fail(f"interrupted{hint}", code=130)
+    line = (
+        f"test accuracy {100 * summary['test_acc']:.2f}% "
+        f"(best {100 * summary['best_test_acc']:.2f}% at epoch {summary['best_epoch']}) | "
+        f"{summary['epochs']} epochs, {summary['train_time_s']:.1f} s training, "
+        f"{summary['grad_evals']:g} gradient evaluations"
+    )
+    if not summary["completed"]:
+        line += f" | stopped after epoch {summary['epochs']} of {summary['epochs_planned']}"
+    if summary["out"]:
+        line += f" | saved in {summary['out']}"
+    print(line)
+    return 0
+
+
+# ----------------------------------------------------------------------------- samkit list
+
+
+def _add_list_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "what",
+        nargs="?",
+        choices=["optimizers", "models", "datasets", "all"],
+        default="all",
+        help="what to list (default all)",
+    )
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    import samkit
+    from samkit.train.data import DATASETS
+    from samkit.train.models import MODELS
+
+    if args.what in ("optimizers", "all"):
+        print("optimizers (samkit train --optimizer NAME):")
+        for name in samkit.list_optimizers():
+            info = samkit.get_optimizer_info(name)
+            kind = f"{info.passes:g} passes" if info.sharpness_aware else "baseline"
+            defaults = ", ".join(f"{k}={v}" for k, v in info.defaults.items())
+            extra = f" [defaults: {defaults}]" if defaults else ""
+            print(f"  {name:<12} {info.description} ({kind}){extra}")
+    if args.what in ("models", "all"):
+        print("models (--model NAME):")
+        for name, m in MODELS.items():
+            print(f"  {name:<12} {m.description}")
+    if args.what in ("datasets", "all"):
+        print("datasets (--dataset NAME):")
+        for name, description in DATASETS.items():
+            print(f"  {name:<12} {description}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- registry
+
+#: The subcommands, in ``samkit --help`` order. Add one entry to add a subcommand.
+SUBCOMMANDS: list[Subcommand] = [
+    Subcommand(
+        "train",
+        "train a model (default: the embedded MNIST-1D SAM recipe)",
+        _add_train_arguments,
+        _run_train,
+    ),  # fmt: skip
+    Subcommand(
+        "list",
+        "list the registered optimizers, models and datasets",
+        _add_list_arguments,
+        _run_list,
+    ),  # fmt: skip
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``samkit`` parser with every registered subcommand."""
+    import samkit
+
+    parser = _Parser(prog=PROG, description="Sharpness-aware training for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"samkit {samkit.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for cmd in SUBCOMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``samkit`` command; returns the exit code."""
+    from samkit.train import CheckpointError, ConfigError, UnsafePickleError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "_run", None) is None:
+            parser.print_help()
+            return 2
+        return int(args._run(args))
+    except SystemExit as e:  # argparse (--help, errors) and _fail()
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except (UsageError, ConfigError, CheckpointError, UnsafePickleError, FileNotFoundError) as e:
+        return _report(e)  # the user can fix these: one line, no traceback
+    except OSError as e:
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        return _report(f"cannot write or read{where}: {e.strerror or e}")
+
+
+def _report(error: Any) -> int:
+    first = " ".join(str(error).split())
+    sys.stderr.write(f"{PROG}: error: {first}\n")
+    return 2

@@ -1,0 +1,189 @@
+"""Checkpoints: written atomically, read with ``weights_only=True``, models rebuilt from them.
+
+A checkpoint is a dict of plain tensors and containers only (no pickled classes), so that
+``torch.load(path, weights_only=True)`` reads it::
+
+    {"format": "samkit.train", "version": 1, "epoch": int,
+     "config": TrainConfig.to_dict(), "dataset_info": DatasetInfo.to_dict(),
+     "model": state_dict, "optimizer": state_dict, "scheduler": state_dict,
+     "rng": {"torch": ByteTensor, "cuda": [ByteTensor], "numpy": {...}, "python": [...],
+             "loader": ByteTensor, "augment": ByteTensor},
+     "history": [metrics rows], "totals": {...}, "versions": {...}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from samkit.train.config import TrainConfig
+from samkit.train.data import DatasetInfo
+from samkit.train.models import create_model
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "CheckpointError",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "get_rng_state",
+    "load_checkpoint",
+    "read_checkpoint",
+    "save_checkpoint",
+    "set_rng_state",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT = "samkit.train"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, corrupted or not samkit's."""
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through ``write(fileobj)`` to a temp file in the same folder, fsync, rename.
+
+    Readers see the old file or the new one, never a partial one; if anything fails the
+    old file is untouched and the temp file is removed.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    # Make the rename itself durable (best effort: not every platform can fsync a folder).
+    with contextlib.suppress(OSError):
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically."""
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Replace ``path`` with ``obj`` as indented JSON, atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """``torch.save(payload)`` to ``path`` atomically (temp file, flush, fsync, replace)."""
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    _atomic_write(Path(path), lambda f: torch.save(payload, f))
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict with ``weights_only=True``.
+
+    ``path`` is the file or a run directory holding ``checkpoint.pt``. Raises
+    :class:`CheckpointError` naming the file if it is missing, unreadable, truncated, or not
+    a samkit training checkpoint.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # zip errors, EOF, unpickling errors: all mean "damaged"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is truncated, corrupted or not a "
+            f"torch checkpoint ({first})"
+        ) from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a samkit training checkpoint")
+    if ckpt.get("version", 0) > VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer samkit (checkpoint version {ckpt['version']})"
+        )
+    for key in ("epoch", "config", "dataset_info", "model"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path} is incomplete: no {key!r} entry")
+    return ckpt
+
+
+def load_checkpoint(
+    path: str | Path, map_location: Any = "cpu"
+) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+    """Rebuild the trained model of a run.
+
+    ``path`` is a run directory (``--out`` of ``samkit train``) or a checkpoint file.
+    Returns ``(model, config, checkpoint)``: the model with its weights loaded, in eval mode,
+    on ``map_location``; the run's :class:`TrainConfig`; the raw checkpoint dict (epoch,
+    dataset_info, history, ...). Raises :class:`CheckpointError` for a damaged file.
+    """
+    ckpt = read_checkpoint(path, map_location=map_location)
+    config = TrainConfig.from_dict(ckpt["config"], source=str(path))
+    info = DatasetInfo.from_dict(ckpt["dataset_info"])
+    model = create_model(ckpt["model_name"], info, **config.model_args)
+    model.load_state_dict(ckpt["model"])
+    model.to(map_location).eval()
+    return model, config, ckpt
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+
+def get_rng_state(**generators: torch.Generator) -> dict[str, Any]:
+    """Global torch/CUDA/numpy/python RNG states and the given generators', as plain data."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    for name, gen in generators.items():
+        state[name] = gen.get_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], **generators: torch.Generator) -> None:
+    """Inverse of :func:`get_rng_state`."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            n["kind"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    for name, gen in generators.items():
+        gen.set_state(state[name].cpu())

@@ -1,0 +1,258 @@
+"""Every setting of a training run in one dataclass, with validation and JSON round trips.
+
+The defaults are the embedded benchmark recipe (``docs/ALGORITHMS.md``): MNIST-1D, the
+3-conv 1-D CNN, SAM over SGD (momentum 0.9, weight decay 5e-4), 30 epochs, batch 128,
+lr 0.05 with a per-step cosine schedule, rho 0.1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "RESUMABLE_KEYS",
+    "SCHEDULES",
+    "AMP_MODES",
+    "RECIPE_RHO",
+    "parse_value",
+    "parse_key_values",
+]
+
+SCHEDULES = ("cosine", "constant", "step")
+AMP_MODES = ("off", "bf16", "fp16")
+#: rho of the embedded recipe, used for a sharpness-aware method whose registry entry gives
+#: no ``rho`` default when the run does not set one.
+RECIPE_RHO = 0.1
+
+#: Settings that may differ between a run and its ``--resume``: they change how long or
+#: where the run goes, not the computation of the epochs already done.
+RESUMABLE_KEYS = frozenset(
+    {
+        "epochs",
+        "stop_after_epoch",
+        "checkpoint_every",
+        "resume",
+        "out",
+        "device",
+        "data_dir",
+        "track_sharpness",
+        "sharpness_samples",
+    }
+)
+
+
+class ConfigError(ValueError):
+    """An invalid setting (reported by the CLI as ``samkit: error: ...``, exit code 2)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """All settings of ``samkit train`` (field names = CLI flags with ``-`` for ``_``).
+
+    Attributes:
+        dataset: ``mnist1d``, ``digits``, ``cifar10`` or ``cifar100``.
+        data_dir: folder with the CIFAR files (CIFAR only).
+        model: model name; ``None`` picks the dataset's default (cnn1d, cnn_small, resnet18).
+        model_args: keyword arguments of the model (e.g. ``{"depth": 16, "widen": 4}``).
+        optimizer: a name from ``samkit.list_optimizers()``.
+        base: base optimizer of a sharpness-aware method (``sgd``, ``adamw``, ...).
+        rho: neighbourhood radius; ``None`` = the registry's default for the method, else
+            :data:`RECIPE_RHO` if the method takes a ``rho``.
+        opt_args: further keyword arguments of the optimizer (method hyperparameters).
+        lr, momentum, weight_decay: base optimizer settings (``momentum`` is passed only to
+            optimizers that accept it).
+        epochs, batch_size: length of the run and samples per step.
+        schedule: ``cosine`` (per step, to 0), ``constant`` or ``step`` (×0.1 at 50% and 75%
+            of the steps).
+        label_smoothing: of the training loss (the test loss is plain cross-entropy).
+        label_noise: symmetric label noise on the training labels (other-class convention).
+        augment: standard image augmentation; ``None`` = the dataset's default (CIFAR: on).
+        cutout: side of the cutout square when augmenting (0 = off).
+        seed: seeds model init, shuffling, augmentation, label noise.
+        out: run directory (config.json, metrics.jsonl, summary.json, checkpoint.pt);
+            ``None`` writes nothing.
+        device: ``auto`` (cuda if available, else cpu), ``cpu``, ``cuda``, ``cuda:1`` ...
+        amp: ``off`` or ``bf16`` (autocast); ``fp16`` is not supported yet.
+        accumulation_steps: split every pass into this many micro-batches.
+        track_sharpness: every N epochs measure lambda_1, the Hessian trace and the
+            gradient/top-eigenvector alignment on a fixed training subset (0 = off).
+        sharpness_samples: size of that subset.
+        checkpoint_every: write ``checkpoint.pt`` every N epochs (and at the end; 0 = only
+            at the end).
+        resume: continue from ``out/checkpoint.pt``.
+        stop_after_epoch: stop (with a checkpoint) once this epoch is done, to be resumed
+            later — for time-limited jobs; ``None`` runs to ``epochs``.
+        limit_train, limit_test: keep only the first N samples of a split (quick runs).
+        deterministic: ``torch.use_deterministic_algorithms`` during the run.
+    """
+
+    dataset: str = "mnist1d"
+    data_dir: str | None = None
+    model: str | None = None
+    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    optimizer: str = "sam"
+    base: str = "sgd"
+    rho: float | None = None
+    opt_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 30
+    batch_size: int = 128
+    schedule: str = "cosine"
+    label_smoothing: float = 0.0
+    label_noise: float = 0.0
+    augment: bool | None = None
+    cutout: int = 0
+    seed: int = 0
+    out: str | None = None
+    device: str = "auto"
+    amp: str = "off"
+    accumulation_steps: int = 1
+    track_sharpness: int = 0
+    sharpness_samples: int = 512
+    checkpoint_every: int = 1
+    resume: bool = False
+    stop_after_epoch: int | None = None
+    limit_train: int | None = None
+    limit_test: int | None = None
+    deterministic: bool = True
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid setting."""
+
+        def bad(name: str, value: Any, why: str) -> ConfigError:
+            return ConfigError(f"invalid {name}: {value!r} ({why})")
+
+        def check_int(name: str, minimum: int, allow_none: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise bad(name, v, "must be an integer")
+            if v < minimum:
+                raise bad(name, v, f"must be >= {minimum}")
+
+        def check_float(name: str, lo: float, lo_open: bool = False, hi: float | None = None):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(name, v, "must be a finite number")
+            if v < lo or (lo_open and v == lo):
+                raise bad(name, v, f"must be {'>' if lo_open else '>='} {lo:g}")
+            if hi is not None and v >= hi:
+                raise bad(name, v, f"must be < {hi:g}")
+
+        check_float("lr", 0.0, lo_open=True)
+        check_float("momentum", 0.0, hi=1.0)
+        check_float("weight_decay", 0.0)
+        check_float("label_smoothing", 0.0, hi=1.0)
+        check_float("label_noise", 0.0, hi=1.0)
+        if self.rho is not None:
+            check_float("rho", 0.0)
+        check_int("epochs", 1)
+        check_int("batch_size", 1)
+        check_int("cutout", 0)
+        check_int("seed", 0)
+        check_int("accumulation_steps", 1)
+        check_int("track_sharpness", 0)
+        check_int("sharpness_samples", 1)
+        check_int("checkpoint_every", 0)
+        check_int("stop_after_epoch", 1, allow_none=True)
+        check_int("limit_train", 1, allow_none=True)
+        check_int("limit_test", 1, allow_none=True)
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", self.schedule, f"choose from {', '.join(SCHEDULES)}")
+        if self.amp not in AMP_MODES:
+            raise bad("amp", self.amp, f"choose from {', '.join(AMP_MODES)}")
+        if self.amp == "fp16":
+            raise ConfigError(
+                "amp fp16 is not supported yet (it needs a gradient scaler that knows about "
+                "the extra passes); use --amp bf16"
+            )
+        for name in ("model_args", "opt_args"):
+            if not isinstance(getattr(self, name), dict):
+                raise bad(name, getattr(self, name), "must be a dict")
+        if self.resume and not self.out:
+            raise ConfigError("--resume needs --out (the run directory to resume)")
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-container copy of every setting."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of every setting."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        """Build from a dict; keys may use ``-`` or ``_``; unknown keys raise ConfigError."""
+        known = set(cls.field_names())
+        kwargs = {}
+        for key, value in d.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"{source}: unknown setting {key!r}")
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> dict[str, Any]:
+        """Read a JSON object of settings (validated keys, underscored); for ``--config``."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object of settings")
+        known = set(cls.field_names())
+        out = {}
+        for key, value in d.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"{path}: unknown setting {key!r}")
+            out[name] = value
+        return out
+
+
+def parse_value(text: str) -> Any:
+    """``"3"`` -> 3, ``"0.5"``/``"1e-3"`` -> float, ``"true"``/``"false"`` -> bool,
+    ``"none"``/``"null"`` -> None, anything else -> the string."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def parse_key_values(items: list[str], what: str) -> dict[str, Any]:
+    """``["k=v", ...]`` -> ``{k: parse_value(v)}``; ConfigError for an item without ``=``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not key.isidentifier():
+            raise ConfigError(f"invalid {what} {item!r}: expected KEY=VALUE")
+        out[key] = parse_value(value)
+    return out

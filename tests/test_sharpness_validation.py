@@ -112,3 +112,17 @@ def test_landscape_inputs():
     other = nn.Linear(3, 2)
     with pytest.raises(ValueError, match="shape mismatch for 'weight'"):
         S.interpolate(model(), LOSS, DATA, other, model())
+
+
+def test_imports_nothing_from_train_bench_cli():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, samkit.sharpness\n"
+        "bad = [m for m in sys.modules if m.split('.')[:2] in "
+        "(['samkit', 'train'], ['samkit', 'bench'], ['samkit', 'cli'])]\n"
+        "assert not bad, bad\n"
+        "assert 'matplotlib' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

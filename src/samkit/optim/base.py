@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from samkit.optim import _tensors as T
-from samkit.optim.batchnorm import frozen_bn_stats
+from samkit.optim.batchnorm import bn_layers, frozen_bn_stats
 from samkit.optim.closure import BatchClosure
 
 __all__ = [
@@ -180,6 +180,10 @@ class SharpnessAwareOptimizer(Optimizer):
         self._backup: dict[Tensor, Tensor] = {}
         self._perturbed: list[Tensor] = []
         self._grad_scaler: Any = None
+        self._pending_checks: list[tuple[str, Any, list[Tensor]]] = []
+        self._bn_cache: tuple[Any, list[Any]] = (None, [])
+        self._plan_key: tuple[int, ...] | None = None
+        self._plan: tuple[T.Buckets, list[Tensor]] = (T.Buckets([]), [])
 
     # ------------------------------------------------------------------ hyperparameters
     def validate_group(self, group: dict[str, Any]) -> None:
@@ -231,6 +235,7 @@ class SharpnessAwareOptimizer(Optimizer):
         finally:
             self.restore()
             self._grad_scaler = None
+            self._pending_checks = []
 
     def sharpness_step(self, closure: Callable[[], Any]) -> Any:
         """The passes of one step. Default: SAM's two passes.
@@ -285,8 +290,11 @@ class SharpnessAwareOptimizer(Optimizer):
         needs_batch = subset is not None or not backward or per_sample or extra_loss is not None
         if backward:
             self.zero_grad(set_to_none=True)
-        model = self.model if self.model is not None else getattr(closure, "model", None)
-        bn = frozen_bn_stats(model) if perturbed else contextlib.nullcontext()
+        if perturbed:
+            model = self.model if self.model is not None else getattr(closure, "model", None)
+            bn: Any = frozen_bn_stats(self._bn_layers_of(model))
+        else:
+            bn = contextlib.nullcontext()
         with bn, torch.enable_grad():
             if isinstance(closure, BatchClosure):
                 loss = closure.evaluate(
@@ -304,27 +312,57 @@ class SharpnessAwareOptimizer(Optimizer):
             else:
                 loss = closure()
         if self.on_nonfinite != "ignore":
-            self._check_finite(name, loss, backward)
+            self._record_finite(name, loss, backward)
         return loss
 
-    def _check_finite(self, name: str, loss: Any, check_grads: bool) -> None:
-        checks: list[Tensor] = []
+    def _bn_layers_of(self, model: nn.Module | None) -> list[Any]:
+        """BatchNorm layers of ``model``, cached per model object."""
+        if model is None:
+            return []
+        if self._bn_cache[0] is not model:
+            self._bn_cache = (model, bn_layers(model))
+        return self._bn_cache[1]
+
+    def _record_finite(self, name: str, loss: Any, check_grads: bool) -> None:
+        """Queue on-device finiteness flags for this pass; :meth:`verify_finite` reads them.
+
+        Nothing is synchronised here: on a GPU the flags are read once per step, just
+        before the base step, so the passes queue without stalls.
+        """
+        flags: list[Tensor] = []
         if isinstance(loss, Tensor):
-            checks.append(torch.isfinite(loss.detach()).all())
+            flags.append(torch.isfinite(loss.detach()).all())
         if check_grads:
             grads = [g for gp in self.collect() for g in gp.grads]
             if grads:
-                checks.append(torch.isfinite(T.global_norm(grads, self.foreach)))
-        if not checks:
+                flags.append(torch.isfinite(T.global_norm(grads, self.foreach)))
+        if flags:
+            self._pending_checks.append((name, loss, flags))
+
+    def verify_finite(self) -> None:
+        """Raise (or skip the step) if any pass so far in this step was not finite.
+
+        Called by :meth:`base_step`; one device synchronisation for all passes.
+        """
+        pending, self._pending_checks = self._pending_checks, []
+        if not pending:
             return
-        ok = checks[0] if len(checks) == 1 else torch.stack([c.cpu() for c in checks]).all()
-        if bool(ok):
+        device = pending[0][2][0].device
+        flat = [f.to(device) for _, _, flags in pending for f in flags]
+        ok = torch.stack(flat).tolist()
+        if all(ok):
             return
+        k = 0
+        name, loss = pending[-1][0], pending[-1][1]
+        for name, loss, flags in pending:  # noqa: B007 (the first failing pass is reported)
+            if not all(ok[k : k + len(flags)]):
+                break
+            k += len(flags)
         loss_text = f"{float(loss.detach().float().mean()):g}" if isinstance(loss, Tensor) else "?"
         scaler = self._grad_scaler
         if self.on_nonfinite == "skip" or (scaler is not None and scaler.is_enabled()):
             # With a GradScaler, overflowing scaled gradients are routine: skip the step.
-            raise _SkipStep(loss)
+            raise _SkipStep(pending[0][1])
         raise NonFiniteError(
             f"{type(self).__name__}: non-finite loss or gradient in the {name} pass "
             f"(loss={loss_text}); the weights were left unchanged. Pass on_nonfinite='skip' "
@@ -337,15 +375,16 @@ class SharpnessAwareOptimizer(Optimizer):
         for group in self.param_groups:
             params, grads = [], []
             for p in group["params"]:
-                if p.grad is None or not p.requires_grad:
+                g = p.grad
+                if g is None or not p.requires_grad:
                     continue
-                if p.grad.is_sparse:
+                if g.is_sparse:
                     raise RuntimeError(
                         f"{type(self).__name__} does not support sparse gradients "
                         f"(parameter of shape {tuple(p.shape)})"
                     )
                 params.append(p)
-                grads.append(p.grad)
+                grads.append(g)
             out.append(GroupParams(group, params, grads))
         return out
 
@@ -374,35 +413,56 @@ class SharpnessAwareOptimizer(Optimizer):
         groups = self.collect()
         if directions is None:
             directions = self.ascent_direction(groups)
-        # t_dirs = T ⊙ d (T = 1 outside adaptive weight tensors); scales = T per tensor.
-        t_dirs: list[list[Tensor]] = []
-        scales: list[list[Tensor | None]] = []
+        # Flatten over groups: td = T ⊙ d (T = 1 outside adaptive weight tensors).
+        params: list[Tensor] = []
+        t_dirs: list[Tensor] = []
+        t_scales: list[Tensor | None] = []
+        radii: list[float] = []
         for gp, d in zip(groups, directions):
-            if gp.group.get("adaptive", False):
-                t = self._asam_scales(gp)
-                t_dirs.append([di if ti is None else ti * di for ti, di in zip(t, d)])
-                scales.append(t)
-            else:
-                t_dirs.append(list(d))
-                scales.append([None] * len(d))
-        norm = T.global_norm([x for td in t_dirs for x in td], self.foreach)
-        denom = norm + self.perturb_eps
-        params_all: list[Tensor] = []
-        eps_all: list[Tensor] = []
-        for gp, td, t in zip(groups, t_dirs, scales):
-            r = radius(gp.group) if callable(radius) else gp.group[radius]
             if not gp.params:
                 continue
-            scale = sign * r / denom
-            eps = T.scaled(td, scale, self.foreach)
-            for i, ti in enumerate(t):
-                if ti is not None:
-                    eps[i].mul_(ti)
-            params_all.extend(gp.params)
-            eps_all.extend(eps)
-        self._save(params_all)
-        T.add_(params_all, eps_all, foreach=self.foreach)
+            r = float(radius(gp.group) if callable(radius) else gp.group[radius])
+            if gp.group.get("adaptive", False):
+                t = self._asam_scales(gp)
+                t_dirs.extend(di if ti is None else ti * di for ti, di in zip(t, d))
+                t_scales.extend(t)
+            else:
+                t_dirs.extend(d)
+                t_scales.extend([None] * len(d))
+            params.extend(gp.params)
+            radii.extend([sign * r] * len(gp.params))
+        plan, buffers = self._plan_for(params)
+        norm = T.global_norm(t_dirs, self.foreach, plan)
+        if not params:
+            return norm
+        denom = norm + self.perturb_eps
+        if all(r == radii[0] for r in radii):
+            eps = T.scaled(t_dirs, radii[0] / denom, self.foreach, plan)
+        else:  # per-group radii: one global normalisation, then each tensor's radius
+            eps = T.scaled(t_dirs, 1.0 / denom, self.foreach, plan)
+            for e, r in zip(eps, radii):
+                e.mul_(r)
+        for e, t in zip(eps, t_scales):
+            if t is not None:
+                e.mul_(t)
+        T.copy_(buffers, params, self.foreach, plan)
+        self._perturbed = params
+        T.add_(params, eps, foreach=self.foreach, buckets=plan)
         return norm
+
+    def _plan_for(self, params: list[Tensor]) -> tuple[T.Buckets, list[Tensor]]:
+        """The (device, dtype) plan and the backup buffers of a parameter list (cached)."""
+        key = tuple(map(id, params))
+        if key != self._plan_key:
+            buffers = []
+            for p in params:
+                buf = self._backup.get(p)
+                if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+                    buf = torch.empty_like(p, memory_format=torch.preserve_format)
+                    self._backup[p] = buf
+                buffers.append(buf)
+            self._plan_key, self._plan = key, (T.Buckets(params), buffers)
+        return self._plan
 
     def _asam_scales(self, gp: GroupParams) -> list[Tensor | None]:
         """ASAM's T = |w| + eta for weight tensors, None (T = 1) for the others."""
@@ -420,22 +480,6 @@ class SharpnessAwareOptimizer(Optimizer):
             out.append(p.detach().abs().add_(eta) if is_weight else None)
         return out
 
-    def _save(self, params: list[Tensor]) -> None:
-        buffers = []
-        for p in params:
-            buf = self._backup.get(p)
-            if (
-                buf is None
-                or buf.shape != p.shape
-                or buf.dtype != p.dtype
-                or buf.device != p.device
-            ):
-                buf = torch.empty_like(p, memory_format=torch.preserve_format)
-                self._backup[p] = buf
-            buffers.append(buf)
-        T.copy_(buffers, [p.detach() for p in params], foreach=self.foreach)
-        self._perturbed = list(params)
-
     @torch.no_grad()
     def restore(self) -> None:
         """Copy the saved clean weights back (exact); does nothing if not perturbed."""
@@ -443,7 +487,8 @@ class SharpnessAwareOptimizer(Optimizer):
             return
         params = self._perturbed
         self._perturbed = []
-        T.copy_(params, [self._backup[p] for p in params], foreach=self.foreach)
+        plan, buffers = self._plan_for(params)
+        T.copy_(params, buffers, self.foreach, plan)
 
     @property
     def is_perturbed(self) -> bool:
@@ -454,6 +499,7 @@ class SharpnessAwareOptimizer(Optimizer):
         """Apply the base optimizer with the gradients in ``.grad`` (at the clean weights)."""
         if self._perturbed:
             raise RuntimeError("base_step() called while the weights are perturbed")
+        self.verify_finite()
         if self._grad_scaler is not None:
             self._grad_scaler.step(self.base_optimizer)
         else:
@@ -490,6 +536,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self.samkit_state.update(counters)
         self._backup = {}
         self._perturbed = []
+        self._plan_key = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, groups={len(self.param_groups)})"

@@ -8,11 +8,18 @@ from collections.abc import Iterator
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["frozen_bn_stats"]
+__all__ = ["frozen_bn_stats", "bn_layers"]
+
+
+def bn_layers(model: nn.Module | None) -> list[_BatchNorm]:
+    """The BatchNorm layers of ``model`` (any ``_BatchNorm`` subclass, SyncBatchNorm too)."""
+    if model is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
 
 
 @contextlib.contextmanager
-def frozen_bn_stats(model: nn.Module | None) -> Iterator[None]:
+def frozen_bn_stats(model: nn.Module | list[_BatchNorm] | None) -> Iterator[None]:
     """Run forward passes without touching any BatchNorm layer's running statistics.
 
     Inside the context every BatchNorm layer of ``model`` that tracks running statistics
@@ -32,12 +39,11 @@ def frozen_bn_stats(model: nn.Module | None) -> Iterator[None]:
             loss_fn(model(x), y).backward()
         opt.second_step(zero_grad=True)
 
-    ``None`` is accepted and does nothing.
+    ``None`` is accepted and does nothing; a list of layers (from :func:`bn_layers`) saves
+    walking the module tree on every call.
     """
-    if model is None:
-        yield
-        return
-    switched = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    layers = model if isinstance(model, list) else bn_layers(model)
+    switched = [m for m in layers if m.track_running_stats]
     for m in switched:
         m.track_running_stats = False
     try:

@@ -70,11 +70,13 @@ def test_mixed_precision_tracks_float32_training(mode):
         closure_kw["grad_scaler"] = torch.amp.GradScaler("cuda", init_scale=2.0**12)
     _train(amp, o_amp, data, "cuda", **closure_kw)
     assert o_amp.skipped_steps == 0
-    for (name, a), b in zip(ref.named_parameters(), amp.parameters()):
-        assert torch.isfinite(b).all()
-        rel = (a - b).norm() / a.norm()
-        assert rel < 0.05, (name, float(rel))  # low-precision forwards, same trajectory
-        assert b.dtype == torch.float32
+    a = torch.cat([p.detach().flatten() for p in ref.parameters()])
+    b = torch.cat([p.detach().flatten() for p in amp.parameters()])
+    assert all(p.dtype == torch.float32 for p in amp.parameters())
+    assert torch.isfinite(b).all()
+    # low-precision forwards follow the same trajectory: a few percent apart after 6 steps
+    rel = float((a - b).norm() / a.norm())
+    assert rel < 0.03, rel
 
 
 def test_parameters_on_two_devices():

@@ -115,6 +115,12 @@ class BilateralSAM(SharpnessAwareOptimizer):
             rho=rho, rho_min=rho_min, ratio=ratio, official_update=bool(official_update)
         )
         super().__init__(params, base_optimizer, defaults, **kwargs)
+        #: Diagnostics of the last step (0-dim tensors): ``norm_g0``, ``norm_max``,
+        #: ``norm_min``, ``ratio`` and, when :attr:`collect_stats` is true,
+        #: ``cos_update_g0`` (cosine between the update gradient and ``g0``).
+        self.last_stats: dict[str, Tensor] = {}
+        #: Also compute ``cos_update_g0`` (one extra pass over the gradients).
+        self.collect_stats = False
 
     def validate_group(self, group: dict[str, Any]) -> None:
         super().validate_group(group)
@@ -170,6 +176,13 @@ class BilateralSAM(SharpnessAwareOptimizer):
                 sl = slice(offset, offset + n)
                 T.add_(update[sl], T.scaled(g_min[sl], -r, self.foreach), foreach=self.foreach)
                 offset += n
+            stats = {"norm_g0": T.global_norm(g0, self.foreach), "norm_max": norm_max}
+            stats.update(norm_min=norm_min, ratio=ratio_mm)
+            if self.collect_stats:
+                dot = sum((u * g).sum() for u, g in zip(update, g0))
+                norm_u = T.global_norm(update, self.foreach)
+                stats["cos_update_g0"] = dot / (norm_u * stats["norm_g0"] + eps)
+            self.last_stats = stats
             for p, u in zip(params, update):
                 p.grad = u
             self._official_shift(groups, g0_groups)

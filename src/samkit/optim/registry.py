@@ -131,6 +131,7 @@ register(
         name="asam",
         cls=ASAM,
         description="ASAM: SAM in a neighbourhood scaled by |w| + eta (scale invariant)",
+        defaults={"rho": 0.5},  # the official CIFAR-10 radius; ASAM's radius is relative
         reference="Kwon et al., ICML 2021",
     )
 )

@@ -237,3 +237,81 @@ def test_toy_model_full_batch_sam_minimises_lambda1_and_batch_one_sam_the_trace(
     # and each is (nearly) optimal for its own measure along the manifold
     lam_best, tr_best = 4.0, 2 * sum(F(x_star, 0.0))
     assert lam_full - lam_best < 1e-5 and tr_one - tr_best < 0.02
+
+
+# ----------------------------------------------------------------------------- HVP graph reuse
+# (kept here, next to the measurements above, because the test files of samkit.sharpness belong
+# to another change; these check the first-order-graph reuse of samkit/sharpness/hessian.py)
+
+
+def _mlp_and_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,), generator=g)
+    data = [(x[:12], y[:12]), (x[12:20], y[12:20]), (x[20:], y[20:])]
+    return model, data
+
+
+def _dense_hessian(model, data):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    x = torch.cat([b[0] for b in data])
+    y = torch.cat([b[1] for b in data])
+
+    def f(flat):
+        params, i = {}, 0
+        for n, s in zip(names, shapes):
+            params[n] = flat[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        out = torch.func.functional_call(model, params, (x,))
+        return nn.functional.cross_entropy(out, y)
+
+    return torch.autograd.functional.hessian(f, flat0)
+
+
+def test_reused_first_order_graph_gives_identical_results_and_exact_products():
+    model, data = _mlp_and_data()
+    loss = nn.CrossEntropyLoss()
+    H = _dense_hessian(model, data)  # data split over 3 batches: H of the weighted mean
+    a = S.top_eigenvalues(model, loss, data, k=2, tol=1e-8, reuse_graph=False)
+    b = S.top_eigenvalues(model, loss, data, k=2, tol=1e-8, reuse_graph=True)
+    assert a.eigenvalues == b.eigenvalues and a.history == b.history
+    assert a.num_hvp == b.num_hvp
+    ref = torch.linalg.eigvalsh(H).flip(0)[:2]
+    assert torch.allclose(torch.tensor(b.eigenvalues, dtype=H.dtype), ref, rtol=1e-6, atol=0)
+
+    # Hutchinson in chunks of 8 (11 = 8 + 3), batch-major: each sample is exactly zᵢᵀHzᵢ for
+    # the i-th Rademacher vector of the seeded stream
+    n = 11
+    t_auto = S.hessian_trace(model, loss, data, num_samples=n, seed=3)
+    t_reuse = S.hessian_trace(model, loss, data, num_samples=n, seed=3, reuse_graph=True)
+    gen = torch.Generator().manual_seed(3)
+    dim = H.shape[0]
+    for i in range(n):
+        z = torch.randint(0, 2, (dim,), generator=gen).to(torch.float64) * 2 - 1
+        assert abs(t_auto.samples[i] - float(z @ H @ z)) < 1e-10
+    assert t_auto.samples == t_reuse.samples
+
+    # single batch: the graph is kept by default; same numbers as rebuilding it every time
+    one = [(torch.cat([d[0] for d in data]), torch.cat([d[1] for d in data]))]
+    c = S.top_eigenvalues(model, loss, one, k=2, tol=1e-8)
+    d = S.top_eigenvalues(model, loss, one, k=2, tol=1e-8, reuse_graph=False)
+    assert c.eigenvalues == d.eigenvalues
+    assert torch.allclose(torch.tensor(c.eigenvalues, dtype=H.dtype), ref, rtol=1e-6, atol=0)
+    # the model is untouched and nothing holds on to .grad
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_reuse_graph_must_be_a_bool_or_none():
+    model, data = _mlp_and_data()
+    loss = nn.CrossEntropyLoss()
+    for fn in (S.top_eigenvalues, S.hessian_trace, S.spectral_density):
+        try:
+            fn(model, loss, data, reuse_graph="yes")
+        except TypeError as e:
+            assert "reuse_graph" in str(e)
+        else:
+            raise AssertionError(f"{fn.__name__} accepted reuse_graph='yes'")

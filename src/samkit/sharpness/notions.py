@@ -490,6 +490,7 @@ def measure_all(
     average_samples: int = 10,
     seed: int = 0,
     train_mode: bool = False,
+    reuse_graph: bool | None = None,
 ) -> dict[str, Any]:
     """The main sharpness measures in one call, as a flat JSON-serialisable dict.
 
@@ -504,6 +505,8 @@ def measure_all(
     ``worst_direction``, ``ascent_direction``, ``average_direction``,
     ``average_direction_std_error``, ``alignment``, ``num_hvp``, ``rho``, ``seconds`` (only
     those of the selected measures, plus ``loss``, ``rho``, ``num_hvp`` and ``seconds``).
+    ``reuse_graph`` is passed to the λ₁ and trace computations (see
+    :func:`~samkit.sharpness.top_eigenvalues`).
     """
     rho = check_nonneg_float("rho", rho)
     if measures is None:
@@ -524,14 +527,17 @@ def measure_all(
     if "lambda_max" in selected or "alignment" in selected:
         eig = top_eigenvalues(
             model, loss_fn, data, 1, max_iter=lanczos_iter, tol=lanczos_tol, seed=seed,
-            train_mode=train_mode,
+            train_mode=train_mode, reuse_graph=reuse_graph,
         )  # fmt: skip
         num_hvp += eig.num_hvp
         if "lambda_max" in selected:
             out["lambda_max"] = eig.eigenvalues[0]
             out["lambda_max_converged"] = eig.converged
     if "trace" in selected:
-        tr = hessian_trace(model, loss_fn, data, trace_samples, seed=seed, train_mode=train_mode)
+        tr = hessian_trace(
+            model, loss_fn, data, trace_samples, seed=seed, train_mode=train_mode,
+            reuse_graph=reuse_graph,
+        )  # fmt: skip
         num_hvp += tr.num_samples
         out["trace"] = tr.trace
         out["trace_std_error"] = None if math.isnan(tr.std_error) else tr.std_error

@@ -132,9 +132,15 @@ def test_nan_in_any_pass_is_skipped_on_request(name, at):
     opt.step(Faulty(opt, model, x, y, at=at, fault="nan"))
     _assert_same(model, snap, buffers=False)
     assert opt.skipped_steps == 1
-    # and training goes on
-    opt.step(Faulty(opt, model, x, y))
+    # and training goes on: the next clean steps update the weights, with finite values
+    for _ in range(2):
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step(Faulty(opt, model, x, y))
+        assert opt.skipped_steps == 1
+        assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    for state in opt.state.values():  # no method buffer was poisoned by the skipped step
+        assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v))
 
 
 @pytest.mark.parametrize("name", METHODS)

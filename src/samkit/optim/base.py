@@ -24,6 +24,7 @@ default the clean gradient) or, for methods with a different sequence of passes,
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -181,6 +182,8 @@ class SharpnessAwareOptimizer(Optimizer):
         self._perturbed: list[Tensor] = []
         self._grad_scaler: Any = None
         self._pending_checks: list[tuple[str, Any, list[Tensor]]] = []
+        self._unchecked: tuple[str, Any] | None = None
+        self._on_accept: list[Callable[[], None]] = []
         self._bn_cache: tuple[Any, list[Any]] = (None, [])
         self._plan_key: tuple[int, ...] | None = None
         self._plan: tuple[T.Buckets, list[Tensor]] = (T.Buckets([]), [])
@@ -189,7 +192,7 @@ class SharpnessAwareOptimizer(Optimizer):
     def validate_group(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` for invalid per-group hyperparameters (override to extend)."""
         rho = group.get("rho")
-        if rho is not None and not (isinstance(rho, (int, float)) and rho >= 0.0):
+        if rho is not None and not (isinstance(rho, (int, float)) and 0.0 <= rho < math.inf):
             raise ValueError(f"Invalid rho value: {rho}")
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -236,6 +239,8 @@ class SharpnessAwareOptimizer(Optimizer):
             self.restore()
             self._grad_scaler = None
             self._pending_checks = []
+            self._unchecked = None
+            self._on_accept = []
 
     def sharpness_step(self, closure: Callable[[], Any]) -> Any:
         """The passes of one step. Default: SAM's two passes.
@@ -253,6 +258,7 @@ class SharpnessAwareOptimizer(Optimizer):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Move to the perturbed weights using the gradients already in ``.grad``."""
+        self._on_accept = []  # a new step: drop updates of a step that never completed
         self.perturb()
         if zero_grad:
             self.zero_grad(set_to_none=True)
@@ -289,6 +295,7 @@ class SharpnessAwareOptimizer(Optimizer):
             sync = True if perturbed else self.sync_ascent
         needs_batch = subset is not None or not backward or per_sample or extra_loss is not None
         if backward:
+            self._check_unchecked_grads()  # before this pass overwrites them
             self.zero_grad(set_to_none=True)
         if perturbed:
             model = self.model if self.model is not None else getattr(closure, "model", None)
@@ -327,23 +334,34 @@ class SharpnessAwareOptimizer(Optimizer):
         """Queue on-device finiteness flags for this pass; :meth:`verify_finite` reads them.
 
         Nothing is synchronised here: on a GPU the flags are read once per step, just
-        before the base step, so the passes queue without stalls.
+        before the base step, so the passes queue without stalls. The gradients' flag is
+        taken lazily: from the norm :meth:`perturb` computes of them anyway, or just before
+        the next pass or the base step (one norm fewer per step for SAM).
         """
-        flags: list[Tensor] = []
         if isinstance(loss, Tensor):
-            flags.append(torch.isfinite(loss.detach()).all())
+            self._pending_checks.append((name, loss, [torch.isfinite(loss.detach()).all()]))
         if check_grads:
+            self._unchecked = (name, loss)
+
+    def _check_unchecked_grads(self, norm: Tensor | None = None) -> None:
+        """Queue the finiteness flag of the last pass's gradients (``norm``: of them)."""
+        if self._unchecked is None:
+            return
+        name, loss = self._unchecked
+        self._unchecked = None
+        if norm is None:
             grads = [g for gp in self.collect() for g in gp.grads]
-            if grads:
-                flags.append(torch.isfinite(T.global_norm(grads, self.foreach)))
-        if flags:
-            self._pending_checks.append((name, loss, flags))
+            if not grads:
+                return
+            norm = T.global_norm(grads, self.foreach)
+        self._pending_checks.append((name, loss, [torch.isfinite(norm)]))
 
     def verify_finite(self) -> None:
         """Raise (or skip the step) if any pass so far in this step was not finite.
 
         Called by :meth:`base_step`; one device synchronisation for all passes.
         """
+        self._check_unchecked_grads()
         pending, self._pending_checks = self._pending_checks, []
         if not pending:
             return
@@ -411,7 +429,8 @@ class SharpnessAwareOptimizer(Optimizer):
         if self._perturbed:
             raise RuntimeError("the weights are already perturbed: call restore() first")
         groups = self.collect()
-        if directions is None:
+        from_grads = directions is None
+        if from_grads:
             directions = self.ascent_direction(groups)
         # Flatten over groups: td = T ⊙ d (T = 1 outside adaptive weight tensors).
         params: list[Tensor] = []
@@ -433,6 +452,8 @@ class SharpnessAwareOptimizer(Optimizer):
             radii.extend([sign * r] * len(gp.params))
         plan, buffers = self._plan_for(params)
         norm = T.global_norm(t_dirs, self.foreach, plan)
+        if from_grads:  # d is derived from the gradients: a NaN/inf there shows in ‖d‖
+            self._check_unchecked_grads(norm)
         if not params:
             return norm
         denom = norm + self.perturb_eps
@@ -505,6 +526,18 @@ class SharpnessAwareOptimizer(Optimizer):
         else:
             self.base_optimizer.step()
         self.samkit_state["step"] += 1
+        hooks, self._on_accept = self._on_accept, []
+        for hook in hooks:
+            hook()
+
+    def on_accept(self, update: Callable[[], None]) -> None:
+        """Run ``update`` once this step is accepted (after the finiteness check).
+
+        Methods that keep state across steps (an EMA of gradients, a cache) register its
+        update here instead of applying it during the passes, so a step that raises or is
+        skipped (``on_nonfinite="skip"``) leaves their state untouched.
+        """
+        self._on_accept.append(update)
 
     @property
     def skipped_steps(self) -> int:

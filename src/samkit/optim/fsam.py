@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -111,13 +112,13 @@ class FriendlySAM(SharpnessAwareOptimizer):
     def validate_group(self, group: dict[str, Any]) -> None:
         super().validate_group(group)
         sigma = group.get("sigma")
-        if not (isinstance(sigma, (int, float)) and sigma >= 0.0):
+        if not (isinstance(sigma, (int, float)) and 0.0 <= sigma < math.inf):
             raise ValueError(f"Invalid sigma value: {sigma}")
         lmbda = group.get("lmbda")
         if not (isinstance(lmbda, (int, float)) and 0.0 <= lmbda < 1.0):
             raise ValueError(f"Invalid lmbda value: {lmbda}")
         eta = group.get("eta", 0.0)
-        if not (isinstance(eta, (int, float)) and eta >= 0.0):
+        if not (isinstance(eta, (int, float)) and 0.0 <= eta < math.inf):
             raise ValueError(f"Invalid eta value: {eta}")
         choice = group.get("weight_scaling")
         if choice not in (None, True, False):
@@ -125,13 +126,20 @@ class FriendlySAM(SharpnessAwareOptimizer):
 
     @torch.no_grad()
     def ascent_direction(self, groups: list[GroupParams]) -> list[list[Tensor]]:
-        """``d = g - sigma * m`` (``g`` on a parameter's first step); updates ``m`` with ``g``."""
+        """``d = g - sigma * m`` (``g`` on a parameter's first step).
+
+        The EMA update ``m = lmbda*m + (1-lmbda)*g`` (with the raw ``g``) is applied once
+        the step is accepted (:meth:`on_accept`), so a step that fails or is skipped
+        because of a NaN leaves the average untouched.
+        """
         directions: list[list[Tensor]] = []
+        updates: list[tuple[float, list[Tensor], list[Tensor]]] = []
+        fresh: list[tuple[Tensor, Tensor]] = []
         for gp in groups:
             sigma = float(gp.group["sigma"])
             lmbda = float(gp.group["lmbda"])
             d: list[Tensor] = list(gp.grads)
-            # Parameters seen before: d = g - sigma*m_{t-1}, then m_t = lmbda*m + (1-lmbda)*g.
+            # Parameters seen before: d = g - sigma*m_{t-1}.
             idx = [i for i, p in enumerate(gp.params) if "ema" in self.state[p]]
             if idx:
                 grads = [gp.grads[i] for i in idx]
@@ -140,13 +148,21 @@ class FriendlySAM(SharpnessAwareOptimizer):
                 T.add_(new_d, emas, alpha=-sigma, foreach=self.foreach)
                 for i, di in zip(idx, new_d):
                     d[i] = di
+                updates.append((lmbda, emas, grads))
+            # First step of a parameter: plain SAM, the average starts at g.
+            fresh.extend((p, g) for p, g in zip(gp.params, gp.grads) if "ema" not in self.state[p])
+            directions.append(d)
+
+        def update_emas() -> None:
+            # The gradients of this pass are still the tensors captured here: every later
+            # pass starts from .grad = None (set_to_none), so none was overwritten in place.
+            for lmbda, emas, grads in updates:
                 _scale_(emas, lmbda, self.foreach)
                 T.add_(emas, grads, alpha=1.0 - lmbda, foreach=self.foreach)
-            # First step of a parameter: plain SAM, the average starts at g.
-            for p, g in zip(gp.params, gp.grads):
-                if "ema" not in self.state[p]:
-                    self.state[p]["ema"] = g.detach().clone(memory_format=torch.preserve_format)
-            directions.append(d)
+            for p, g in fresh:
+                self.state[p]["ema"] = g.detach().clone(memory_format=torch.preserve_format)
+
+        self.on_accept(update_emas)
         return directions
 
 

@@ -150,7 +150,7 @@ register(
         name="bsam",
         cls=BilateralSAM,
         description="Bilateral SAM: SAM's max point plus a min point along -g, three passes",
-        defaults={},
+        defaults={"rho": 0.05},
         passes=3.0,
         reference="Deng et al., Bilateral Sharpness-Aware Minimization for Flatter Minima, 2024",
     )

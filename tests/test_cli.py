@@ -101,7 +101,7 @@ def _bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none")], "none"),
         (["train", "--opt-arg", "bogus=1", "--limit-train", "64"], "rejected its settings"),
         (["train", "--opt-arg", "novalue"], "expected KEY=VALUE"),
-        (["train", "--amp", "fp16"], "fp16 is not supported yet"),
+        (["train", "--amp", "fp8"], "invalid choice: 'fp8'"),
         (["train", "--out", str(blocker / "sub")], "cannot create --out"),
         (["train", "--resume", "--out", str(tmp_path / "empty")], "checkpoint not found"),
         (["train", "--resume"], "--resume needs --out"),

@@ -153,7 +153,7 @@ def _train_config_from_args(args: argparse.Namespace) -> Any:
     given = {**file_settings, **flags}
 
     settings: dict[str, Any] = {}
-    if given.get("resume"):
+    if given.get("resume") is True:  # anything else is refused by TrainConfig.validate
         if not given.get("out"):
             raise UsageError("--resume needs --out (the run directory to resume)")
         saved = read_checkpoint(given["out"])["config"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -125,7 +126,7 @@ class BilateralSAM(SharpnessAwareOptimizer):
     def validate_group(self, group: dict[str, Any]) -> None:
         super().validate_group(group)
         rho_min = group.get("rho_min")
-        if not (isinstance(rho_min, (int, float)) and rho_min >= 0.0):
+        if not (isinstance(rho_min, (int, float)) and 0.0 <= rho_min < math.inf):
             raise ValueError(f"Invalid rho_min value: {rho_min}")
         if group.get("ratio") not in _RATIOS:
             raise ValueError(

@@ -32,6 +32,7 @@ from samkit.train.models import create_model
 __all__ = [
     "CHECKPOINT_NAME",
     "CheckpointError",
+    "append_bytes",
     "atomic_write_bytes",
     "atomic_write_json",
     "get_rng_state",
@@ -44,6 +45,7 @@ __all__ = [
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "samkit.train"
 VERSION = 1
+TMP_SUFFIX = ".samkit-tmp"
 
 
 class CheckpointError(ValueError):
@@ -57,8 +59,9 @@ def _atomic_write(path: Path, write: Any) -> None:
     old file is untouched and the temp file is removed.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are for everyone
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -75,6 +78,35 @@ def _atomic_write(path: Path, write: Any) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def append_bytes(path: str | Path, data: bytes) -> None:
+    """Append ``data`` to ``path``; if the write fails (a full disk), cut the file back to
+    its previous length, so that it never ends in a partial line."""
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    start = os.fstat(fd).st_size
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.truncate(path, start)
+        raise
+
+
+def remove_stale_temp_files(folder: str | Path) -> None:
+    """Delete the temp files of atomic writes that a killed process left in ``folder``."""
+    for stale in Path(folder).glob(f".*.*{TMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

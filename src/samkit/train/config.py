@@ -78,7 +78,8 @@ class TrainConfig:
         out: run directory (config.json, metrics.jsonl, summary.json, checkpoint.pt);
             ``None`` writes nothing.
         device: ``auto`` (cuda if available, else cpu), ``cpu``, ``cuda``, ``cuda:1`` ...
-        amp: ``off`` or ``bf16`` (autocast); ``fp16`` is not supported yet.
+        amp: ``off``, ``bf16`` (autocast) or ``fp16`` (autocast with a gradient scaler,
+            whose state is checkpointed).
         accumulation_steps: split every pass into this many micro-batches.
         track_sharpness: every N epochs measure lambda_1, the Hessian trace and the
             gradient/top-eigenvector alignment on a fixed training subset (0 = off).
@@ -131,7 +132,9 @@ class TrainConfig:
         def bad(name: str, value: Any, why: str) -> ConfigError:
             return ConfigError(f"invalid {name}: {value!r} ({why})")
 
-        def check_int(name: str, minimum: int, allow_none: bool = False) -> None:
+        def check_int(
+            name: str, minimum: int, allow_none: bool = False, maximum: int | None = None
+        ) -> None:
             v = getattr(self, name)
             if v is None and allow_none:
                 return
@@ -139,6 +142,8 @@ class TrainConfig:
                 raise bad(name, v, "must be an integer")
             if v < minimum:
                 raise bad(name, v, f"must be >= {minimum}")
+            if maximum is not None and v > maximum:
+                raise bad(name, v, f"must be <= {maximum}")
 
         def check_float(name: str, lo: float, lo_open: bool = False, hi: float | None = None):
             v = getattr(self, name)
@@ -149,6 +154,16 @@ class TrainConfig:
             if hi is not None and v >= hi:
                 raise bad(name, v, f"must be < {hi:g}")
 
+        for name in ("dataset", "optimizer", "base", "schedule", "device", "amp"):
+            if not isinstance(getattr(self, name), str):
+                raise bad(name, getattr(self, name), "must be a string")
+        for name in ("data_dir", "model", "out"):
+            if not isinstance(getattr(self, name), (str, type(None))):
+                raise bad(name, getattr(self, name), "must be a string or null")
+        for name in ("resume", "deterministic", "augment"):
+            v = getattr(self, name)
+            if not isinstance(v, bool) and not (name == "augment" and v is None):
+                raise bad(name, v, "must be true or false")
         check_float("lr", 0.0, lo_open=True)
         check_float("momentum", 0.0, hi=1.0)
         check_float("weight_decay", 0.0)
@@ -159,7 +174,7 @@ class TrainConfig:
         check_int("epochs", 1)
         check_int("batch_size", 1)
         check_int("cutout", 0)
-        check_int("seed", 0)
+        check_int("seed", 0, maximum=2**32 - 1)  # numpy's seeding range
         check_int("accumulation_steps", 1)
         check_int("track_sharpness", 0)
         check_int("sharpness_samples", 1)
@@ -171,11 +186,6 @@ class TrainConfig:
             raise bad("schedule", self.schedule, f"choose from {', '.join(SCHEDULES)}")
         if self.amp not in AMP_MODES:
             raise bad("amp", self.amp, f"choose from {', '.join(AMP_MODES)}")
-        if self.amp == "fp16":
-            raise ConfigError(
-                "amp fp16 is not supported yet (it needs a gradient scaler that knows about "
-                "the extra passes); use --amp bf16"
-            )
         for name in ("model_args", "opt_args"):
             if not isinstance(getattr(self, name), dict):
                 raise bad(name, getattr(self, name), "must be a dict")
@@ -209,13 +219,17 @@ class TrainConfig:
         """Read a JSON object of settings (validated keys, underscored); for ``--config``."""
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON (not UTF-8 text: {e.reason})") from e
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        except RecursionError as e:
+            raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from e
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object of settings")
         known = set(cls.field_names())

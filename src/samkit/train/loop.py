@@ -30,13 +30,15 @@ import torch
 from torch import nn
 
 import samkit
-from samkit.optim import get_optimizer_info, resolve_base_optimizer
+from samkit.optim import get_optimizer_info, is_sharpness_aware, resolve_base_optimizer
 from samkit.train.checkpoint import (
     CHECKPOINT_NAME,
+    append_bytes,
     atomic_write_bytes,
     atomic_write_json,
     get_rng_state,
     read_checkpoint,
+    remove_stale_temp_files,
     save_checkpoint,
     set_rng_state,
 )
@@ -72,10 +74,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
 
     Raises :class:`ConfigError` for any invalid or unknown value.
     """
+    config.validate()
     config = dataclasses.replace(
         config, model_args=dict(config.model_args), opt_args=dict(config.opt_args)
     )
-    config.validate()
     if config.dataset not in DEFAULT_MODELS:
         raise ConfigError(
             f"unknown dataset {config.dataset!r}; available: {', '.join(DEFAULT_MODELS)}"
@@ -242,6 +244,24 @@ def _prepare_out(out: Path, resume: bool) -> None:
             )
     if not os.access(out, os.W_OK):
         raise ConfigError(f"cannot write to --out {out}: permission denied")
+    remove_stale_temp_files(out)  # left by a process killed while writing
+
+
+def _write_result(
+    write: Callable[[Path, Any], None], path: Path, data: Any, saved_epoch: int, epochs: int
+) -> None:
+    """Run ``write(path, data)``; an OSError (full disk, ...) is re-raised naming ``path``
+    and saying what is still intact, for the CLI's one-line message."""
+    try:
+        write(path, data)
+    except OSError as e:
+        if saved_epoch >= epochs:
+            hint = f"; {CHECKPOINT_NAME} of the final epoch {saved_epoch} is intact"
+        elif saved_epoch:
+            hint = f"; {CHECKPOINT_NAME} of epoch {saved_epoch} is intact: continue with --resume"
+        else:
+            hint = "; no checkpoint was written yet"
+        raise OSError(e.errno, f"{e.strerror or e}{hint}", str(path)) from e
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -267,8 +287,11 @@ def train(
     say: Log = log if log is not None else (lambda _msg: None)
     config = resolve_config(config)
     out = Path(config.out) if config.out else None
-    device = resolve_device(config.device)
-    autocast_dtype = torch.bfloat16 if config.amp == "bf16" else None
+    try:
+        device = resolve_device(config.device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
 
     def autocast() -> Any:
         if autocast_dtype is None:
@@ -363,18 +386,26 @@ def train(
         # Per-sample losses: some methods (ESAM, AUSAM) select samples by their loss.
         loss_fn = nn.CrossEntropyLoss(reduction="none", label_smoothing=config.label_smoothing)
 
+        # fp16: a GradScaler. Sharpness-aware methods take their base step through it (the
+        # closure carries it); plain torch optimizers step as `closure(); scaler.step(opt)`.
+        scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
+        plain_step = scaler is not None and not is_sharpness_aware(opt)
+
         # Resume: restore every piece of state the next epoch depends on.
         history: list[dict[str, Any]] = []
         totals = {"grad_evals": 0.0, "steps": 0, "train_time_s": 0.0}
         start_epoch = 0
+        saved_epoch = 0  # epoch of the checkpoint on disk
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             set_rng_state(ckpt["rng"], loader=loader_gen, augment=aug_gen)
+            if scaler is not None and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
             history = list(ckpt["history"])
             totals.update(ckpt["totals"])
-            start_epoch = int(ckpt["epoch"])
+            start_epoch = saved_epoch = int(ckpt["epoch"])
 
         # Record the run before it starts (config, resolved optimizer settings, where it ran).
         record = {
@@ -443,9 +474,16 @@ def train(
                     indices=idx,
                     accumulation_steps=config.accumulation_steps,
                     autocast_dtype=autocast_dtype,
+                    grad_scaler=scaler,
                 )
                 lr_used = opt.param_groups[0]["lr"]
-                loss = opt.step(closure)  # every pass of the method; returns the clean loss
+                if plain_step:  # torch's GradScaler.step takes no closure
+                    loss = closure()
+                    scaler.step(opt)
+                else:
+                    loss = opt.step(closure)  # every pass of the method; returns the clean loss
+                if scaler is not None:
+                    scaler.update()
                 scheduler.step()  # per-step schedule
 
                 # Metrics from the clean pass the optimizer already ran (no extra forward).
@@ -501,27 +539,39 @@ def train(
                 )
 
             if out is not None:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                line = (json.dumps(row) + "\n").encode()
+                _write_result(
+                    append_bytes,
+                    out / "metrics.jsonl",
+                    line,
+                    saved_epoch,
+                    config.epochs,
+                )
                 if (
                     config.checkpoint_every and epoch % config.checkpoint_every == 0
                 ) or epoch == last_epoch:
-                    save_checkpoint(
+                    payload = {
+                        "epoch": epoch,
+                        "config": config.to_dict(),
+                        "dataset_info": info.to_dict(),
+                        "model_name": config.model,
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None,
+                        "rng": get_rng_state(loader=loader_gen, augment=aug_gen),
+                        "history": history,
+                        "totals": dict(totals),
+                        "versions": record["versions"],
+                    }
+                    _write_result(
+                        save_checkpoint,
                         out / CHECKPOINT_NAME,
-                        {
-                            "epoch": epoch,
-                            "config": config.to_dict(),
-                            "dataset_info": info.to_dict(),
-                            "model_name": config.model,
-                            "model": model.state_dict(),
-                            "optimizer": opt.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "rng": get_rng_state(loader=loader_gen, augment=aug_gen),
-                            "history": history,
-                            "totals": dict(totals),
-                            "versions": record["versions"],
-                        },
+                        payload,
+                        saved_epoch,
+                        config.epochs,
                     )
+                    saved_epoch = epoch
     finally:
         torch.use_deterministic_algorithms(prev_deterministic, warn_only=prev_warn_only)
 
@@ -558,7 +608,13 @@ def train(
         if measured:
             summary[key] = measured[-1]
     if out is not None:
-        atomic_write_json(out / "summary.json", summary)
+        _write_result(
+            atomic_write_json,
+            out / "summary.json",
+            summary,
+            saved_epoch,
+            config.epochs,
+        )
     return summary
 
 

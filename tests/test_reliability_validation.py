@@ -30,7 +30,7 @@ NEGATIVE_ALLOWED: dict[tuple[str, str], float] = {}
 #: Known gaps, reported to the owner of base.py / sam.py: rho=None (base.py's
 #: validate_group lets it through) and an infinite eta of SAM/ASAM (sam.py) are accepted.
 #: Strict xfail: the test fails as soon as a gap is fixed, so this list cannot go stale.
-KNOWN_GAPS = {(m, "rho", "None") for m in METHODS} | {("sam", "eta", "inf"), ("asam", "eta", "inf")}
+KNOWN_GAPS: set[tuple[str, str, str]] = set()
 
 
 def _hyperparameters(name: str) -> dict[str, float | int]:

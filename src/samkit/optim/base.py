@@ -68,6 +68,13 @@ _NO_CLOSURE_MESSAGE = (
 )
 
 
+def is_finite_nonnegative(value: Any) -> bool:
+    """Whether ``value`` is a real number (not a bool) in ``[0, inf)``."""
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < math.inf
+    )
+
+
 class NonFiniteError(FloatingPointError):
     """A pass produced a NaN or infinite loss or gradient."""
 
@@ -191,9 +198,8 @@ class SharpnessAwareOptimizer(Optimizer):
     # ------------------------------------------------------------------ hyperparameters
     def validate_group(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` for invalid per-group hyperparameters (override to extend)."""
-        rho = group.get("rho")
-        if rho is not None and not (isinstance(rho, (int, float)) and 0.0 <= rho < math.inf):
-            raise ValueError(f"Invalid rho value: {rho}")
+        if "rho" in group and not is_finite_nonnegative(group["rho"]):
+            raise ValueError(f"Invalid rho value: {group['rho']}")
 
     def _check_group(self, group: dict[str, Any]) -> None:
         for p in group["params"]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from samkit.optim.base import SharpnessAwareOptimizer
+from samkit.optim.base import SharpnessAwareOptimizer, is_finite_nonnegative
 
 __all__ = ["SAM", "ASAM"]
 
@@ -69,9 +69,9 @@ class SAM(SharpnessAwareOptimizer):
         eta: float = 0.01,
         **kwargs: Any,
     ) -> None:
-        if not (isinstance(rho, (int, float)) and rho >= 0.0):
+        if not is_finite_nonnegative(rho):
             raise ValueError(f"Invalid rho value: {rho}")
-        if not (isinstance(eta, (int, float)) and eta >= 0.0):
+        if not is_finite_nonnegative(eta):
             raise ValueError(f"Invalid eta value: {eta}")
         defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta, weight_scaling=None)
         super().__init__(params, base_optimizer, defaults, **kwargs)
@@ -79,7 +79,7 @@ class SAM(SharpnessAwareOptimizer):
     def validate_group(self, group: dict[str, Any]) -> None:
         super().validate_group(group)
         eta = group.get("eta", 0.0)
-        if not (isinstance(eta, (int, float)) and eta >= 0.0):
+        if not is_finite_nonnegative(eta):
             raise ValueError(f"Invalid eta value: {eta}")
         choice = group.get("weight_scaling")
         if choice not in (None, True, False):

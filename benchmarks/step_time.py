@@ -72,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
+    ap.add_argument(
+        "--on-nonfinite",
+        default="raise",
+        choices=["raise", "skip", "ignore"],
+        help="samkit's NaN check ('ignore' saves one device sync per step)",
+    )
     ap.add_argument("--out", default="benchmarks/results/step_time.json")
     args = ap.parse_args(argv)
     if args.threads:
@@ -88,7 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         m.load_state_dict(models["sgd"].state_dict())
     opts: dict[str, torch.optim.Optimizer] = {
         "sgd": torch.optim.SGD(models["sgd"].parameters(), **kw),
-        "samkit": samkit.SAM(models["samkit"].parameters(), torch.optim.SGD, rho=0.05, **kw),
+        "samkit": samkit.SAM(
+            models["samkit"].parameters(),
+            torch.optim.SGD,
+            rho=0.05,
+            on_nonfinite=args.on_nonfinite,
+            **kw,
+        ),
     }
     have_peer = True
     try:
@@ -158,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": f"small_resnet(width={args.width}), {n_tensors} tensors, {n_params} params",
         "input": [args.batch, 3, args.size, args.size],
         "rounds": args.rounds,
+        "on_nonfinite": args.on_nonfinite,
         "median_step_s": {k: statistics.median(v) for k, v in times.items()},
         "sam_over_sgd": ratio("samkit", "sgd"),
         "perturb_restore_over_sam_step": ratio("perturb_restore", "samkit"),

@@ -1,4 +1,5 @@
-"""The ``samkit`` command line: ``samkit train``, ``samkit list`` (more subcommands plug in).
+"""The ``samkit`` command line: ``samkit train``, ``samkit list``, ``samkit sharpness``,
+``samkit landscape`` (more subcommands plug in).
 
 Each subcommand is one :class:`Subcommand` entry in :data:`SUBCOMMANDS`: a function that adds
 its arguments to its parser and a function that runs it and returns the exit code. Adding a
@@ -245,6 +246,78 @@ def _run_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- samkit sharpness
+
+
+def _add_measure_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``samkit sharpness`` and ``samkit landscape``: the fixed subset."""
+    p.add_argument("--batches", type=int, default=4, metavar="N",
+                   help="number of training batches measured (default 4)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=128, metavar="M",
+                   help="samples per batch, the m of m-sharpness (default 128)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the random vectors (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, auto")
+
+
+def _add_sharpness_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="run directory (--out of samkit train) or checkpoint file")  # fmt: skip
+    p.add_argument("--rho", type=float, default=0.05,
+                   help="radius of the worst/ascent/average-direction sharpness (default 0.05)")  # fmt: skip
+    p.add_argument("--iters", type=int, default=30, metavar="K",
+                   help="Lanczos iterations for lambda_max (default 30)")  # fmt: skip
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="where to write the results (default RUN_DIR/sharpness.json)")  # fmt: skip
+    _add_measure_arguments(p)
+
+
+def _run_sharpness(args: argparse.Namespace) -> int:
+    from samkit.train.measure import format_table, measure_sharpness
+
+    record = measure_sharpness(
+        args.run, rho=args.rho, batches=args.batches, batch_size=args.batch_size,
+        iters=args.iters, seed=args.seed, json_path=args.json, device=args.device,
+    )  # fmt: skip
+    print(format_table(record))
+    print(f"saved {record['json']}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- samkit landscape
+
+
+def _add_landscape_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="CHECKPOINT", help="run directory or checkpoint file")
+    p.add_argument("--2d", dest="two_d", action="store_true",
+                   help="2-D contour over two random directions (default: 1-D line)")  # fmt: skip
+    p.add_argument("--other", default=None, metavar="CHECKPOINT",
+                   help="interpolate linearly from CHECKPOINT (0) to this one (1)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=21, metavar="N",
+                   help="grid points per axis (default 21)")  # fmt: skip
+    p.add_argument("--span", type=float, default=1.0, metavar="S",
+                   help="grid over [-S, S] along each filter-normalised direction (default 1)")  # fmt: skip
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for the PNG and the JSON grid (default: the run directory)")  # fmt: skip
+    _add_measure_arguments(p)
+
+
+def _run_landscape(args: argparse.Namespace) -> int:
+    from samkit.train.measure import landscape
+
+    res = landscape(
+        args.run, two_d=args.two_d, other=args.other, steps=args.steps, span=args.span,
+        out=args.out, batches=args.batches, batch_size=args.batch_size, seed=args.seed,
+        device=args.device,
+    )  # fmt: skip
+    losses = res["losses"]
+    flat = [x for row in losses for x in row] if losses and isinstance(losses[0], list) else losses
+    print(
+        f"{res['settings']['kind']}: {len(flat)} points, loss from {min(flat):.4g} to "
+        f"{max(flat):.4g} | saved {res['png']} and {res['json']}"
+    )
+    return 0
+
+
 # ----------------------------------------------------------------------------- registry
 
 #: The subcommands, in ``samkit --help`` order. Add one entry to add a subcommand.
@@ -260,6 +333,18 @@ SUBCOMMANDS: list[Subcommand] = [
         "list the registered optimizers, models and datasets",
         _add_list_arguments,
         _run_list,
+    ),  # fmt: skip
+    Subcommand(
+        "sharpness",
+        "measure the sharpness of a trained run (lambda_max, trace, m-sharpness, alignment)",
+        _add_sharpness_arguments,
+        _run_sharpness,
+    ),  # fmt: skip
+    Subcommand(
+        "landscape",
+        "plot the loss landscape around a checkpoint (1-D, 2-D) or between two",
+        _add_landscape_arguments,
+        _run_landscape,
     ),  # fmt: skip
 ]
 

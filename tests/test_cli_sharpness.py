@@ -1,0 +1,149 @@
+"""``samkit sharpness`` and ``samkit landscape`` on a tiny run: files, numbers and errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+import samkit.sharpness as S
+from samkit.cli import main
+from samkit.train import build_dataset, load_checkpoint
+
+TINY = ["--limit-train", "256", "--limit-test", "100", "--batch-size", "64", "--threads", "1"]
+SUBSET = ["--batches", "2", "--batch-size", "32"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_sharpness") / "run"
+    argv = ["train", "--epochs", "1", "--optimizer", "sgd", "--out", str(out), "--quiet", *TINY]
+    assert main(argv) == 0
+    return out
+
+
+def _subset(run):
+    """The subset the commands promise to use: first 2×32 training samples, prepared."""
+    model, config, _ = load_checkpoint(run)
+    data = build_dataset(config)
+    batches = [(data.prepare(data.x_train[i : i + 32]), data.y_train[i : i + 32]) for i in (0, 32)]
+    return model, batches
+
+
+def test_sharpness_writes_the_measures_of_measure_all(run_dir, capsys):
+    rc = main(["sharpness", str(run_dir), "--rho", "0.1", "--iters", "8", *SUBSET])
+    out = capsys.readouterr().out
+    assert rc == 0
+    record = json.loads((run_dir / "sharpness.json").read_text())
+    assert set(record) == {"run", "settings", "measures"}
+    m = record["measures"]
+    expected = {"loss", "lambda_max", "lambda_max_converged", "trace", "trace_std_error",
+                "worst_direction", "ascent_direction", "average_direction",
+                "average_direction_std_error", "alignment", "num_hvp", "rho", "seconds"}  # fmt: skip
+    assert set(m) == expected
+    for key in expected - {"lambda_max_converged"}:
+        assert isinstance(m[key], (int, float)) and math.isfinite(m[key]), key
+    assert m["lambda_max"] > 0 and 0 <= m["alignment"] <= 1 and m["worst_direction"] >= 0
+    assert record["run"]["samples"] == 64 and record["run"]["batches"] == 2
+    assert record["run"]["optimizer"] == "sgd" and record["run"]["epoch"] == 1
+    assert record["settings"] == {"rho": 0.1, "batches": 2, "batch_size": 32, "iters": 8,
+                                  "seed": 0}  # fmt: skip
+    # exactly what measure_all gives on the promised subset (deterministic, seeded)
+    model, batches = _subset(run_dir)
+    ref = S.measure_all(model, nn.CrossEntropyLoss(), batches, rho=0.1, lanczos_iter=8, seed=0)
+    for key in expected - {"seconds"}:
+        assert m[key] == ref[key], key
+    assert "lambda_max" in out and f"{m['lambda_max']:.6g}" in out
+    assert out.strip().endswith(f"saved {run_dir / 'sharpness.json'}")
+
+
+def test_sharpness_of_a_checkpoint_file_with_json_path(run_dir, tmp_path, capsys):
+    target = tmp_path / "deep" / "s.json"
+    target.parent.mkdir()
+    argv = ["sharpness", str(run_dir / "checkpoint.pt"), "--rho", "0", "--iters", "4",
+            "--json", str(target), *SUBSET]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    m = json.loads(target.read_text())["measures"]
+    # rho = 0: every neighbourhood notion is exactly 0
+    assert m["worst_direction"] == 0 and m["average_direction"] == 0
+    assert m["ascent_direction"] == 0
+
+
+def test_landscape_1d_2d_and_interpolation(run_dir, tmp_path, capsys):
+    rc = main(["landscape", str(run_dir), "--steps", "5", "--span", "0.5", *SUBSET])
+    assert rc == 0, capsys.readouterr().err
+    png, grid = (
+        run_dir / "landscape_1d.png",
+        json.loads((run_dir / "landscape_1d.json").read_text()),
+    )
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert grid["alphas"] == pytest.approx([-0.5, -0.25, 0.0, 0.25, 0.5], abs=1e-12)
+    assert len(grid["losses"]) == 5 and all(math.isfinite(x) for x in grid["losses"])
+    model, batches = _subset(run_dir)
+    with torch.no_grad():  # α = 0 is the checkpoint's own loss on the same subset
+        loss0 = sum(float(nn.functional.cross_entropy(model(x), y)) * len(y) for x, y in batches)
+    assert grid["losses"][2] == pytest.approx(loss0 / 64, rel=1e-6)
+
+    out2 = tmp_path / "two"
+    rc = main(["landscape", str(run_dir), "--2d", "--steps", "3", "--out", str(out2), *SUBSET])
+    assert rc == 0, capsys.readouterr().err
+    grid2 = json.loads((out2 / "landscape_2d.json").read_text())
+    assert (out2 / "landscape_2d.png").read_bytes()[:8] == PNG_MAGIC
+    assert len(grid2["losses"]) == 3 and all(len(row) == 3 for row in grid2["losses"])
+    assert grid2["losses"][1][1] == pytest.approx(loss0 / 64, rel=1e-6)
+
+    # interpolating a checkpoint with a copy of itself: the loss is the same everywhere
+    other = tmp_path / "copy.pt"
+    shutil.copy(run_dir / "checkpoint.pt", other)
+    argv = ["landscape", str(run_dir), "--other", str(other), "--steps", "3", "--out",
+            str(tmp_path / "interp"), *SUBSET]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    grid3 = json.loads((tmp_path / "interp" / "interpolation.json").read_text())
+    assert grid3["alphas"] == [0.0, 0.5, 1.0]
+    assert grid3["losses"] == pytest.approx([loss0 / 64] * 3, rel=1e-6)
+    assert (tmp_path / "interp" / "interpolation.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bad_inputs_give_one_line_and_exit_code_2(run_dir, tmp_path, capsys):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"\x00" * 64)
+    missing = tmp_path / "nowhere"
+    run = str(run_dir)
+    cases = [
+        (["sharpness", str(missing)], "checkpoint not found"),
+        (["sharpness", str(broken)], "broken.pt"),
+        (["sharpness", run, "--rho", "-0.1"], "invalid rho"),
+        (["sharpness", run, "--rho", "nan"], "invalid rho"),
+        (["sharpness", run, "--batches", "0"], "invalid batches"),
+        (["sharpness", run, "--batch-size", "0"], "invalid batch_size"),
+        (["sharpness", run, "--iters", "0"], "invalid iters"),
+        (["sharpness", run, "--iters", "abc"], "--iters: invalid int value"),
+        (["sharpness", run, "--seed", "-1"], "invalid seed"),
+        (["sharpness", run, "--device", "warp9"], "invalid device"),
+        (["sharpness"], "required: RUN_DIR_OR_CHECKPOINT"),
+        (["landscape", str(missing)], "checkpoint not found"),
+        (["landscape", str(broken), "--2d"], "broken.pt"),
+        (["landscape", run, "--steps", "1"], "invalid steps"),
+        (["landscape", run, "--span", "0"], "invalid span"),
+        (["landscape", run, "--2d", "--other", run], "cannot be combined"),
+        (["landscape", run, "--other", str(missing)], "checkpoint not found"),
+    ]
+    for argv, expected in cases:
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2, (argv, err)
+        assert err.startswith("samkit: error: ") and err.count("\n") == 1, (argv, err)
+        assert expected in err, (argv, err)
+    assert not (missing / "sharpness.json").exists()

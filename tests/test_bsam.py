@@ -10,38 +10,22 @@ import torch
 from torch import nn
 
 import samkit
+from optim_helpers import batches, flat_grad, plain_closure, tiny_net
 
 LR, MOM, WD = 0.1, 0.9, 5e-3
 
 
-def net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+# The shared float64 fixtures of the optimizer tests, under this file's names.
+net = tiny_net
+closure_for = plain_closure
 
 
 def data(n: int = 5, size: int = 12, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (
-            torch.randn(size, 5, generator=g, dtype=torch.float64),
-            torch.randint(0, 3, (size,), generator=g),
-        )
-        for _ in range(n)
-    ]
-
-
-def closure_for(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
+    return batches(n, size=size, seed=seed)
 
 
 def grads_at(model, params, x, y):
-    return list(torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params))
+    return flat_grad(model, x, y, params)
 
 
 def norm(ts):

@@ -131,7 +131,9 @@ register(
         name="asam",
         cls=ASAM,
         description="ASAM: SAM in a neighbourhood scaled by |w| + eta (scale invariant)",
-        defaults={"rho": 0.5},  # the official CIFAR-10 radius; ASAM's radius is relative
+        # The class keeps the official CIFAR-10 radius 0.5; on the embedded benchmark 0.5 is
+        # far below SGD and 0.05-0.1 is at SGD's level (docs/results.md), so the registry uses 0.1.
+        defaults={"rho": 0.1},
         reference="Kwon et al., ICML 2021",
     )
 )

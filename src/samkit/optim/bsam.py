@@ -151,7 +151,7 @@ class BilateralSAM(SharpnessAwareOptimizer):
         g0_groups = _split(g0, groups)
 
         # Pass 2: the max point w + rho * ĝ0.
-        self.perturb(g0_groups, radius="rho", sign=1.0)
+        norm_g0 = self.perturb(g0_groups, radius="rho", sign=1.0)  # ‖g0‖, reused below
         self.run_pass(closure, "max", perturbed=True)
         g_max = [_grad_or_zeros(p).clone() for p in params]
         self.restore()
@@ -177,25 +177,24 @@ class BilateralSAM(SharpnessAwareOptimizer):
                 sl = slice(offset, offset + n)
                 T.add_(update[sl], T.scaled(g_min[sl], -r, self.foreach), foreach=self.foreach)
                 offset += n
-            stats = {"norm_g0": T.global_norm(g0, self.foreach), "norm_max": norm_max}
+            stats = {"norm_g0": norm_g0, "norm_max": norm_max}
             stats.update(norm_min=norm_min, ratio=ratio_mm)
             if self.collect_stats:
                 dot = sum((u * g).sum() for u, g in zip(update, g0))
                 norm_u = T.global_norm(update, self.foreach)
-                stats["cos_update_g0"] = dot / (norm_u * stats["norm_g0"] + eps)
+                stats["cos_update_g0"] = dot / (norm_u * norm_g0 + eps)
             self.last_stats = stats
             for p, u in zip(params, update):
                 p.grad = u
-            self._official_shift(groups, g0_groups)
+            self._official_shift(groups, g0_groups, norm_g0)
         self.base_step()
         return loss
 
-    def _official_shift(self, groups: list, g0_groups: list[list[Tensor]]) -> None:
+    def _official_shift(self, groups: list, g0_groups: list[list[Tensor]], norm_g0: Tensor) -> None:
         """Move groups with ``official_update`` to ``w − rho_min_t·ĝ0`` before the base step."""
         if not any(gp.group["official_update"] for gp in groups):
             return
-        denom = T.global_norm([g for gs in g0_groups for g in gs], self.foreach)
-        denom = denom + self.perturb_eps
+        denom = norm_g0 + self.perturb_eps
         for gp, g0 in zip(groups, g0_groups):
             if not gp.group["official_update"] or not gp.params:
                 continue

@@ -236,24 +236,23 @@ def _chunks(n: int, k: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
-def _take(inputs: Any, idx: Tensor) -> Any:
+def _map_batch(inputs: Any, leaf: Callable[[Tensor], Tensor], verb: str) -> Any:
+    """Apply ``leaf`` to every tensor of a batch given as a tensor, list/tuple or dict."""
     if isinstance(inputs, Tensor):
-        return inputs[idx.to(inputs.device)]
+        return leaf(inputs)
     if isinstance(inputs, (list, tuple)):
-        return type(inputs)(_take(t, idx) for t in inputs)
+        return type(inputs)(_map_batch(t, leaf, verb) for t in inputs)
     if isinstance(inputs, dict):
-        return {k: _take(v, idx) for k, v in inputs.items()}
-    raise TypeError(f"cannot index inputs of type {type(inputs).__name__}")
+        return {k: _map_batch(v, leaf, verb) for k, v in inputs.items()}
+    raise TypeError(f"cannot {verb} inputs of type {type(inputs).__name__}")
+
+
+def _take(inputs: Any, idx: Tensor) -> Any:
+    return _map_batch(inputs, lambda t: t[idx.to(t.device)], "index")
 
 
 def _slice(inputs: Any, lo: int, hi: int) -> Any:
-    if isinstance(inputs, Tensor):
-        return inputs[lo:hi]
-    if isinstance(inputs, (list, tuple)):
-        return type(inputs)(_slice(t, lo, hi) for t in inputs)
-    if isinstance(inputs, dict):
-        return {k: _slice(v, lo, hi) for k, v in inputs.items()}
-    raise TypeError(f"cannot slice inputs of type {type(inputs).__name__}")
+    return _map_batch(inputs, lambda t: t[lo:hi], "slice")
 
 
 def _detach(out: Any) -> Any:

@@ -76,6 +76,9 @@ def test_foreach_kernels_equal_loop_kernels(seed):
     T.add_(a1, others, 0.5, True)
     T.add_(a2, others, 0.5, False)
     assert all(torch.equal(x, y) for x, y in zip(a1, a2))
+    T.mul_(a1, 0.7, True)
+    T.mul_(a2, 0.7, False)
+    assert all(torch.equal(x, y) for x, y in zip(a1, a2))
     T.copy_(a1, others, True)
     assert all(torch.equal(x, y) for x, y in zip(a1, others))
 

@@ -23,6 +23,7 @@ __all__ = [
     "global_norm",
     "add_",
     "copy_",
+    "mul_",
     "scaled",
 ]
 
@@ -122,6 +123,18 @@ def add_(
     plan = _plan(targets, buckets)
     for t_bucket, o_bucket in zip(plan.split(targets), plan.split(others)):
         torch._foreach_add_(t_bucket, o_bucket, alpha=alpha)
+
+
+def mul_(
+    tensors: Sequence[Tensor], factor: float, foreach: bool = True, buckets: Buckets | None = None
+) -> None:
+    """In place ``tensors[i] *= factor``."""
+    if not foreach:
+        for t in tensors:
+            t.mul_(factor)
+        return
+    for bucket in _plan(tensors, buckets).split(tensors):
+        torch._foreach_mul_(bucket, factor)
 
 
 def copy_(

@@ -157,20 +157,10 @@ class FriendlySAM(SharpnessAwareOptimizer):
             # The gradients of this pass are still the tensors captured here: every later
             # pass starts from .grad = None (set_to_none), so none was overwritten in place.
             for lmbda, emas, grads in updates:
-                _scale_(emas, lmbda, self.foreach)
+                T.mul_(emas, lmbda, self.foreach)
                 T.add_(emas, grads, alpha=1.0 - lmbda, foreach=self.foreach)
             for p, g in fresh:
                 self.state[p]["ema"] = g.detach().clone(memory_format=torch.preserve_format)
 
         self.on_accept(update_emas)
         return directions
-
-
-def _scale_(tensors: list[Tensor], factor: float, foreach: bool) -> None:
-    """In place ``t *= factor``."""
-    if not foreach:
-        for t in tensors:
-            t.mul_(factor)
-        return
-    for (bucket,) in T.group_by_device_dtype(tensors):
-        torch._foreach_mul_(bucket, factor)

@@ -200,6 +200,12 @@ class SharpnessAwareOptimizer(Optimizer):
         """Raise ``ValueError`` for invalid per-group hyperparameters (override to extend)."""
         if "rho" in group and not is_finite_nonnegative(group["rho"]):
             raise ValueError(f"Invalid rho value: {group['rho']}")
+        # ASAM scaling options, read by perturb() for every method that offers ``adaptive``.
+        if "eta" in group and not is_finite_nonnegative(group["eta"]):
+            raise ValueError(f"Invalid eta value: {group['eta']}")
+        choice = group.get("weight_scaling")
+        if choice not in (None, True, False):
+            raise ValueError(f"Invalid weight_scaling value: {choice!r} (use None, True or False)")
 
     def _check_group(self, group: dict[str, Any]) -> None:
         for p in group["params"]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -10,7 +9,7 @@ import torch
 from torch import Tensor
 
 from samkit.optim import _tensors as T
-from samkit.optim.base import GroupParams, SharpnessAwareOptimizer
+from samkit.optim.base import GroupParams, SharpnessAwareOptimizer, is_finite_nonnegative
 
 __all__ = ["FriendlySAM"]
 
@@ -112,17 +111,11 @@ class FriendlySAM(SharpnessAwareOptimizer):
     def validate_group(self, group: dict[str, Any]) -> None:
         super().validate_group(group)
         sigma = group.get("sigma")
-        if not (isinstance(sigma, (int, float)) and 0.0 <= sigma < math.inf):
+        if not is_finite_nonnegative(sigma):
             raise ValueError(f"Invalid sigma value: {sigma}")
         lmbda = group.get("lmbda")
         if not (isinstance(lmbda, (int, float)) and 0.0 <= lmbda < 1.0):
             raise ValueError(f"Invalid lmbda value: {lmbda}")
-        eta = group.get("eta", 0.0)
-        if not (isinstance(eta, (int, float)) and 0.0 <= eta < math.inf):
-            raise ValueError(f"Invalid eta value: {eta}")
-        choice = group.get("weight_scaling")
-        if choice not in (None, True, False):
-            raise ValueError(f"Invalid weight_scaling value: {choice!r} (use None, True or False)")
 
     @torch.no_grad()
     def ascent_direction(self, groups: list[GroupParams]) -> list[list[Tensor]]:

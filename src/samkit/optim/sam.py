@@ -76,15 +76,6 @@ class SAM(SharpnessAwareOptimizer):
         defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta, weight_scaling=None)
         super().__init__(params, base_optimizer, defaults, **kwargs)
 
-    def validate_group(self, group: dict[str, Any]) -> None:
-        super().validate_group(group)
-        eta = group.get("eta", 0.0)
-        if not is_finite_nonnegative(eta):
-            raise ValueError(f"Invalid eta value: {eta}")
-        choice = group.get("weight_scaling")
-        if choice not in (None, True, False):
-            raise ValueError(f"Invalid weight_scaling value: {choice!r} (use None, True or False)")
-
 
 class ASAM(SAM):
     r"""Adaptive SAM: SAM in a neighbourhood scaled by the weights.

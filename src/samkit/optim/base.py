@@ -184,7 +184,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self.sync_ascent = bool(sync_ascent)
         self.perturb_eps = float(perturb_eps)
         #: Counters saved in ``state_dict()``: optimizer steps taken and steps skipped.
-        self.samkit_state: dict[str, Any] = {"step": 0, "skipped_steps": 0}
+        self.samkit_state: dict[str, Any] = {"step": 0, "skipped_steps": 0, "epoch": None}
         self._backup: dict[Tensor, Tensor] = {}
         self._perturbed: list[Tensor] = []
         self._grad_scaler: Any = None
@@ -194,6 +194,9 @@ class SharpnessAwareOptimizer(Optimizer):
         self._bn_cache: tuple[Any, list[Any]] = (None, [])
         self._plan_key: tuple[int, ...] | None = None
         self._plan: tuple[T.Buckets, list[Tensor]] = (T.Buckets([]), [])
+        #: Set by :meth:`run_pass`: the last backward pass ran inside DDP's ``no_sync()``.
+        self._local_grads = False
+        self._replica_group: Any = None
 
     # ------------------------------------------------------------------ hyperparameters
     def validate_group(self, group: dict[str, Any]) -> None:
@@ -235,6 +238,8 @@ class SharpnessAwareOptimizer(Optimizer):
             raise RuntimeError(_NO_CLOSURE_MESSAGE.format(name=type(self).__name__))
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        if self.needs_epoch:
+            self.current_epoch()  # a clear error before any pass runs
         self._grad_scaler = getattr(closure, "grad_scaler", None)
         try:
             return self.sharpness_step(closure)
@@ -314,6 +319,13 @@ class SharpnessAwareOptimizer(Optimizer):
             bn: Any = frozen_bn_stats(self._bn_layers_of(model))
         else:
             bn = contextlib.nullcontext()
+        if backward:
+            model_of_pass = getattr(closure, "model", None)
+            self._local_grads = (
+                not sync and isinstance(closure, BatchClosure) and hasattr(model_of_pass, "no_sync")
+            )
+            if self._local_grads:
+                self._replica_group = getattr(model_of_pass, "process_group", None)
         with bn, torch.enable_grad():
             if isinstance(closure, BatchClosure):
                 loss = closure.evaluate(
@@ -541,6 +553,80 @@ class SharpnessAwareOptimizer(Optimizer):
         hooks, self._on_accept = self._on_accept, []
         for hook in hooks:
             hook()
+
+    # ------------------------------------------------------------------ replicas (DDP)
+    @property
+    def local_gradients(self) -> bool:
+        """Whether the gradients of the last backward pass are this replica's own.
+
+        True after a pass that ran inside DDP's ``no_sync()`` (by default the clean pass of a
+        :class:`~samkit.BatchClosure` on a ``DistributedDataParallel`` model). Only the
+        *perturbation* may come from such gradients: any quantity built from them that
+        enters the *update* (Bilateral SAM's ``g0``, GSAM's ``g``, LookSAM's cached
+        direction) must first go through :meth:`all_reduce_mean_`, or the replicas drift
+        apart.
+        """
+        return self._local_grads
+
+    @torch.no_grad()
+    def all_reduce_mean_(self, tensors: list[Tensor]) -> None:
+        """In place: average ``tensors`` over the DDP replicas of the last local pass.
+
+        Does nothing unless the last backward pass was local (:attr:`local_gradients`) and
+        ``torch.distributed`` is initialised, so single-process code can call it freely.
+        The tensors are flattened into one buffer per (device, dtype): one all-reduce each.
+        """
+        if not self._local_grads or not tensors:
+            return
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        group = self._replica_group
+        world = dist.get_world_size(group)
+        if world == 1:
+            return
+        for bucket in T.Buckets(tensors).split(tensors):
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            dist.all_reduce(flat, group=group)
+            flat.div_(world)
+            offset = 0
+            for t in bucket:
+                n = t.numel()
+                t.copy_(flat[offset : offset + n].view_as(t))
+                offset += n
+
+    # ------------------------------------------------------------------ epochs
+    #: Methods that act on epoch boundaries (SAF, MESA, SSAM) set this to ``True``; their
+    #: steps then refuse to run until :meth:`set_epoch` has been called.
+    needs_epoch = False
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the optimizer that epoch ``epoch`` (counted from 0) starts.
+
+        Call it at the start of every epoch, as with ``DistributedSampler.set_epoch``
+        (``samkit train`` does). Every samkit optimizer accepts it; methods that do not act
+        on epochs ignore it. The epoch is part of :meth:`state_dict`.
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"Invalid epoch value: {epoch!r} (an integer >= 0)")
+        self.samkit_state["epoch"] = epoch
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch given to :meth:`set_epoch` last (``None`` if it was never called)."""
+        return self.samkit_state.get("epoch")
+
+    def current_epoch(self) -> int:
+        """The current epoch; a clear ``RuntimeError`` if :meth:`set_epoch` was never called."""
+        epoch = self.samkit_state.get("epoch")
+        if epoch is None:
+            raise RuntimeError(
+                f"{type(self).__name__} acts on epoch boundaries: call "
+                "optimizer.set_epoch(epoch) at the start of every epoch (epochs counted from "
+                "0; samkit train does this)"
+            )
+        return int(epoch)
 
     def on_accept(self, update: Callable[[], None]) -> None:
         """Run ``update`` once this step is accepted (after the finiteness check).

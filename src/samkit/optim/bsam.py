@@ -149,6 +149,12 @@ class BilateralSAM(SharpnessAwareOptimizer):
         params = [p for gp in groups for p in gp.params]
         g0 = [g.detach().clone() for gp in groups for g in gp.grads]
         g0_groups = _split(g0, groups)
+        # g0 also enters the update: under DDP with a local clean pass, the update uses the
+        # replicas' mean (the perturbation keeps this replica's own g0, as in SAM).
+        g0_update = g0
+        if self.local_gradients:
+            g0_update = [g.clone() for g in g0]
+            self.all_reduce_mean_(g0_update)
 
         # Pass 2: the max point w + rho * ĝ0.
         norm_g0 = self.perturb(g0_groups, radius="rho", sign=1.0)  # ‖g0‖, reused below
@@ -169,7 +175,7 @@ class BilateralSAM(SharpnessAwareOptimizer):
             ratio_mm = norm_max / (norm_min + eps)
             # g = g_max + g0 - r * g_min, written into .grad (g_max's buffer is reused).
             update = g_max
-            T.add_(update, g0, foreach=self.foreach)
+            T.add_(update, g0_update, foreach=self.foreach)
             offset = 0
             for gp in groups:
                 n = len(gp.params)
@@ -179,14 +185,17 @@ class BilateralSAM(SharpnessAwareOptimizer):
                 offset += n
             stats = {"norm_g0": norm_g0, "norm_max": norm_max}
             stats.update(norm_min=norm_min, ratio=ratio_mm)
+            norm_g0_update = norm_g0
+            if g0_update is not g0:
+                norm_g0_update = T.global_norm(g0_update, self.foreach)
             if self.collect_stats:
-                dot = sum((u * g).sum() for u, g in zip(update, g0))
+                dot = sum((u * g).sum() for u, g in zip(update, g0_update))
                 norm_u = T.global_norm(update, self.foreach)
-                stats["cos_update_g0"] = dot / (norm_u * norm_g0 + eps)
+                stats["cos_update_g0"] = dot / (norm_u * norm_g0_update + eps)
             self.last_stats = stats
             for p, u in zip(params, update):
                 p.grad = u
-            self._official_shift(groups, g0_groups, norm_g0)
+            self._official_shift(groups, _split(g0_update, groups), norm_g0_update)
         self.base_step()
         return loss
 

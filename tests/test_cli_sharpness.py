@@ -51,9 +51,10 @@ def test_sharpness_writes_the_measures_of_measure_all(run_dir, capsys):
     m = record["measures"]
     expected = {"loss", "lambda_max", "lambda_max_converged", "trace", "trace_std_error",
                 "worst_direction", "ascent_direction", "average_direction",
-                "average_direction_std_error", "alignment", "num_hvp", "rho", "seconds"}  # fmt: skip
-    assert set(m) == expected
-    for key in expected - {"lambda_max_converged"}:
+                "average_direction_std_error", "alignment", "num_hvp", "rho", "seconds",
+                "errors"}  # fmt: skip
+    assert set(m) == expected and m["errors"] == {}
+    for key in expected - {"lambda_max_converged", "errors"}:
         assert isinstance(m[key], (int, float)) and math.isfinite(m[key]), key
     assert m["lambda_max"] > 0 and 0 <= m["alignment"] <= 1 and m["worst_direction"] >= 0
     assert record["run"]["samples"] == 64 and record["run"]["batches"] == 2

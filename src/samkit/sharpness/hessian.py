@@ -43,6 +43,7 @@ from ._utils import (
     flatten,
     grads_or_zeros,
     make_generator,
+    math_attention,
     unflatten,
 )
 
@@ -158,8 +159,10 @@ class _Hessian:
 
     def _first_order(self, i: int, inputs: Any, targets: Any):
         ev = self.ev
-        loss = ev.loss(i, inputs, targets)
-        grads = torch.autograd.grad(loss, ev.params, create_graph=True, allow_unused=True)
+        # Fused attention kernels have no double backward: build the graph with the math one.
+        with math_attention():
+            loss = ev.loss(i, inputs, targets)
+            grads = torch.autograd.grad(loss, ev.params, create_graph=True, allow_unused=True)
         # gradients that are constant in w (or unused parameters) add nothing to H v
         keep = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
         return [grads[j] for j in keep], keep

@@ -339,3 +339,16 @@ def test_measure_all_reports_no_errors_when_everything_succeeds_and_validates_fi
         S.measure_all(model, LOSS, data, worst_norm="l3")
     with pytest.raises(TypeError, match="reuse_graph"):
         S.measure_all(model, LOSS, data, reuse_graph="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_attention_on_cuda_in_float32_matches_the_float64_cpu_value():
+    """In float32 on CUDA, attention would run a fused kernel (memory-efficient or flash)."""
+    model, data = make(EncoderNet), batches()
+    ref = S.top_eigenvalues(model, LOSS, data, tol=1e-8).eigenvalues[0]
+    cuda = make(EncoderNet).float().cuda()
+    cuda_data = [(x.float().cuda(), y.cuda()) for x, y in data]
+    got = S.top_eigenvalues(cuda, LOSS, cuda_data, tol=1e-6).eigenvalues[0]
+    assert got == pytest.approx(ref, rel=1e-3)
+    out = S.measure_all(cuda, LOSS, cuda_data, trace_samples=2, worst_steps=2, average_samples=2)
+    assert out["errors"] == {}

@@ -9,6 +9,11 @@ restricted to the parameters that require grad. One *HVP* is one product ``H v``
 over all of ``data`` (forward, backward with ``create_graph=True`` and a second backward per
 batch — Pearlmutter's trick, "double backward").
 
+The forward and first backward of every HVP run with ``scaled_dot_product_attention`` forced to
+its math implementation (:func:`~samkit.sharpness._utils.math_attention`): the fused attention
+kernels cannot be differentiated twice, so models with ``nn.MultiheadAttention`` or the
+``nn.Transformer*`` layers would fail otherwise. The math kernel is exact, only slower.
+
 References
 ----------
 * B. A. Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 1994.

@@ -243,3 +243,20 @@ def test_run_labels(tmp_path):
     assert run_label(run) == "sam_seed1"
     assert run_label(run / "checkpoint.pt") == "sam_seed1"
     assert run_label(tmp_path / "epoch5.pt") == "epoch5.pt"
+
+
+def test_an_interrupt_is_one_line_with_exit_code_130(run_dir, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for name in ("measure_all", "landscape_1d"):
+        monkeypatch.setattr(S, name, interrupted)
+    out = tmp_path / "o"
+    for argv in (
+        ["sharpness", str(run_dir), "--json", str(tmp_path / "s.json")],
+        ["landscape", str(run_dir), "--out", str(out)],
+    ):
+        assert main(argv) == 130
+        err = capsys.readouterr().err
+        assert err.startswith("samkit: error: interrupted") and err.count("\n") == 1, err
+    assert not (tmp_path / "s.json").exists() and not (out / "landscape_1d.png").exists()

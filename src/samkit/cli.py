@@ -281,10 +281,13 @@ def _add_sharpness_arguments(p: argparse.ArgumentParser) -> None:
 def _run_sharpness(args: argparse.Namespace) -> int:
     from samkit.train.measure import format_table, measure_sharpness
 
-    record = measure_sharpness(
-        args.run, rho=args.rho, batches=args.batches, batch_size=args.batch_size,
-        iters=args.iters, seed=args.seed, json_path=args.json, device=args.device,
-    )  # fmt: skip
+    try:
+        record = measure_sharpness(
+            args.run, rho=args.rho, batches=args.batches, batch_size=args.batch_size,
+            iters=args.iters, seed=args.seed, json_path=args.json, device=args.device,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        _fail("interrupted (nothing was written)", code=130)
     print(format_table(record))
     print(f"saved {record['json']}")
     return 0
@@ -318,11 +321,14 @@ def _add_landscape_arguments(p: argparse.ArgumentParser) -> None:
 def _run_landscape(args: argparse.Namespace) -> int:
     from samkit.train.measure import landscape
 
-    res = landscape(
-        args.run, two_d=args.two_d, other=args.other, steps=args.steps, span=args.span,
-        out=args.out, batches=args.batches, batch_size=args.batch_size, seed=args.seed,
-        device=args.device,
-    )  # fmt: skip
+    try:
+        res = landscape(
+            args.run, two_d=args.two_d, other=args.other, steps=args.steps, span=args.span,
+            out=args.out, batches=args.batches, batch_size=args.batch_size, seed=args.seed,
+            device=args.device,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        _fail("interrupted (the plot and its JSON were not written)", code=130)
     losses = res["losses"]
     flat = [x for row in losses for x in row] if losses and isinstance(losses[0], list) else losses
     print(

@@ -51,9 +51,10 @@ def test_sharpness_writes_the_measures_of_measure_all(run_dir, capsys):
     m = record["measures"]
     expected = {"loss", "lambda_max", "lambda_max_converged", "trace", "trace_std_error",
                 "worst_direction", "ascent_direction", "average_direction",
-                "average_direction_std_error", "alignment", "num_hvp", "rho", "seconds"}  # fmt: skip
-    assert set(m) == expected
-    for key in expected - {"lambda_max_converged"}:
+                "average_direction_std_error", "alignment", "num_hvp", "rho", "seconds",
+                "errors"}  # fmt: skip
+    assert set(m) == expected and m["errors"] == {}
+    for key in expected - {"lambda_max_converged", "errors"}:
         assert isinstance(m[key], (int, float)) and math.isfinite(m[key]), key
     assert m["lambda_max"] > 0 and 0 <= m["alignment"] <= 1 and m["worst_direction"] >= 0
     assert record["run"]["samples"] == 64 and record["run"]["batches"] == 2
@@ -66,6 +67,14 @@ def test_sharpness_writes_the_measures_of_measure_all(run_dir, capsys):
     for key in expected - {"seconds"}:
         assert m[key] == ref[key], key
     assert "lambda_max" in out and f"{m['lambda_max']:.6g}" in out
+    # Monte-Carlo estimates come with their standard error, flagged when inside their noise
+    lines = {ln.split("  ")[1].strip(): ln for ln in out.splitlines() if ln.startswith("  ")}
+    avg = lines["average-direction (rho 0.1)"]
+    assert f"{m['average_direction']:.6g} ± {m['average_direction_std_error']:.2g}" in avg
+    inside = abs(m["average_direction"]) < 2 * m["average_direction_std_error"]
+    assert ("within noise" in avg) == inside
+    assert f"{m['trace']:.6g} ± {m['trace_std_error']:.2g}" in lines["Hessian trace"]
+    assert "std error" not in out  # no longer a row of its own, read as a value
     assert out.strip().endswith(f"saved {run_dir / 'sharpness.json'}")
 
 
@@ -112,6 +121,8 @@ def test_landscape_1d_2d_and_interpolation(run_dir, tmp_path, capsys):
     assert main(argv) == 0, capsys.readouterr().err
     grid3 = json.loads((tmp_path / "interp" / "interpolation.json").read_text())
     assert grid3["alphas"] == [0.0, 0.5, 1.0]
+    assert grid3["settings"]["names"] == ["run", "copy.pt"]  # the plot's names of the ends
+    assert grid3["settings"]["span"] is None
     assert grid3["losses"] == pytest.approx([loss0 / 64] * 3, rel=1e-6)
     assert (tmp_path / "interp" / "interpolation.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -139,6 +150,14 @@ def test_bad_inputs_give_one_line_and_exit_code_2(run_dir, tmp_path, capsys):
         (["landscape", run, "--span", "0"], "invalid span"),
         (["landscape", run, "--2d", "--other", run], "cannot be combined"),
         (["landscape", run, "--other", str(missing)], "checkpoint not found"),
+        (["landscape", run, "--other", run, "--span", "2"], "--span does not apply"),
+        (["landscape", run, "--steps", "100000000000000000000"], "from 2 to 1001"),
+        (["sharpness", run, "--device", "meta"], "invalid device 'meta'"),
+        (["landscape", run, "--device", "cuda:x"], "invalid device 'cuda:x'"),
+        (["sharpness", run, "--json", str(missing / "s.json")], "does not exist"),
+        (["sharpness", run, "--json", str(tmp_path)], "it is a folder"),
+        (["landscape", run, "--out", str(broken)], "exists and is not a folder"),
+        (["landscape", run, "--out", str(broken / "sub")], "--out"),
     ]
     for argv, expected in cases:
         rc = main(argv)
@@ -146,4 +165,98 @@ def test_bad_inputs_give_one_line_and_exit_code_2(run_dir, tmp_path, capsys):
         assert rc == 2, (argv, err)
         assert err.startswith("samkit: error: ") and err.count("\n") == 1, (argv, err)
         assert expected in err, (argv, err)
+        assert "samkit-tmp" not in err and "Errno" not in err, (argv, err)
     assert not (missing / "sharpness.json").exists()
+
+
+def test_output_problems_are_found_before_measuring(run_dir, tmp_path, capsys, monkeypatch):
+    """A bad --json or --out fails at once, not after minutes of measurement."""
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("measured although the output cannot be written")
+
+    for name in ("measure_all", "landscape_1d", "landscape_2d", "interpolate"):
+        monkeypatch.setattr(S, name, must_not_run)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases = [
+        ["sharpness", str(run_dir), "--json", str(tmp_path / "no" / "s.json")],
+        ["landscape", str(run_dir), "--out", str(blocker)],
+        ["landscape", str(run_dir), "--2d", "--out", str(blocker / "sub")],
+        ["landscape", str(run_dir), "--other", str(run_dir), "--out", str(blocker)],
+    ]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("samkit: error: --") and err.count("\n") == 1, err
+
+
+def test_batch_size_help_says_what_it_does_per_command(capsys):
+    helps = {}
+    for command in ("sharpness", "landscape"):
+        assert main([command, "--help"]) == 0
+        text = " ".join(capsys.readouterr().out.split())
+        helps[command] = text[text.index("--batch-size M") :]
+    assert "m-sharpness" in helps["sharpness"]
+    assert "m-sharpness" not in helps["landscape"]
+    assert "only memory and speed" in helps["landscape"]
+
+
+def _record(**measures):
+    run = {"checkpoint": "r", "optimizer": "sgd", "dataset": "d", "model": "m", "epoch": 1,
+           "samples": 8, "batches": 1}  # fmt: skip
+    return {"run": run, "measures": {"rho": 0.05, "errors": {}, **measures}}
+
+
+def test_table_shows_standard_errors_noise_failures_and_undefined_values():
+    from samkit.train.measure import format_table
+
+    def rows(text):  # name column, then value column (the table's two columns)
+        return {ln[2:32].strip(): ln[32:].strip() for ln in text.splitlines()[1:11]}
+
+    t = format_table(
+        _record(trace=12.5, trace_std_error=0.5, average_direction=-3e-5,
+                average_direction_std_error=2e-5, ascent_direction=None, alignment=None)
+    )  # fmt: skip
+    r = rows(t)
+    assert r["Hessian trace"] == "12.5 ± 0.5"  # 25 standard errors away from 0: no flag
+    assert r["average-direction (rho 0.05)"] == (
+        "-3e-05 ± 2e-05  (within noise: |value| < 2 standard errors)"
+    )
+    assert r["ascent-direction (rho 0.05)"] == "undefined (zero gradient)"
+    assert "failed" not in t
+    # a failed measure reads "failed" and its error is listed under the table
+    failed = _record(trace=None, trace_std_error=None, lambda_max=None, loss=1.0)
+    failed["measures"]["errors"] = {"trace": "RuntimeError: no second derivative"}
+    t2 = format_table(failed)
+    assert rows(t2)["Hessian trace"] == "failed (see errors below)"
+    assert rows(t2)["lambda_max"] == "n/a"
+    assert t2.splitlines()[-1] == "  trace: RuntimeError: no second derivative"
+
+
+def test_run_labels(tmp_path):
+    from samkit.train.measure import run_label
+
+    run = tmp_path / "sam_seed1"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")
+    assert run_label(run) == "sam_seed1"
+    assert run_label(run / "checkpoint.pt") == "sam_seed1"
+    assert run_label(tmp_path / "epoch5.pt") == "epoch5.pt"
+
+
+def test_an_interrupt_is_one_line_with_exit_code_130(run_dir, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for name in ("measure_all", "landscape_1d"):
+        monkeypatch.setattr(S, name, interrupted)
+    out = tmp_path / "o"
+    for argv in (
+        ["sharpness", str(run_dir), "--json", str(tmp_path / "s.json")],
+        ["landscape", str(run_dir), "--out", str(out)],
+    ):
+        assert main(argv) == 130
+        err = capsys.readouterr().err
+        assert err.startswith("samkit: error: interrupted") and err.count("\n") == 1, err
+    assert not (tmp_path / "s.json").exists() and not (out / "landscape_1d.png").exists()

@@ -135,3 +135,91 @@ def test_plots_write_png(tmp_path):
     ri = S.interpolate(model, LOSS, batches, make(1), make(3), alphas=[0, 1])
     S.plot_landscape_1d(ri, tmp_path / "interp.png", log=True)
     assert (tmp_path / "interp.png").read_bytes()[:8] == PNG_MAGIC
+
+
+# ----------------------------------------------------------------------------- what plots show
+
+
+def _drawn(fig):
+    """Render ``fig`` with the Agg canvas; returns the renderer (for text extents)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def _legend_texts(fig):
+    return [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().texts]
+
+
+def test_1d_plot_marks_the_trained_point():
+    pytest.importorskip("matplotlib")
+    from samkit.sharpness.landscape import _figure_1d
+
+    r = S.Landscape1D([-1.0, -0.5, 0.0, 0.5, 1.0], [3.0, 2.0, 1.5, 2.5, 4.0], None)
+    fig = _figure_1d(r, title=None, log=False, names=None)
+    ax = fig.axes[0]
+    marker = [ln for ln in ax.get_lines() if "trained weights" in ln.get_label()]
+    assert len(marker) == 1
+    assert list(marker[0].get_xdata()) == [0.0] and list(marker[0].get_ydata()) == [1.5]
+    assert any(list(ln.get_xdata()) == [0, 0] for ln in ax.get_lines())  # a line at alpha = 0
+    assert "alpha = 0: trained weights" in _legend_texts(fig)
+    # a grid without alpha = 0 still marks it, by the line alone
+    r2 = S.Landscape1D([-1.0, -0.3, 0.4, 1.0], [3.0, 2.0, 2.1, 4.0], [0.1, 0.5, 0.4, 0.2])
+    fig2 = _figure_1d(r2, title="t", log=False, names=None)
+    assert any(list(ln.get_xdata()) == [0, 0] for ln in fig2.axes[0].get_lines())
+    assert {"loss", "accuracy", "alpha = 0: trained weights"} <= set(_legend_texts(fig2))
+    with pytest.raises(ValueError, match="names are the endpoints of an interpolation"):
+        _figure_1d(r, title=None, log=False, names=("x", "y"))
+
+
+def test_interpolation_plot_names_both_runs():
+    pytest.importorskip("matplotlib")
+    from samkit.sharpness.landscape import _figure_1d
+
+    r = S.Landscape1D([0.0, 0.5, 1.0], [1.0, 3.0, 1.2], None, kind="interpolation")
+    fig = _figure_1d(r, title=None, log=False, names=("sgd_seed0", "sam_seed0"))
+    ax = fig.axes[0]
+    legend = _legend_texts(fig)
+    assert "alpha = 0: sgd_seed0" in legend and "alpha = 1: sam_seed0" in legend
+    assert "sgd_seed0" in ax.get_xlabel() and "sam_seed0" in ax.get_xlabel()
+    assert ax.get_title() == "interpolation: sgd_seed0 → sam_seed0"
+    ends = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()}
+    assert ends["alpha = 0: sgd_seed0"] == ([0.0], [1.0])
+    assert ends["alpha = 1: sam_seed0"] == ([1.0], [1.2])
+    everything = " ".join([ax.get_xlabel(), ax.get_title(), *legend])
+    assert "0 = a" not in everything and "1 = b" not in everything
+    # without names: the argument names of interpolate()
+    plain = _figure_1d(r, title=None, log=False, names=None)
+    assert "alpha = 0: state_a" in _legend_texts(plain)
+    # long names are shortened to their end and kept out of the title
+    long_a, long_b = "x" * 80 + "/run_a", "y" * 80 + "/run_b"
+    fig3 = _figure_1d(r, title=None, log=False, names=(long_a, long_b))
+    assert fig3.axes[0].get_title() == "interpolation"
+    assert any(t.startswith("alpha = 0: …") and t.endswith("/run_a") for t in _legend_texts(fig3))
+    with pytest.raises(TypeError, match="names must be a pair of strings"):
+        _figure_1d(r, title=None, log=False, names="ab")
+
+
+def test_2d_plot_has_no_overlapping_labels():
+    pytest.importorskip("matplotlib")
+    from samkit.sharpness.landscape import _figure_2d
+
+    # a bowl with a steep wall in one corner: many levels crowd together there
+    grid = [x / 7 for x in range(-7, 8)]
+    losses = [[a * a + b * b + 40 * max(a + b - 1, 0) ** 2 for b in grid] for a in grid]
+    fig = _figure_2d(S.Landscape2D(grid, grid, losses, None), title=None, levels=30)
+    renderer = _drawn(fig)
+    ax = fig.axes[0]
+    boxes = [t.get_window_extent(renderer) for t in ax.texts if t.get_visible() and t.get_text()]
+    overlapping = [
+        (i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])
+    ]
+    assert overlapping == []
+    # the values are read on a colour bar; the trained point is marked
+    assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "loss"
+    origin = [ln for ln in ax.get_lines() if ln.get_label() == "trained weights"]
+    assert len(origin) == 1 and list(origin[0].get_xdata()) == [0.0]
+    with pytest.raises(ValueError, match="levels must be >= 2"):
+        _figure_2d(S.Landscape2D(grid, grid, losses, None), title=None, levels=1)

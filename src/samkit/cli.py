@@ -249,13 +249,12 @@ def _run_list(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- samkit sharpness
 
 
-def _add_measure_arguments(p: argparse.ArgumentParser) -> None:
+def _add_measure_arguments(p: argparse.ArgumentParser, *, batch_size_help: str) -> None:
     """Options shared by ``samkit sharpness`` and ``samkit landscape``: the fixed subset."""
     p.add_argument("--batches", type=int, default=4, metavar="N",
-                   help="number of training batches measured (default 4)")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=128, metavar="M",
-                   help="samples per batch, the m of m-sharpness (default 128)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of the random vectors (default 0)")
+                   help="number of training batches: the subset is the first N x M training "
+                        "samples (default 4)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=128, metavar="M", help=batch_size_help)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, auto")
 
 
@@ -268,16 +267,27 @@ def _add_sharpness_arguments(p: argparse.ArgumentParser) -> None:
                    help="Lanczos iterations for lambda_max (default 30)")  # fmt: skip
     p.add_argument("--json", default=None, metavar="PATH",
                    help="where to write the results (default RUN_DIR/sharpness.json)")  # fmt: skip
-    _add_measure_arguments(p)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random vectors: Lanczos start, Hutchinson probes, "
+                        "random directions (default 0)")  # fmt: skip
+    _add_measure_arguments(
+        p,
+        batch_size_help="samples per batch (default 128); it is the m of m-sharpness: the "
+        "worst- and ascent-direction sharpness are maximised per batch, then averaged "
+        "(lambda_max, the trace and the average-direction sharpness do not depend on it)",
+    )
 
 
 def _run_sharpness(args: argparse.Namespace) -> int:
     from samkit.train.measure import format_table, measure_sharpness
 
-    record = measure_sharpness(
-        args.run, rho=args.rho, batches=args.batches, batch_size=args.batch_size,
-        iters=args.iters, seed=args.seed, json_path=args.json, device=args.device,
-    )  # fmt: skip
+    try:
+        record = measure_sharpness(
+            args.run, rho=args.rho, batches=args.batches, batch_size=args.batch_size,
+            iters=args.iters, seed=args.seed, json_path=args.json, device=args.device,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        _fail("interrupted (nothing was written)", code=130)
     print(format_table(record))
     print(f"saved {record['json']}")
     return 0
@@ -293,22 +303,32 @@ def _add_landscape_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--other", default=None, metavar="CHECKPOINT",
                    help="interpolate linearly from CHECKPOINT (0) to this one (1)")  # fmt: skip
     p.add_argument("--steps", type=int, default=21, metavar="N",
-                   help="grid points per axis (default 21)")  # fmt: skip
-    p.add_argument("--span", type=float, default=1.0, metavar="S",
-                   help="grid over [-S, S] along each filter-normalised direction (default 1)")  # fmt: skip
+                   help="grid points per axis, 2 to 1001 (default 21)")  # fmt: skip
+    p.add_argument("--span", type=float, default=None, metavar="S",
+                   help="grid over [-S, S] along each filter-normalised direction (default 1; "
+                        "not with --other, which runs from 0 to 1)")  # fmt: skip
     p.add_argument("--out", default=None, metavar="DIR",
                    help="folder for the PNG and the JSON grid (default: the run directory)")  # fmt: skip
-    _add_measure_arguments(p)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random directions (default 0)")  # fmt: skip
+    _add_measure_arguments(
+        p,
+        batch_size_help="samples evaluated at a time (default 128); the loss is the mean over "
+        "all N x M samples, so M changes only memory and speed, and the subset's size",
+    )
 
 
 def _run_landscape(args: argparse.Namespace) -> int:
     from samkit.train.measure import landscape
 
-    res = landscape(
-        args.run, two_d=args.two_d, other=args.other, steps=args.steps, span=args.span,
-        out=args.out, batches=args.batches, batch_size=args.batch_size, seed=args.seed,
-        device=args.device,
-    )  # fmt: skip
+    try:
+        res = landscape(
+            args.run, two_d=args.two_d, other=args.other, steps=args.steps, span=args.span,
+            out=args.out, batches=args.batches, batch_size=args.batch_size, seed=args.seed,
+            device=args.device,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        _fail("interrupted (the plot and its JSON were not written)", code=130)
     losses = res["losses"]
     flat = [x for row in losses for x in row] if losses and isinstance(losses[0], list) else losses
     print(

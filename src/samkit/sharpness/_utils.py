@@ -200,6 +200,43 @@ def grads_or_zeros(grads: Sequence[torch.Tensor | None], params: Sequence[torch.
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
+# ----------------------------------------------------------------------------- attention
+
+
+def math_attention() -> contextlib.AbstractContextManager:
+    """A context in which ``scaled_dot_product_attention`` (and so ``nn.MultiheadAttention`` and
+    the ``nn.Transformer*`` layers) runs its *math* implementation.
+
+    The fused kernels (flash and memory-efficient attention, on the CPU as on CUDA) have a
+    backward pass that is not itself differentiable: a double backward through them fails with
+    "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented". The math implementation is made of ordinary differentiable operations, so
+    Hessian-vector products through it are exact. The kernel is chosen when the forward pass
+    runs, so only the forward pass and the first backward need to be inside the context.
+
+    torch >= 2.3: ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``; torch 2.0-2.2:
+    ``torch.backends.cuda.sdp_kernel`` with only the math kernel enabled (its switches also
+    govern the CPU kernels); older versions have no fused kernel, and nothing is changed.
+    """
+    api = _sdpa_kernel_api()
+    if api is not None:
+        sdpa_kernel, backend = api
+        return sdpa_kernel(backend.MATH)
+    legacy = getattr(torch.backends.cuda, "sdp_kernel", None)
+    if legacy is None:
+        return contextlib.nullcontext()
+    return legacy(enable_flash=False, enable_math=True, enable_mem_efficient=False)
+
+
+def _sdpa_kernel_api() -> tuple[Any, Any] | None:
+    """``(sdpa_kernel, SDPBackend)`` from ``torch.nn.attention`` (torch >= 2.3), else None."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    return sdpa_kernel, SDPBackend
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 

@@ -9,6 +9,11 @@ restricted to the parameters that require grad. One *HVP* is one product ``H v``
 over all of ``data`` (forward, backward with ``create_graph=True`` and a second backward per
 batch — Pearlmutter's trick, "double backward").
 
+The forward and first backward of every HVP run with ``scaled_dot_product_attention`` forced to
+its math implementation (:func:`~samkit.sharpness._utils.math_attention`): the fused attention
+kernels cannot be differentiated twice, so models with ``nn.MultiheadAttention`` or the
+``nn.Transformer*`` layers would fail otherwise. The math kernel is exact, only slower.
+
 References
 ----------
 * B. A. Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 1994.
@@ -43,6 +48,7 @@ from ._utils import (
     flatten,
     grads_or_zeros,
     make_generator,
+    math_attention,
     unflatten,
 )
 
@@ -158,8 +164,10 @@ class _Hessian:
 
     def _first_order(self, i: int, inputs: Any, targets: Any):
         ev = self.ev
-        loss = ev.loss(i, inputs, targets)
-        grads = torch.autograd.grad(loss, ev.params, create_graph=True, allow_unused=True)
+        # Fused attention kernels have no double backward: build the graph with the math one.
+        with math_attention():
+            loss = ev.loss(i, inputs, targets)
+            grads = torch.autograd.grad(loss, ev.params, create_graph=True, allow_unused=True)
         # gradients that are constant in w (or unused parameters) add nothing to H v
         keep = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
         return [grads[j] for j in keep], keep

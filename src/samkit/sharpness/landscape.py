@@ -333,53 +333,152 @@ def _figure():
             "plotting needs matplotlib (an optional dependency): pip install matplotlib"
         ) from exc
     # A bare Figure renders with the Agg canvas on savefig, without pyplot or a global backend.
-    return Figure(figsize=(5.0, 4.0), dpi=100)
+    return Figure(figsize=(5.0, 4.4), dpi=100)
 
 
-def plot_landscape_1d(
-    result: Landscape1D, path: str | os.PathLike, *, title: str | None = None, log: bool = False
-) -> str:
-    """Plot a :class:`Landscape1D` (loss, and accuracy on a twin axis when present) to a PNG."""
+#: Endpoint names longer than this are shortened to their end in plots.
+_LONG_NAME = 50
+#: Up to this many characters for both names, they also go into the title and axis label.
+_SHORT_NAMES = 36
+
+
+def _shorten(name: str) -> str:
+    return name if len(name) <= _LONG_NAME else "…" + name[-(_LONG_NAME - 1) :]
+
+
+def _endpoint_names(names: Any) -> tuple[str, str]:
+    if isinstance(names, str) or not isinstance(names, Sequence) or len(names) != 2:
+        raise TypeError(f"names must be a pair of strings (name_a, name_b), got {names!r}")
+    a, b = names
+    if not isinstance(a, str) or not isinstance(b, str):
+        raise TypeError(f"names must be a pair of strings (name_a, name_b), got {names!r}")
+    return a, b
+
+
+def _figure_1d(
+    result: Landscape1D, *, title: str | None, log: bool, names: Sequence[str] | None
+) -> Any:
     if not isinstance(result, Landscape1D):
         raise TypeError(f"result must be a Landscape1D, got {type(result).__name__}")
+    interpolation = result.kind == "interpolation"
+    if names is not None and not interpolation:
+        raise ValueError(
+            "names are the endpoints of an interpolation; this result is a "
+            f"{result.kind!r} landscape (its alpha = 0 is the model's own weights)"
+        )
+    name_a, name_b = _endpoint_names(names) if names is not None else ("state_a", "state_b")
+    name_a, name_b = _shorten(name_a), _shorten(name_b)
+    short = len(name_a) + len(name_b) <= _SHORT_NAMES
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
-    ax.plot(result.alphas, result.losses, color="tab:blue", marker="o", ms=3, label="loss")
+    alphas = np.asarray(result.alphas, dtype=np.float64)
+    losses = np.asarray(result.losses, dtype=np.float64)
+    curves = ax.plot(alphas, losses, color="tab:blue", marker="o", ms=3, label="loss")
+    handles = []
     if log:
         ax.set_yscale("log")
-    ax.set_xlabel("alpha" if result.kind == "direction" else "alpha (0 = a, 1 = b)")
+    # the special points: alpha = 0 (the trained weights; the first endpoint) and alpha = 1
+    marks = [(0.0, name_a if interpolation else "trained weights", "tab:red", "*")]
+    if interpolation:
+        marks.append((1.0, name_b, "tab:green", "D"))
+    for at, label, color, marker in marks:
+        ax.axvline(at, color=color, lw=0.8, ls=":", zorder=1)
+        hit = np.flatnonzero(alphas == at)
+        if hit.size:
+            handles += ax.plot(
+                [at], [losses[hit[0]]], ls="none", marker=marker, ms=10, color=color,
+                zorder=3, label=f"alpha = {at:g}: {label}",
+            )  # fmt: skip
+        else:  # the grid misses the point: the dotted line alone marks it
+            handles += ax.plot(
+                [], [], color=color, lw=0.8, ls=":", label=f"alpha = {at:g}: {label}"
+            )
+    if interpolation:
+        ax.set_xlabel(
+            f"alpha: (1 - alpha) * {name_a} + alpha * {name_b}"
+            if short
+            else "alpha: interpolation from alpha = 0 to alpha = 1"
+        )
+    else:
+        ax.set_xlabel("alpha (weights + alpha * direction)")
     ax.set_ylabel("loss", color="tab:blue")
     if result.accuracies is not None:
         ax2 = ax.twinx()
-        ax2.plot(result.alphas, result.accuracies, color="tab:orange", ls="--", label="accuracy")
+        curves += ax2.plot(alphas, result.accuracies, color="tab:orange", ls="--", label="accuracy")
         ax2.set_ylabel("accuracy", color="tab:orange")
-    ax.set_title(title or ("1-D loss landscape" if result.kind == "direction" else "interpolation"))
+    # below the axes, where it cannot hide a curve of either y-axis
+    ax.legend(
+        handles=curves + handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+        ncol=2 if short else 1, frameon=False,
+    )  # fmt: skip
+    if title is None:
+        title = "1-D loss landscape"
+        if interpolation:
+            title = f"interpolation: {name_a} → {name_b}" if short else "interpolation"
+    ax.set_title(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_landscape_1d(
+    result: Landscape1D,
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+    log: bool = False,
+    names: Sequence[str] | None = None,
+) -> str:
+    """Plot a :class:`Landscape1D` (loss, and accuracy on a twin axis when present) to a PNG.
+
+    The point α = 0 is marked: the model's own (trained) weights for a slice along a
+    direction, the first state for an interpolation, whose second state (α = 1) is marked too.
+    ``names``: the two states' names for an interpolation (default ``("state_a", "state_b")``,
+    the argument names of :func:`interpolate`); they appear in the legend, the axis label and
+    the default title. Giving ``names`` for a slice along a direction is a ``ValueError``.
+    """
+    fig = _figure_1d(result, title=title, log=log, names=names)
     path = os.fspath(path)
     fig.savefig(path, format="png")
     return path
 
 
-def plot_landscape_2d(
-    result: Landscape2D, path: str | os.PathLike, *, title: str | None = None, levels: int = 30
-) -> str:
-    """Contour plot of a :class:`Landscape2D` (loss over the (α, β) grid) to a PNG."""
+def _figure_2d(result: Landscape2D, *, title: str | None, levels: int) -> Any:
     if not isinstance(result, Landscape2D):
         raise TypeError(f"result must be a Landscape2D, got {type(result).__name__}")
-    check_positive_int("levels", levels)
-    fig = _figure()
-    ax = fig.add_subplot(1, 1, 1)
-    z = np.asarray(result.losses, dtype=np.float64)
+    check_positive_int("levels", levels, minimum=2)
     if len(result.alphas) < 2 or len(result.betas) < 2:
         raise ValueError("a contour plot needs at least 2 alphas and 2 betas")
-    cs = ax.contour(result.alphas, result.betas, z.T, levels=levels, cmap="viridis")
-    ax.clabel(cs, inline=True, fontsize=6)
-    fig.colorbar(cs, ax=ax, label="loss")
-    ax.plot([0.0], [0.0], "r+", ms=10)
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    z = np.asarray(result.losses, dtype=np.float64).T  # rows: betas, columns: alphas
+    filled = ax.contourf(result.alphas, result.betas, z, levels=levels, cmap="viridis")
+    # thin iso-loss lines on the same levels; values are read on the colour bar, not on
+    # inline labels (which overlap where the levels crowd together)
+    ax.contour(
+        result.alphas, result.betas, z, levels=filled.levels, colors="k", linewidths=0.3,
+        alpha=0.5,
+    )  # fmt: skip
+    fig.colorbar(filled, ax=ax, label="loss")
+    ax.plot([0.0], [0.0], ls="none", marker="+", ms=12, mew=2, color="tab:red",
+            label="trained weights")  # fmt: skip
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     ax.set_xlabel("alpha (direction 1)")
     ax.set_ylabel("beta (direction 2)")
     ax.set_title(title or "2-D loss landscape")
     fig.tight_layout()
+    return fig
+
+
+def plot_landscape_2d(
+    result: Landscape2D, path: str | os.PathLike, *, title: str | None = None, levels: int = 20
+) -> str:
+    """Filled contour plot of a :class:`Landscape2D` (loss over the (α, β) grid) to a PNG.
+
+    ``levels`` iso-loss levels (at most; matplotlib picks round values), read on the colour
+    bar; the contours carry no inline labels, which overlap where the levels crowd together.
+    The trained weights (α = β = 0) are marked with a red cross.
+    """
+    fig = _figure_2d(result, title=title, levels=levels)
     path = os.fspath(path)
     fig.savefig(path, format="png")
     return path

@@ -475,6 +475,11 @@ _MEASURES = ("lambda_max", "trace", "worst_direction", "ascent_direction", "aver
              "alignment")  # fmt: skip
 
 
+def _error_text(exc: BaseException) -> str:
+    """``"TypeName: message"`` on one line."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
 def measure_all(
     model: nn.Module,
     loss_fn: LossFn,
@@ -503,10 +508,21 @@ def measure_all(
 
     Keys: ``loss``, ``lambda_max``, ``lambda_max_converged``, ``trace``, ``trace_std_error``,
     ``worst_direction``, ``ascent_direction``, ``average_direction``,
-    ``average_direction_std_error``, ``alignment``, ``num_hvp``, ``rho``, ``seconds`` (only
-    those of the selected measures, plus ``loss``, ``rho``, ``num_hvp`` and ``seconds``).
-    ``reuse_graph`` is passed to the λ₁ and trace computations (see
-    :func:`~samkit.sharpness.top_eigenvalues`).
+    ``average_direction_std_error``, ``alignment``, ``num_hvp``, ``rho``, ``seconds``,
+    ``errors`` (only the keys of the selected measures, plus ``loss``, ``rho``, ``num_hvp``,
+    ``seconds`` and ``errors``). ``reuse_graph`` is passed to the λ₁ and trace computations
+    (see :func:`~samkit.sharpness.top_eigenvalues`).
+
+    **A failing measure does not lose the others.** The settings are validated first (a bad
+    value raises ``ValueError``/``TypeError`` at once), and so are the loss and gradient at
+    ``w`` (an exception there is raised: nothing could be measured). After that, an exception
+    raised by one measure — a layer without a second derivative, running out of memory —
+    sets that measure's keys to ``None``, records ``"ExceptionType: message"`` under
+    ``errors[name]`` (``name`` as in ``measures``; ``errors`` is ``{}`` when every measure
+    succeeded), issues a ``RuntimeWarning`` and goes on with the next measure. ``alignment``
+    needs the top eigenvector, so it fails when λ₁'s computation fails. ``num_hvp`` counts
+    the HVPs of the measures that succeeded. ``None`` without an entry in ``errors`` means
+    undefined, not failed: ascent direction and alignment where the gradient is exactly zero.
     """
     rho = check_nonneg_float("rho", rho)
     if measures is None:
@@ -515,57 +531,109 @@ def measure_all(
         if isinstance(measures, str):
             raise TypeError("measures must be a sequence of names, not a str")
         selected = [check_choice("measure", m, _MEASURES) for m in measures]
+    check_positive_int("lanczos_iter", lanczos_iter)
+    check_nonneg_float("lanczos_tol", lanczos_tol, strictly_positive=True)
+    check_positive_int("trace_samples", trace_samples)
+    check_positive_int("worst_steps", worst_steps, minimum=0)
+    check_choice("norm", worst_norm, ("l2", "linf"))
+    check_positive_int("average_samples", average_samples)
+    check_seed(seed)
+    if reuse_graph is not None and not isinstance(reuse_graph, bool):
+        raise TypeError(f"reuse_graph must be None or a bool, got {reuse_graph!r}")
     t0 = time.perf_counter()
     ev = Evaluator(model, loss_fn, data, train_mode=train_mode, seed=seed)
     data = ev.data
     out: dict[str, Any] = {"rho": rho}
+    errors: dict[str, str] = {}
     num_hvp = 0
     with ev.session():
         loss, grads = _loss_and_gradient(ev)
     out["loss"] = loss
+
+    def failed(name: str, keys: Sequence[str], message: str) -> None:
+        for key in keys:
+            out[key] = None
+        errors[name] = message
+        warnings.warn(
+            f"measure_all: {name} failed and is reported as None ({message}); "
+            "the other measures are unaffected",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
     eig = None
     if "lambda_max" in selected or "alignment" in selected:
-        eig = top_eigenvalues(
-            model, loss_fn, data, 1, max_iter=lanczos_iter, tol=lanczos_tol, seed=seed,
-            train_mode=train_mode, reuse_graph=reuse_graph,
-        )  # fmt: skip
-        num_hvp += eig.num_hvp
-        if "lambda_max" in selected:
-            out["lambda_max"] = eig.eigenvalues[0]
-            out["lambda_max_converged"] = eig.converged
+        try:
+            eig = top_eigenvalues(
+                model, loss_fn, data, 1, max_iter=lanczos_iter, tol=lanczos_tol, seed=seed,
+                train_mode=train_mode, reuse_graph=reuse_graph,
+            )  # fmt: skip
+        except Exception as e:
+            if "lambda_max" in selected:
+                failed("lambda_max", ("lambda_max", "lambda_max_converged"), _error_text(e))
+            if "alignment" in selected:
+                failed(
+                    "alignment", ("alignment",),
+                    f"needs the top Hessian eigenvector, which failed: {_error_text(e)}",
+                )  # fmt: skip
+        else:
+            num_hvp += eig.num_hvp
+            if "lambda_max" in selected:
+                out["lambda_max"] = eig.eigenvalues[0]
+                out["lambda_max_converged"] = eig.converged
     if "trace" in selected:
-        tr = hessian_trace(
-            model, loss_fn, data, trace_samples, seed=seed, train_mode=train_mode,
-            reuse_graph=reuse_graph,
-        )  # fmt: skip
-        num_hvp += tr.num_samples
-        out["trace"] = tr.trace
-        out["trace_std_error"] = None if math.isnan(tr.std_error) else tr.std_error
+        try:
+            tr = hessian_trace(
+                model, loss_fn, data, trace_samples, seed=seed, train_mode=train_mode,
+                reuse_graph=reuse_graph,
+            )  # fmt: skip
+        except Exception as e:
+            failed("trace", ("trace", "trace_std_error"), _error_text(e))
+        else:
+            num_hvp += tr.num_samples
+            out["trace"] = tr.trace
+            out["trace_std_error"] = None if math.isnan(tr.std_error) else tr.std_error
     if "worst_direction" in selected:
-        out["worst_direction"] = worst_direction_sharpness(
-            model, loss_fn, data, rho, steps=worst_steps, norm=worst_norm, seed=seed,
-            train_mode=train_mode,
-        ).value  # fmt: skip
+        try:
+            out["worst_direction"] = worst_direction_sharpness(
+                model, loss_fn, data, rho, steps=worst_steps, norm=worst_norm, seed=seed,
+                train_mode=train_mode,
+            ).value  # fmt: skip
+        except Exception as e:
+            failed("worst_direction", ("worst_direction",), _error_text(e))
     if "ascent_direction" in selected:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            val = ascent_direction_sharpness(model, loss_fn, data, rho, train_mode=train_mode).value
-        out["ascent_direction"] = None if math.isnan(val) else val
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                val = ascent_direction_sharpness(
+                    model, loss_fn, data, rho, train_mode=train_mode
+                ).value
+        except Exception as e:
+            failed("ascent_direction", ("ascent_direction",), _error_text(e))
+        else:
+            out["ascent_direction"] = None if math.isnan(val) else val
     if "average_direction" in selected:
-        avg = average_direction_sharpness(
-            model, loss_fn, data, rho, num_samples=average_samples, seed=seed,
-            train_mode=train_mode,
-        )  # fmt: skip
-        out["average_direction"] = avg.value
-        out["average_direction_std_error"] = (
-            None if avg.std_error is None or math.isnan(avg.std_error) else avg.std_error
-        )
-    if "alignment" in selected:
-        assert eig is not None
+        try:
+            avg = average_direction_sharpness(
+                model, loss_fn, data, rho, num_samples=average_samples, seed=seed,
+                train_mode=train_mode,
+            )  # fmt: skip
+        except Exception as e:
+            failed(
+                "average_direction", ("average_direction", "average_direction_std_error"),
+                _error_text(e),
+            )  # fmt: skip
+        else:
+            out["average_direction"] = avg.value
+            out["average_direction_std_error"] = (
+                None if avg.std_error is None or math.isnan(avg.std_error) else avg.std_error
+            )
+    if "alignment" in selected and eig is not None:
         g = torch.cat([t.reshape(-1) for t in grads])
         v = torch.cat([t.reshape(-1) for t in eig.eigenvectors[0]])
         gn = float(torch.linalg.vector_norm(g))
         out["alignment"] = None if gn == 0.0 else abs(float(torch.dot(g, v))) / gn
     out["num_hvp"] = num_hvp
     out["seconds"] = time.perf_counter() - t0
+    out["errors"] = errors
     return out

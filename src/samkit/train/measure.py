@@ -16,6 +16,8 @@ Invalid settings raise :class:`~samkit.train.ConfigError`, unreadable checkpoint
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from samkit.train.checkpoint import atomic_write_json, load_checkpoint
+from samkit.train.checkpoint import CHECKPOINT_NAME, atomic_write_json, load_checkpoint
 from samkit.train.config import ConfigError
 from samkit.train.loop import build_dataset
 
-__all__ = ["format_table", "landscape", "measure_sharpness", "measure_subset", "run_dir_of"]
+__all__ = [
+    "format_table",
+    "landscape",
+    "measure_sharpness",
+    "measure_subset",
+    "run_dir_of",
+    "run_label",
+]
 
 
 def run_dir_of(path: str | Path) -> Path:
@@ -36,10 +45,19 @@ def run_dir_of(path: str | Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    bad = isinstance(value, bool) or not isinstance(value, int) or value < minimum
+    if maximum is not None and not bad and value > maximum:
+        raise ConfigError(
+            f"invalid {name}: {value!r} (must be an integer from {minimum} to {maximum})"
+        )
+    if bad:
         raise ConfigError(f"invalid {name}: {value!r} (must be an integer >= {minimum})")
     return value
+
+
+#: Most grid points per axis of a landscape (a 2-D grid of this size is a million points).
+MAX_STEPS = 1001
 
 
 def _check_float(name: str, value: Any, *, positive: bool) -> float:
@@ -55,13 +73,83 @@ def _check_float(name: str, value: Any, *, positive: bool) -> float:
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    usage = "use cpu, cuda, cuda:N or auto"
     try:
         dev = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"invalid device {name!r}: {e}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ConfigError(f"invalid device {name!r}: {usage}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} requested but CUDA is not available")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(
+                f"device {name!r} requested but there are {count} CUDA devices (cuda:0 to "
+                f"cuda:{count - 1})"
+            )
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"device {name!r} requested but MPS is not available")
+    elif dev.type != "cpu":
+        raise ConfigError(f"invalid device {name!r}: {usage}")
     return dev
+
+
+def _check_json_path(path: Path) -> None:
+    """Refuse an output file that cannot be written, before spending minutes measuring."""
+    parent = path.parent
+    if path.is_dir():
+        reason = "it is a folder; give a file name"
+    elif not parent.is_dir():
+        reason = f"the folder {parent} does not exist" if not parent.exists() else (
+            f"{parent} is not a folder"
+        )  # fmt: skip
+    elif not os.access(parent, os.W_OK):
+        reason = f"the folder {parent} is not writable"
+    else:
+        return
+    raise ConfigError(f"--json {path}: cannot write the results there: {reason}")
+
+
+def _output_folder(folder: Path) -> Path:
+    """Create the output folder (and its parents) or refuse it, before measuring."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(
+            f"--out {folder}: cannot write there: it exists and is not a folder"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"--out {folder}: cannot create the folder: {e.strerror or e}") from e
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"--out {folder}: cannot write there: the folder is not writable")
+    return folder
+
+
+def _write_json(path: Path, record: dict[str, Any], flag: str) -> None:
+    try:
+        atomic_write_json(path, record)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write the results: {e.strerror or e}") from e
+
+
+def run_label(path: str | Path) -> str:
+    """A short name for a run: its directory name (also for ``RUN/checkpoint.pt``), else the
+    checkpoint's file name."""
+    p = Path(path).resolve()
+    if p.is_dir() or p.name == CHECKPOINT_NAME:
+        p = p if p.is_dir() else p.parent
+        return p.name or str(p)
+    return p.name
+
+
+def _endpoint_labels(path: str | Path, other: str | Path) -> tuple[str, str]:
+    """Names of the two ends of an interpolation; the paths as given when the names clash."""
+    a, b = run_label(path), run_label(other)
+    if a == b:
+        a, b = str(path), str(other)
+    return a, b
 
 
 def measure_subset(
@@ -111,22 +199,32 @@ def measure_sharpness(
 ) -> dict[str, Any]:
     """:func:`samkit.sharpness.measure_all` on the run's fixed training subset.
 
-    ``iters`` caps the Lanczos iterations for λ₁ (``lanczos_iter``); the worst-, ascent- and
-    average-direction sharpness use radius ``rho`` and are m-sharpness with
-    m = ``batch_size``. Writes ``{"run": ..., "settings": ..., "measures": ...}`` to
-    ``json_path`` (default ``RUN_DIR/sharpness.json``) and returns it, with
-    ``"json": path`` added.
+    ``iters`` caps the Lanczos iterations for λ₁ (``lanczos_iter``); the worst- and
+    ascent-direction sharpness use radius ``rho`` and are m-sharpness with m = ``batch_size``
+    (the average-direction sharpness, also of radius ``rho``, does not depend on the split).
+    Writes ``{"run": ..., "settings": ..., "measures": ...}`` to ``json_path`` (default
+    ``RUN_DIR/sharpness.json``; its folder must exist, and is checked before measuring) and
+    returns it, with ``"json": path`` added. A measure that fails is ``None`` with its error
+    in ``measures["errors"]`` (see :func:`samkit.sharpness.measure_all`); the others are kept.
     """
     import samkit.sharpness as S
 
     rho = _check_float("rho", rho, positive=False)
     _check_int("iters", iters, 1)
     _check_int("seed", seed, 0)
+    out_path = Path(json_path) if json_path is not None else None
+    if out_path is not None:
+        _check_json_path(out_path)
     model, subset, config, ckpt = measure_subset(path, batches, batch_size, device)
-    measures = S.measure_all(
-        model, nn.CrossEntropyLoss(), subset, rho=rho, lanczos_iter=iters, seed=seed
-    )
-    out_path = Path(json_path) if json_path is not None else run_dir_of(path) / "sharpness.json"
+    if out_path is None:
+        out_path = run_dir_of(path) / "sharpness.json"
+        _check_json_path(out_path)
+    with warnings.catch_warnings():
+        # a failed measure is reported in the record (and by format_table), not as a warning
+        warnings.filterwarnings("ignore", message="measure_all: ", category=RuntimeWarning)
+        measures = S.measure_all(
+            model, nn.CrossEntropyLoss(), subset, rho=rho, lanczos_iter=iters, seed=seed
+        )
     record = {
         "run": _describe(path, config, ckpt, subset),
         "settings": {
@@ -138,38 +236,80 @@ def measure_sharpness(
         },  # fmt: skip
         "measures": measures,
     }
-    atomic_write_json(out_path, record)
+    _write_json(out_path, record, "--json")
     return {**record, "json": str(out_path)}
 
 
+#: A Monte-Carlo estimate whose magnitude is below this many standard errors is reported as
+#: "within noise": it cannot be told apart from 0 with the samples drawn (≈ 95% two-sided).
+NOISE_STANDARD_ERRORS = 2.0
+
+
+def _estimate(value: Any, std_error: Any) -> Any:
+    """``value ± standard error``, flagged when the value is inside its noise."""
+    if not isinstance(value, float):
+        return value
+    if not isinstance(std_error, float) or not math.isfinite(std_error):
+        return f"{value:.6g}"
+    text = f"{value:.6g} ± {std_error:.2g}"
+    if abs(value) < NOISE_STANDARD_ERRORS * std_error:
+        text += f"  (within noise: |value| < {NOISE_STANDARD_ERRORS:g} standard errors)"
+    return text
+
+
 def format_table(record: dict[str, Any]) -> str:
-    """The measures of :func:`measure_sharpness` as an aligned two-column table."""
+    """The measures of :func:`measure_sharpness` as an aligned two-column table.
+
+    The Monte-Carlo estimates (Hessian trace, average-direction sharpness) are shown as
+    ``value ± standard error`` and flagged "within noise" when ``|value|`` is below
+    ``NOISE_STANDARD_ERRORS`` (2) standard errors. A measure that failed reads
+    ``failed (see errors)`` and its error is listed below the table; one that is undefined
+    (the gradient is exactly zero) reads ``undefined (zero gradient)``.
+    """
     run, m = record["run"], record["measures"]
+    errors = m.get("errors") or {}
+    rho = f"rho {m['rho']:g}"
     rows = [
-        ("loss", m.get("loss")),
-        ("lambda_max", m.get("lambda_max")),
-        ("lambda_max converged", m.get("lambda_max_converged")),
-        ("Hessian trace", m.get("trace")),
-        ("  std error", m.get("trace_std_error")),
-        (f"worst-direction (rho {m['rho']:g})", m.get("worst_direction")),
-        (f"ascent-direction (rho {m['rho']:g})", m.get("ascent_direction")),
-        (f"average-direction (rho {m['rho']:g})", m.get("average_direction")),
-        ("grad / top-eigenvector |cos|", m.get("alignment")),
-        ("Hessian-vector products", m.get("num_hvp")),
-        ("seconds", m.get("seconds")),
+        ("loss", None, m.get("loss")),
+        ("lambda_max", "lambda_max", m.get("lambda_max")),
+        ("lambda_max converged", "lambda_max", m.get("lambda_max_converged")),
+        ("Hessian trace", "trace", _estimate(m.get("trace"), m.get("trace_std_error"))),
+        (f"worst-direction ({rho})", "worst_direction", m.get("worst_direction")),
+        (f"ascent-direction ({rho})", "ascent_direction", m.get("ascent_direction")),
+        (
+            f"average-direction ({rho})",
+            "average_direction",
+            _estimate(m.get("average_direction"), m.get("average_direction_std_error")),
+        ),
+        ("grad / top-eigenvector |cos|", "alignment", m.get("alignment")),
+        ("Hessian-vector products", None, m.get("num_hvp")),
+        ("seconds", None, m.get("seconds")),
     ]
     head = (
         f"{run['checkpoint']} | {run['optimizer']} on {run['dataset']} ({run['model']}), "
         f"epoch {run['epoch']} | {run['samples']} training samples in {run['batches']} batches"
     )
-    width = max(len(name) for name, _ in rows)
+    width = max(len(name) for name, _, _ in rows)
     lines = [head]
-    for name, value in rows:
-        if isinstance(value, float):
+    for name, key, value in rows:
+        if key is not None and key in errors:
+            text = "failed (see errors below)"
+        elif isinstance(value, float):
             text = f"{value:.6g}"
+        elif value is None:
+            text = (
+                "undefined (zero gradient)" if key in ("ascent_direction", "alignment") else "n/a"
+            )
         else:
-            text = "n/a" if value is None else str(value)
+            text = str(value)
         lines.append(f"  {name:<{width}}  {text}")
+    lines.append(
+        "  (± is one standard error of the Monte-Carlo estimate; 'within noise': not "
+        f"distinguishable from 0 at {NOISE_STANDARD_ERRORS:g} standard errors)"
+    )
+    if errors:
+        lines.append("errors (these measures failed; the others are unaffected):")
+        lines.extend(f"  {name}: {message}" for name, message in errors.items())
     return "\n".join(lines)
 
 
@@ -179,7 +319,7 @@ def landscape(
     two_d: bool = False,
     other: str | Path | None = None,
     steps: int = 21,
-    span: float = 1.0,
+    span: float | None = None,
     out: str | Path | None = None,
     batches: int = 4,
     batch_size: int = 128,
@@ -189,24 +329,37 @@ def landscape(
     """Loss landscape around a checkpoint (Li et al. 2018) or between two (Goodfellow et al.).
 
     * default: 1-D slice ``w + αd``, ``d`` a filter-normalised random direction, ``α`` in
-      ``steps`` points over ``[-span, span]`` → ``landscape_1d.png`` + ``landscape_1d.json``;
+      ``steps`` points over ``[-span, span]`` (``span`` default 1) → ``landscape_1d.png`` +
+      ``landscape_1d.json``; the plot marks α = 0, the checkpoint's own weights;
     * ``two_d``: 2-D grid ``w + αd₁ + βd₂`` (``steps × steps``) → ``landscape_2d.png``
-      (contour) + ``landscape_2d.json``;
+      (filled contours, values on the colour bar, the checkpoint marked) +
+      ``landscape_2d.json``;
     * ``other``: linear interpolation from this checkpoint (α = 0) to ``other`` (α = 1),
       ``steps`` points → ``interpolation.png`` + ``interpolation.json`` (both checkpoints
-      must share the architecture).
+      must share the architecture). The plot names both ends after their runs
+      (:func:`run_label`: the run directory's name, else the checkpoint file's; the paths as
+      given when the two names are the same). ``span`` does not apply and is refused.
 
-    ``out`` defaults to the run directory. The JSON holds the grid (``alphas``, ``betas``,
-    ``losses``, ``accuracies``) and the settings. Returns ``{"png": ..., "json": ..., **grid}``.
+    ``steps`` is 2 to ``MAX_STEPS`` (1001). ``out`` defaults to the run directory; it is
+    created (with its parents) before anything is measured. The JSON holds the grid
+    (``alphas``, ``betas``, ``losses``, ``accuracies``) and the settings. Returns
+    ``{"png": ..., "json": ..., **grid}``.
     """
     import samkit.sharpness as S
 
-    _check_int("steps", steps, 2)
-    span = _check_float("span", span, positive=True)
-    _check_int("seed", seed, 0)
+    _check_int("steps", steps, 2, MAX_STEPS)
     if two_d and other is not None:
         raise ConfigError("--2d and --other cannot be combined (interpolation is 1-D)")
+    if other is not None and span is not None:
+        raise ConfigError(
+            "--span does not apply to --other: the interpolation runs from alpha = 0 (this "
+            "checkpoint) to alpha = 1 (the other); --steps sets its number of points"
+        )
+    span = _check_float("span", 1.0 if span is None else span, positive=True)
+    _check_int("seed", seed, 0)
+    folder = _output_folder(Path(out)) if out is not None else None
     model, subset, config, ckpt = measure_subset(path, batches, batch_size, device)
+    folder = folder if folder is not None else _output_folder(run_dir_of(path))
     loss_fn = nn.CrossEntropyLoss()
     if other is not None:
         model_b, config_b, _ = load_checkpoint(other, map_location=next(model.parameters()).device)
@@ -218,7 +371,8 @@ def landscape(
             )
         result = S.interpolate(model, loss_fn, subset, sa, sb, np.linspace(0.0, 1.0, steps),
                                seed=seed)  # fmt: skip
-        name, title = "interpolation", f"{Path(path).name} → {Path(other).name}"
+        names = _endpoint_labels(path, other)
+        name, title = "interpolation", None  # the plot's title names the two runs
     elif two_d:
         result = S.landscape_2d(model, loss_fn, subset, steps=steps, span=span, seed=seed)
         name, title = "landscape_2d", f"{config.optimizer}: 2-D loss landscape"
@@ -227,11 +381,11 @@ def landscape(
         result = S.landscape_1d(model, loss_fn, subset, alphas=alphas, seed=seed)
         name, title = "landscape_1d", f"{config.optimizer}: 1-D loss landscape"
 
-    folder = Path(out) if out is not None else run_dir_of(path)
-    folder.mkdir(parents=True, exist_ok=True)
     png = folder / f"{name}.png"
     if two_d:
         S.plot_landscape_2d(result, png, title=title)
+    elif other is not None:
+        S.plot_landscape_1d(result, png, title=title, names=names)
     else:
         S.plot_landscape_1d(result, png, title=title)
     grid = result.to_dict()
@@ -240,13 +394,14 @@ def landscape(
         "settings": {
             "kind": name,
             "steps": steps,
-            "span": span,
+            "span": None if other is not None else span,
             "seed": seed,
             "other": None if other is None else str(other),
+            "names": None if other is None else list(names),
             "directions": None if other is not None else "random, filter-normalised",
         },  # fmt: skip
         **grid,
     }
     json_path = folder / f"{name}.json"
-    atomic_write_json(json_path, record)
+    _write_json(json_path, record, "--out")
     return {"png": str(png), "json": str(json_path), **record}

@@ -46,13 +46,34 @@ def test_train_end_to_end_in_process(tmp_path, capsys):
     assert capsys.readouterr().out.count("\n") == 1  # --quiet: only the final line
 
 
-def test_progress_bar_run(tmp_path, capsys):
-    pytest.importorskip("tqdm")
-    rc = main(["train", "--epochs", "1", "--optimizer", "sgd", *TINY])
+def test_without_a_terminal_each_epoch_is_one_line_and_no_bar(capsys):
+    # capsys is not a terminal: no bar redraws, one line per epoch with the test accuracy.
+    rc = main(["train", "--epochs", "2", "--optimizer", "sgd", *TINY])
     captured = capsys.readouterr()
-    assert rc == 0
-    assert "epoch 1/1" in captured.err  # tqdm writes its bar to stderr
-    assert "test accuracy" in captured.out.splitlines()[-1]
+    assert rc == 0, captured.err
+    assert "\r" not in captured.out + captured.err and "step/s" not in captured.err
+    lines = [line for line in captured.out.splitlines() if line.startswith("epoch ")]
+    assert [line.split("|")[0].split()[1] for line in lines] == ["1/2", "2/2"]
+    assert all("| test loss " in line and "acc " in line for line in lines)
+
+
+def test_progress_bar_shows_the_test_accuracy_of_each_epoch(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("tqdm")
+    import samkit.cli
+
+    monkeypatch.setattr(samkit.cli, "_is_terminal", lambda: True)
+    out = tmp_path / "run"
+    rc = main(["train", "--epochs", "2", "--optimizer", "sgd", "--out", str(out), *TINY])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert not any(line.startswith("epoch ") for line in captured.out.splitlines())
+    # tqdm draws on stderr; the last drawing of each epoch's bar carries its test accuracy.
+    drawings = captured.err.replace("\n", "\r").split("\r")
+    finals = {d.split(":")[0]: d for d in drawings if "test_acc=" in d}  # last one per epoch
+    assert list(finals) == ["epoch 1/2", "epoch 2/2"], captured.err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for drawing, row in zip(finals.values(), rows, strict=True):
+        assert f"test_acc={row['test_acc']:.4f}" in drawing
 
 
 def test_config_file_and_flag_override(tmp_path, capsys):
@@ -96,7 +117,7 @@ def _bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["train", "--optimizer", "nope"], "invalid choice: 'nope'"),
         (["train", "--model", "nope"], "invalid choice: 'nope'"),
         (["train", "--dataset", "nope"], "invalid choice: 'nope'"),
-        (["train", "--base", "nope"], "Unknown base optimizer 'nope'"),
+        (["train", "--base", "nope"], "invalid base: 'nope' (choose one of adagrad, adam, "),
         (["train", "--dataset", "cifar10"], "needs --data-dir"),
         (["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none")], "none"),
         (["train", "--opt-arg", "bogus=1", "--limit-train", "64"], "rejected its settings"),

@@ -136,7 +136,7 @@ def test_resume_refuses_a_changed_setting_and_a_finished_run(tmp_path):
     train(TrainConfig(epochs=1, out=str(tmp_path), **TINY), log=None)
     with pytest.raises(ConfigError, match="'lr'"):
         train(TrainConfig(epochs=2, lr=0.1, out=str(tmp_path), resume=True, **TINY), log=None)
-    with pytest.raises(ConfigError, match="already done 1 epochs"):
+    with pytest.raises(ConfigError, match="already done 1 epoch;"):
         train(TrainConfig(epochs=1, out=str(tmp_path), resume=True, **TINY), log=None)
     with pytest.raises(ConfigError, match="already holds a run"):
         train(TrainConfig(epochs=1, out=str(tmp_path), **TINY), log=None)
@@ -147,7 +147,7 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "checkpoint.pt"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"checkpoint\.pt.*truncated, corrupted"):
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt: the file is truncated"):
         read_checkpoint(path)
     with pytest.raises(CheckpointError, match="checkpoint.pt"):
         train(TrainConfig(epochs=2, out=str(tmp_path), resume=True, **TINY), log=None)

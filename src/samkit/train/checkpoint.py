@@ -20,6 +20,7 @@ import pickle
 import pickletools
 import random
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,9 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a pickle that is not torch's: refused just below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # zip errors, EOF, unpickling errors: say which, never torch's advice
         raise CheckpointError(
             f"cannot use checkpoint {path}: {_what_is_wrong(path, e)}. {_WHAT_TO_DO}"

@@ -112,13 +112,13 @@ def _native_bf16_cpu() -> bool | None:
 #: Training time with autocast relative to ``--amp off`` on a CPU without native bfloat16 or
 #: float16 arithmetic, measured by ``benchmarks/amp_cpu.py`` (the embedded recipe on MNIST-1D,
 #: SAM, 1 thread, 2-core AMD EPYC, torch 2.13): the basis of the warnings below.
-CPU_AMP_SLOWDOWN = {"fp16": 9.1, "bf16": 9.5}
+CPU_AMP_SLOWDOWN = {"fp16": 9.8, "bf16": 10.2}
 
 
 def amp_warning(amp: str, device: torch.device) -> str | None:
     """Why ``amp`` is a poor choice on ``device`` and what to use instead; ``None`` if fine.
 
-    On a CPU, float16 autocast is emulated (about 9x slower than float32 in samkit's
+    On a CPU, float16 autocast is emulated (about 10x slower than float32 in samkit's
     measurement) and bfloat16 is as slow unless the CPU has native bfloat16 arithmetic.
     """
     if device.type != "cpu" or amp == "off":

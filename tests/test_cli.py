@@ -46,13 +46,34 @@ def test_train_end_to_end_in_process(tmp_path, capsys):
     assert capsys.readouterr().out.count("\n") == 1  # --quiet: only the final line
 
 
-def test_progress_bar_run(tmp_path, capsys):
-    pytest.importorskip("tqdm")
-    rc = main(["train", "--epochs", "1", "--optimizer", "sgd", *TINY])
+def test_without_a_terminal_each_epoch_is_one_line_and_no_bar(capsys):
+    # capsys is not a terminal: no bar redraws, one line per epoch with the test accuracy.
+    rc = main(["train", "--epochs", "2", "--optimizer", "sgd", *TINY])
     captured = capsys.readouterr()
-    assert rc == 0
-    assert "epoch 1/1" in captured.err  # tqdm writes its bar to stderr
-    assert "test accuracy" in captured.out.splitlines()[-1]
+    assert rc == 0, captured.err
+    assert "\r" not in captured.out + captured.err and "step/s" not in captured.err
+    lines = [line for line in captured.out.splitlines() if line.startswith("epoch ")]
+    assert [line.split("|")[0].split()[1] for line in lines] == ["1/2", "2/2"]
+    assert all("| test loss " in line and "acc " in line for line in lines)
+
+
+def test_progress_bar_shows_the_test_accuracy_of_each_epoch(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("tqdm")
+    import samkit.cli
+
+    monkeypatch.setattr(samkit.cli, "_is_terminal", lambda: True)
+    out = tmp_path / "run"
+    rc = main(["train", "--epochs", "2", "--optimizer", "sgd", "--out", str(out), *TINY])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert not any(line.startswith("epoch ") for line in captured.out.splitlines())
+    # tqdm draws on stderr; the last drawing of each epoch's bar carries its test accuracy.
+    drawings = captured.err.replace("\n", "\r").split("\r")
+    finals = {d.split(":")[0]: d for d in drawings if "test_acc=" in d}  # last one per epoch
+    assert list(finals) == ["epoch 1/2", "epoch 2/2"], captured.err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for drawing, row in zip(finals.values(), rows, strict=True):
+        assert f"test_acc={row['test_acc']:.4f}" in drawing
 
 
 def test_config_file_and_flag_override(tmp_path, capsys):
@@ -96,7 +117,7 @@ def _bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["train", "--optimizer", "nope"], "invalid choice: 'nope'"),
         (["train", "--model", "nope"], "invalid choice: 'nope'"),
         (["train", "--dataset", "nope"], "invalid choice: 'nope'"),
-        (["train", "--base", "nope"], "Unknown base optimizer 'nope'"),
+        (["train", "--base", "nope"], "invalid base: 'nope' (choose one of adagrad, adam, "),
         (["train", "--dataset", "cifar10"], "needs --data-dir"),
         (["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none")], "none"),
         (["train", "--opt-arg", "bogus=1", "--limit-train", "64"], "rejected its settings"),
@@ -174,3 +195,155 @@ def test_real_subprocess_python_dash_m(tmp_path):
         bad.returncode == 2
         and bad.stderr.strip() == "samkit: error: invalid lr: -3.0 (must be > 0)"
     )
+
+
+# ----------------------------------------------------------------------------- first hour
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_resume_after_stop_after_epoch_continues_to_epochs(tmp_path, capsys):
+    # The README's example: stop early, then `--resume` alone finishes the run.
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--epochs", "4", "--stop-after-epoch", "1",
+                 "--quiet", *TINY]) == 0  # fmt: skip
+    assert "stopped after epoch 1 of 4" in capsys.readouterr().out
+    # A resume command that says where to stop is obeyed ...
+    assert main(["train", "--out", str(out), "--resume", "--stop-after-epoch", "2", "--quiet",
+                 "--threads", "1"]) == 0  # fmt: skip
+    assert "stopped after epoch 2 of 4" in capsys.readouterr().out
+    assert _summary(out)["epochs"] == 2
+    # ... one that does not runs to --epochs, whatever the earlier commands said.
+    assert main(["train", "--out", str(out), "--resume", "--quiet", "--threads", "1"]) == 0
+    line = capsys.readouterr().out
+    assert "stopped" not in line and "4 epochs" in line
+    summary = _summary(out)
+    assert summary["epochs"] == 4 and summary["completed"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    # A stop that is already behind the run is refused, not a run of zero epochs.
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "6",
+                 "--stop-after-epoch", "3"]) == 2  # fmt: skip
+    assert "--stop-after-epoch 3 is already behind" in capsys.readouterr().err
+
+
+def test_fp16_on_cpu_warns_with_what_to_use_instead(tmp_path, capsys):
+    tiny = ["--epochs", "1", "--limit-train", "32", "--limit-test", "32", "--batch-size", "32",
+            "--threads", "1", "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main(["train", "--amp", "fp16", *tiny]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("samkit: warning: --amp fp16 on a CPU is slow") and err.count("\n") == 1
+    assert "x the time of --amp off" in err and "use --amp off" in err
+    assert main(["train", "--amp", "off", *tiny]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_amp_warnings_depend_on_the_device_and_the_cpu(monkeypatch):
+    from samkit.train import env
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert env.amp_warning("fp16", cuda) is None and env.amp_warning("bf16", cuda) is None
+    assert env.amp_warning("off", cpu) is None
+    monkeypatch.setattr(env, "_native_bf16_cpu", lambda: True)
+    assert env.amp_warning("bf16", cpu) is None
+    assert "or --amp bf16, which this CPU computes natively" in env.amp_warning("fp16", cpu)
+    monkeypatch.setattr(env, "_native_bf16_cpu", lambda: False)
+    assert "--amp bf16 on this CPU is slow" in env.amp_warning("bf16", cpu)
+    assert "bf16" not in env.amp_warning("fp16", cpu).split("use ")[1]
+
+
+def test_base_error_lists_the_names_the_cli_accepts(tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"base": "lion"}))
+    for argv in (["train", "--base", "lion"], ["train", "--config", str(cfg)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            "samkit: error: invalid base: 'lion' (choose one of adagrad, adam, adamw, rmsprop, "
+            "sgd)\n"
+        )
+    assert main(["train", "--help"]) == 0
+    assert "one of adagrad, adam, adamw, rmsprop, sgd" in " ".join(capsys.readouterr().out.split())
+
+
+def test_model_errors_name_the_model_once(capsys):
+    assert main(["train", "--model", "resnet18", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count("'resnet18'") == 1 and "needs inputs of shape [C, H, W]" in err
+    assert main(["train", "--model-arg", "depth=3", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "samkit: error: model 'cnn1d' takes no argument 'depth'; its arguments: channels, "
+        "kernels, strides\n"
+    )
+
+
+def test_a_run_directory_that_disappears_is_named_as_out(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from samkit.train.rundir import RunDirectory
+
+    append = RunDirectory.append_metrics
+
+    def vanish_before_epoch_2(self, row):
+        if row["epoch"] == 2:
+            shutil.rmtree(self.path)
+        append(self, row)
+
+    monkeypatch.setattr(RunDirectory, "append_metrics", vanish_before_epoch_2)
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--epochs", "3", "--quiet", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"samkit: error: cannot write --out {out}: metrics.jsonl: No such file or directory "
+        "(the folder is gone); no result of this run is left\n"
+    )
+
+
+def test_counts_in_train_output_are_singular_for_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    one_step = ["--limit-train", "64", "--limit-test", "64", "--batch-size", "64"]
+    argv = ["train", "--optimizer", "sgd", "--epochs", "1", "--out", str(out), "--threads", "1"]
+    assert main([*argv, *one_step, "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "| 1 epoch x 1 step |" in text
+    assert "| 1 epoch, " in text and "s training, 1 gradient evaluation | saved in" in text
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "1"]) == 2
+    text += capsys.readouterr().err
+    assert "already done 1 epoch;" in text
+    for plural in ("1 epochs", "1 steps", "1 gradient evaluations"):
+        assert plural not in text, plural
+
+
+def test_a_real_terminal_gets_a_bar_per_epoch_ending_with_its_test_accuracy():
+    # `samkit train` in a pseudo-terminal (piped output: see the test without a terminal).
+    pty = pytest.importorskip("pty")
+    pytest.importorskip("tqdm")
+    import fcntl
+    import os
+    import struct
+    import termios
+
+    argv = [sys.executable, "-m", "samkit", "train", "--dataset", "digits", "--epochs", "2",
+            "--limit-train", "64", "--limit-test", "64", "--batch-size", "32", "--threads", "1"]  # fmt: skip
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    proc = subprocess.Popen(argv, stdin=secondary, stdout=secondary, stderr=secondary)
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the process closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(primary)
+    assert proc.wait(timeout=120) == 0
+    screen = b"".join(chunks).decode(errors="replace")
+    drawings = screen.replace("\n", "\r").split("\r")
+    finals = {d.split(":")[0]: d for d in drawings if "test_acc=" in d}
+    assert list(finals) == ["epoch 1/2", "epoch 2/2"], screen
+    assert not any(d.startswith("epoch   1/2 |") for d in drawings), screen

@@ -199,7 +199,7 @@ CASES = {
     ),  # fmt: skip
     "resume-finished-run": (
         lambda d, m: ["train", "--out", str(_existing_run(d)), "--resume", "--epochs", "1"],
-        "already done 1 epochs",
+        "already done 1 epoch;",
     ),
     # config files
     "config-unknown-key": (lambda d, m: _config(d, "c", '{"epochz": 3}'), "'epochz'"),

@@ -4,7 +4,8 @@
   checkpoint; ``--resume`` then finishes it bit-exactly (same weights, optimizer state and
   metrics as an uninterrupted run).
 * Truncated, random and malicious (code-running pickle) checkpoints give CheckpointError
-  and a one-line CLI error (exit 2); the malicious payload never runs.
+  and a one-line CLI error (exit 2) saying what is wrong with the file and what to do; the
+  malicious payload never runs.
 * A disk that fills up at any point of a run: one-line error (exit 2) naming the file, no
   partial line or temp file left, what was written before intact, and --resume recovers.
 * fp16 autocast with a GradScaler: finite metrics, scaler state checkpointed, exact resume.
@@ -16,6 +17,7 @@ import contextlib
 import errno
 import json
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -164,9 +166,30 @@ def _damaged_checkpoints(good: bytes, marker: Path) -> dict[str, bytes]:
                 "dataset_info": {}, "model": {}}, buf)  # fmt: skip
     cases["malicious-pickle"] = buf.getvalue()
     buf = io.BytesIO()
+    torch.save({"format": "samkit.train", "config": _Evil(marker)}, buf,
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    cases["malicious-pickle-old-torch-format"] = buf.getvalue()
+    cases["malicious-bare-pickle"] = pickle.dumps({"config": _Evil(marker)}, protocol=4)
+    buf = io.BytesIO()
     torch.save([1, 2, 3], buf)
     cases["not-a-samkit-checkpoint"] = buf.getvalue()
     return cases
+
+
+#: What the message says is wrong with each damaged file.
+DIAGNOSIS = {
+    "truncated-0": "the file is empty (0 bytes)",
+    "truncated-0.01": "the file is truncated: a zip archive cut short",
+    "truncated-0.5": "the file is truncated: a zip archive cut short",
+    "truncated-0.99": "the file is truncated: a zip archive cut short",
+    "truncated-minus-1-byte": "the file is truncated: a zip archive cut short",
+    "random-bytes": "it is not a torch checkpoint: not a zip archive",
+    "text": "it is not a torch checkpoint: not a zip archive",
+    "malicious-pickle": "unsafe content: its pickle names posix.system",
+    "malicious-pickle-old-torch-format": "unsafe content: its pickle names posix.system",
+    "malicious-bare-pickle": "unsafe content: its pickle names posix.system",
+    "not-a-samkit-checkpoint": "it is a torch file but not a samkit training checkpoint",
+}
 
 
 def test_malicious_checkpoint_would_run_code_without_weights_only(tmp_path):
@@ -178,11 +201,7 @@ def test_malicious_checkpoint_would_run_code_without_weights_only(tmp_path):
     assert marker.exists()
 
 
-@pytest.mark.parametrize(
-    "case",
-    ["truncated-0", "truncated-0.01", "truncated-0.5", "truncated-0.99", "truncated-minus-1-byte",
-     "random-bytes", "bit-flips", "text", "malicious-pickle", "not-a-samkit-checkpoint"],
-)  # fmt: skip
+@pytest.mark.parametrize("case", [*DIAGNOSIS, "bit-flips"])
 def test_damaged_checkpoint_is_a_checkpoint_error_and_one_cli_line(
     case, real_checkpoint, tmp_path, capsys
 ):
@@ -202,7 +221,12 @@ def test_damaged_checkpoint_is_a_checkpoint_error_and_one_cli_line(
             read_checkpoint(out)
         rc = main(["train", "--out", str(out), "--resume", "--epochs", "5", "--threads", "1"])
         err = _one_line_error(capsys.readouterr().err)
-        assert rc == 2 and "checkpoint.pt" in err, err
+        # What is wrong with the file, and what to do; never torch's advice to load it unsafely.
+        assert rc == 2 and f"cannot use checkpoint {out / 'checkpoint.pt'}: " in err, err
+        assert DIAGNOSIS[case] in err, err
+        assert err.endswith(". Start a new run (with another --out) or restore the file from a "
+                            "copy\n"), err  # fmt: skip
+        assert "weights_only=False" not in err and "Re-running" not in err, err
         assert (out / "metrics.jsonl").read_text() == '{"epoch": 1}\n'  # left as it was
     assert not marker.exists(), "the checkpoint ran code"
 
@@ -347,6 +371,7 @@ def test_result_files_are_readable_by_others(tmp_path):
 
 
 @pytest.mark.parametrize("optimizer", ["sam", "sgd"])  # sharpness-aware and plain step paths
+@pytest.mark.filterwarnings("ignore::samkit.train.TrainWarning")  # fp16 on a CPU is slow
 def test_fp16_run_is_finite_and_resumes_exactly_with_the_scaler(optimizer, tmp_path):
     torch.set_num_threads(1)
     common = dict(optimizer=optimizer, amp="fp16", limit_train=128, limit_test=64, batch_size=32)

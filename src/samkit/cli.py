@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -54,6 +55,7 @@ class Subcommand:
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     import samkit
+    from samkit.optim import BASE_OPTIMIZERS
     from samkit.train import TrainConfig, list_datasets, list_models
     from samkit.train.config import AMP_MODES, SCHEDULES
 
@@ -89,7 +91,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", default=S, choices=samkit.list_optimizers(), metavar="NAME",
                    help=f"one of {', '.join(samkit.list_optimizers())} "
                         f"(default {d.optimizer}; see `samkit list`)")  # fmt: skip
-    g.add_argument("--base", default=S, help=f"base optimizer (default {d.base})")
+    g.add_argument("--base", default=S, metavar="NAME",
+                   help=f"base optimizer of a sharpness-aware method: one of "
+                        f"{', '.join(sorted(BASE_OPTIMIZERS))} (default {d.base})")  # fmt: skip
     g.add_argument("--rho", default=S, type=float,
                    help="neighbourhood radius (default: the method's registry default, "
                         "else 0.1)")  # fmt: skip
@@ -123,7 +127,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every", default=S, type=int, metavar="N",
                    help="checkpoint every N epochs and at the end (default 1; 0: end only)")  # fmt: skip
     g.add_argument("--stop-after-epoch", default=S, type=int, metavar="E",
-                   help="stop after epoch E with a checkpoint (resume later)")  # fmt: skip
+                   help="stop after epoch E with a checkpoint; a later --resume continues "
+                        "to --epochs unless it gives its own --stop-after-epoch")  # fmt: skip
     g.add_argument("--track-sharpness", default=S, type=int, metavar="N",
                    help="every N epochs record lambda_max, Hessian trace and gradient/"
                         "eigenvector alignment in metrics.jsonl (default 0: off)")  # fmt: skip
@@ -131,7 +136,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="training samples used for --track-sharpness (default 512)")  # fmt: skip
     g.add_argument("--config", default=None, metavar="FILE.json",
                    help="JSON object of settings (same names); flags override it")  # fmt: skip
-    g.add_argument("--no-progress", action="store_true", help="one line per epoch, no bar")
+    g.add_argument("--no-progress", action="store_true",
+                   help="one line per epoch instead of a progress bar (the default when the "
+                        "output is not a terminal)")  # fmt: skip
     g.add_argument("--quiet", action="store_true", help="print only the final line")
     del opt
 
@@ -159,12 +166,31 @@ def _train_config_from_args(args: argparse.Namespace) -> Any:
             raise UsageError("--resume needs --out (the run directory to resume)")
         saved = read_checkpoint(given["out"])["config"]
         settings.update(saved)
+        # Where the earlier command stopped is not where this one stops: a resumed run
+        # continues to --epochs unless the resume command gives its own --stop-after-epoch.
+        settings["stop_after_epoch"] = None
     for key, value in given.items():
         if key in ("model_args", "opt_args") and key in settings:
             settings[key] = {**settings[key], **value}
         else:
             settings[key] = value
+    _check_base(settings.get("base"))
     return TrainConfig.from_dict(settings)
+
+
+def _check_base(base: Any) -> None:
+    """A base optimizer the command line can name (a class can only be passed in Python)."""
+    from samkit.optim import BASE_OPTIMIZERS
+
+    if isinstance(base, str) and base.lower() not in BASE_OPTIMIZERS:
+        raise UsageError(
+            f"invalid base: {base!r} (choose one of {', '.join(sorted(BASE_OPTIMIZERS))})"
+        )
+
+
+def _is_terminal() -> bool:
+    """Whether a progress bar can redraw in place: stdout and stderr (the bar's) are ttys."""
+    return all(getattr(stream, "isatty", lambda: False)() for stream in (sys.stdout, sys.stderr))
 
 
 _TINY_DATASETS = ("mnist1d", "digits")
@@ -175,6 +201,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     from samkit.optim import NonFiniteError
     from samkit.train import train
+    from samkit.train.progress import count
 
     config = _train_config_from_args(args)
     threads = args.threads
@@ -188,8 +215,9 @@ def _run_train(args: argparse.Namespace) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     log = None if args.quiet else print
+    bar = not (args.quiet or args.no_progress) and _is_terminal()
     try:
-        summary = train(config, progress=not (args.quiet or args.no_progress), log=log)
+        summary = train(config, progress=bar, log=log)
     except NonFiniteError as e:
         _fail(f"training diverged: {e}", code=1)
     except KeyboardInterrupt:
@@ -198,8 +226,8 @@ def _run_train(args: argparse.Namespace) -> int:
     line = (
         f"test accuracy {100 * summary['test_acc']:.2f}% "
         f"(best {100 * summary['best_test_acc']:.2f}% at epoch {summary['best_epoch']}) | "
-        f"{summary['epochs']} epochs, {summary['train_time_s']:.1f} s training, "
-        f"{summary['grad_evals']:g} gradient evaluations"
+        f"{count(summary['epochs'], 'epoch')}, {summary['train_time_s']:.1f} s training, "
+        f"{count(float(summary['grad_evals']), 'gradient evaluation')}"
     )
     if not summary["completed"]:
         line += f" | stopped after epoch {summary['epochs']} of {summary['epochs_planned']}"
@@ -385,22 +413,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``samkit`` command; returns the exit code."""
-    from samkit.train import CheckpointError, ConfigError, UnsafePickleError
+    from samkit.train import (
+        CheckpointError,
+        ConfigError,
+        RunWriteError,
+        TrainWarning,
+        UnsafePickleError,
+    )
 
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        if getattr(args, "_run", None) is None:
-            parser.print_help()
-            return 2
-        return int(args._run(args))
-    except SystemExit as e:  # argparse (--help, errors) and _fail()
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except (UsageError, ConfigError, CheckpointError, UnsafePickleError, FileNotFoundError) as e:
-        return _report(e)  # the user can fix these: one line, no traceback
-    except OSError as e:
-        where = f" {e.filename}" if getattr(e, "filename", None) else ""
-        return _report(f"cannot write or read{where}: {e.strerror or e}")
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_printer(warnings.showwarning, TrainWarning)
+        try:
+            args = parser.parse_args(argv)
+            if getattr(args, "_run", None) is None:
+                parser.print_help()
+                return 2
+            return int(args._run(args))
+        except SystemExit as e:  # argparse (--help, errors) and _fail()
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except RunWriteError as e:  # its message names --out, the file and what is intact
+            return _report(e.strerror)
+        except (UsageError, ConfigError, CheckpointError, UnsafePickleError) as e:
+            return _report(e)  # the user can fix these: one line, no traceback
+        except OSError as e:
+            if e.errno is None:  # raised with a message of its own (e.g. a missing --data-dir)
+                return _report(e)
+            where = f" {e.filename}" if getattr(e, "filename", None) else ""
+            return _report(f"cannot write or read{where}: {e.strerror or e}")
+
+
+def _warning_printer(default: Callable[..., None], category: type[Warning]) -> Callable[..., None]:
+    """``warnings.showwarning`` that prints ``category`` as one line, ``samkit: warning: ...``
+    on stderr, and leaves every other warning to ``default``."""
+
+    def show(message: Any, cat: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(cat, category):
+            sys.stderr.write(f"{PROG}: warning: {' '.join(str(message).split())}\n")
+        else:
+            default(message, cat, *args, **kwargs)
+
+    return show
 
 
 def _report(error: Any) -> int:

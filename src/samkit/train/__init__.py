@@ -25,8 +25,10 @@ from samkit.train.data import (
     load_cifar,
     load_dataset,
 )
+from samkit.train.env import TrainWarning
 from samkit.train.loop import build_dataset, optimizer_kwargs, resolve_config, train
 from samkit.train.models import create_model, list_models
+from samkit.train.rundir import RunWriteError
 
 __all__ = [
     "CheckpointError",
@@ -34,7 +36,9 @@ __all__ = [
     "Dataset",
     "DatasetInfo",
     "InMemoryLoader",
+    "RunWriteError",
     "TrainConfig",
+    "TrainWarning",
     "UnsafePickleError",
     "add_label_noise",
     "augment_batch",

@@ -16,8 +16,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
+import pickletools
 import random
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -138,15 +142,18 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # zip errors, EOF, unpickling errors: all mean "damaged"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        with warnings.catch_warnings():  # a pickle that is not torch's: refused just below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # zip errors, EOF, unpickling errors: say which, never torch's advice
         raise CheckpointError(
-            f"cannot read checkpoint {path}: the file is truncated, corrupted or not a "
-            f"torch checkpoint ({first})"
+            f"cannot use checkpoint {path}: {_what_is_wrong(path, e)}. {_WHAT_TO_DO}"
         ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a samkit training checkpoint")
+        raise CheckpointError(
+            f"cannot use checkpoint {path}: it is a torch file but not a samkit training "
+            f"checkpoint (samkit train writes those). {_WHAT_TO_DO}"
+        )
     if ckpt.get("version", 0) > VERSION:
         raise CheckpointError(
             f"{path} was written by a newer samkit (checkpoint version {ckpt['version']})"
@@ -155,6 +162,93 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         if key not in ckpt:
             raise CheckpointError(f"{path} is incomplete: no {key!r} entry")
     return ckpt
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_WHAT_TO_DO = "Start a new run (with another --out) or restore the file from a copy"
+
+
+def _what_is_wrong(path: Path, error: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, from the file itself.
+
+    ``torch.save`` writes a zip archive whose ``data.pkl`` may only build tensors and plain
+    containers when loaded with ``weights_only=True``.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"it cannot be read ({e.strerror or e})"
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    zipped = head == _ZIP_MAGIC
+    if zipped and not zipfile.is_zipfile(path):
+        return (
+            f"the file is truncated: a zip archive cut short after {size:,} bytes (its end "
+            "record is missing), as an interrupted write or copy leaves it"
+        )
+    foreign = _foreign_globals(path, zipped)
+    if foreign:
+        return (
+            f"unsafe content: its pickle names {', '.join(foreign[:3])}, not only tensors "
+            "and plain containers; samkit reads checkpoints with weights_only=True and never "
+            "runs code from one"
+        )
+    if not zipped:
+        return (
+            "it is not a torch checkpoint: not a zip archive, which is what torch.save "
+            f"writes (it starts with {head!r})"
+        )
+    if isinstance(error, pickle.UnpicklingError):
+        return "the zip archive is damaged: its pickled data cannot be read"
+    first = str(error).strip().splitlines()
+    return f"the zip archive is damaged ({first[0] if first else type(error).__name__})"
+
+
+_SCAN_BYTES = 1 << 24  # of a file that is not a zip archive: the globals come first
+
+#: Modules whose classes and functions torch's own checkpoints name (rebuilding tensors,
+#: ordered dicts); a pickle naming anything else is not a plain checkpoint.
+_CHECKPOINT_MODULES = ("torch", "collections")
+
+
+def _foreign_globals(path: Path, zipped: bool) -> list[str]:
+    """Classes and functions a checkpoint's pickle names outside ``_CHECKPOINT_MODULES``
+    (e.g. ``posix.system``), read from its opcodes without running anything."""
+    try:
+        if zipped:
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(name) if name else b""
+        else:
+            with open(path, "rb") as f:
+                data = f.read(_SCAN_BYTES)
+    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError):
+        return []
+    names: list[str] = []
+    strings: list[Any] = []  # what the opcodes pushed, strings kept (for STACK_GLOBAL)
+    memo: dict[int, Any] = {}
+    pos = 0
+    try:
+        while pos < len(data):  # torch's old format is several pickles in a row
+            for op, arg, at in pickletools.genops(data[pos:]):
+                if op.name == "GLOBAL":
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT") and strings:
+                    memo[len(memo) if op.name == "MEMOIZE" else int(arg)] = strings[-1]
+                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                    strings.append(memo.get(int(arg)))
+                elif not op.stack_before and op.stack_after:  # pushes a value
+                    strings.append(arg if isinstance(arg, str) else None)
+                elif op.name == "STOP":
+                    pos += at + 1
+    except Exception:  # a damaged pickle: judge what was read before the damage
+        pass
+    foreign = [n for n in names if n.split(".")[0] not in _CHECKPOINT_MODULES]
+    return list(dict.fromkeys(foreign))
 
 
 def load_checkpoint(

@@ -1,4 +1,5 @@
-"""What a run records about where it ran: versions and hardware (no hostname, no user)."""
+"""Where a run runs: the device, versions and hardware it records (no hostname, no user), and
+the warnings about settings that work on this hardware but slowly."""
 
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ import torch
 
 import samkit
 
-__all__ = ["hardware_info", "versions_info", "resolve_device"]
+__all__ = ["TrainWarning", "amp_warning", "hardware_info", "resolve_device", "versions_info"]
+
+
+class TrainWarning(UserWarning):
+    """A setting that works but is probably not what the user wants (e.g. slow here).
+
+    The CLI prints these as one line, ``samkit: warning: ...``, on stderr.
+    """
 
 
 def _cpu_model() -> str:
@@ -91,3 +99,46 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     return device
+
+
+def _native_bf16_cpu() -> bool | None:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX); None if unknown."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private op: absent from some builds
+        return None
+
+
+#: Training time with autocast relative to ``--amp off`` on a CPU without native bfloat16 or
+#: float16 arithmetic, measured by ``benchmarks/amp_cpu.py`` (the embedded recipe on MNIST-1D,
+#: SAM, 1 thread, 2-core AMD EPYC, torch 2.13): the basis of the warnings below.
+CPU_AMP_SLOWDOWN = {"fp16": 9.8, "bf16": 10.2}
+
+
+def amp_warning(amp: str, device: torch.device) -> str | None:
+    """Why ``amp`` is a poor choice on ``device`` and what to use instead; ``None`` if fine.
+
+    On a CPU, float16 autocast is emulated (about 10x slower than float32 in samkit's
+    measurement) and bfloat16 is as slow unless the CPU has native bfloat16 arithmetic.
+    """
+    if device.type != "cpu" or amp == "off":
+        return None
+    native_bf16 = _native_bf16_cpu()
+    if amp == "fp16":
+        instead = (
+            "--amp off (or --amp bf16, which this CPU computes natively)"
+            if native_bf16
+            else "--amp off"
+        )
+        return (
+            f"--amp fp16 on a CPU is slow: float16 autocast is emulated there "
+            f"(~{CPU_AMP_SLOWDOWN['fp16']:g}x the time of --amp off in samkit's benchmark); "
+            f"use {instead} on a CPU, and fp16 on a GPU"
+        )
+    if amp == "bf16" and native_bf16 is False:
+        return (
+            f"--amp bf16 on this CPU is slow: it has no native bfloat16 arithmetic "
+            f"(AVX512-BF16 or AMX) (~{CPU_AMP_SLOWDOWN['bf16']:g}x the time of --amp off in "
+            "samkit's benchmark); use --amp off on this CPU"
+        )
+    return None

@@ -8,6 +8,7 @@ number of classes of a dataset; ``list_models()`` gives the names. Every model t
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -305,4 +306,18 @@ def create_model(name: str, dataset_info: DatasetInfo, **model_args: Any) -> nn.
     """
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}; available: {', '.join(MODELS)}")
-    return MODELS[name].build(dataset_info, **model_args)
+    build = MODELS[name].build
+    accepted = list(inspect.signature(build).parameters)[1:]  # after the dataset info
+    unknown = [k for k in model_args if k not in accepted]
+    if unknown:
+        raise TypeError(
+            f"model {name!r} takes no argument {unknown[0]!r}; its arguments: "
+            f"{', '.join(accepted) or 'none'}"
+        )
+    try:
+        return build(dataset_info, **model_args)
+    except (ValueError, TypeError) as e:
+        if str(e).startswith(f"model {name!r}"):
+            raise
+        wrapped = ValueError if isinstance(e, ValueError) else TypeError
+        raise wrapped(f"model {name!r}: {e}") from e

@@ -1,0 +1,389 @@
+"""Building a run from its config: data, loaders, model, optimizer, schedule, scaler, resume.
+
+:func:`build_run` turns a resolved :class:`TrainConfig` into a :class:`Run`, the objects one
+training run works with. The order in which it builds them is part of the run: the model's
+initial weights come from torch's global RNG right after the data, so the same config gives
+the same run. :meth:`Run.checkpoint` and :meth:`Run.restore` are inverses: together they are
+everything the next epoch depends on (weights, optimizer and base-optimizer state, schedule,
+gradient scaler, every RNG, the metrics so far), which is what makes a resumed run bit-exact.
+
+Distributed training changes one thing here: the training loader (a sampler that gives each
+rank its share of every batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import math
+import os
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import samkit
+from samkit.optim import (
+    OptimizerInfo,
+    get_optimizer_info,
+    is_sharpness_aware,
+    resolve_base_optimizer,
+)
+from samkit.train.checkpoint import get_rng_state, set_rng_state
+from samkit.train.config import RECIPE_RHO, RESUMABLE_KEYS, ConfigError, TrainConfig
+from samkit.train.data import (
+    DEFAULT_MODELS,
+    Dataset,
+    InMemoryLoader,
+    add_label_noise,
+    augment_batch,
+    load_dataset,
+)
+from samkit.train.models import create_model
+
+__all__ = [
+    "Run",
+    "RunState",
+    "build_dataset",
+    "build_run",
+    "check_resumable",
+    "deterministic",
+    "optimizer_kwargs",
+    "resolve_config",
+]
+
+# Independent random streams derived from the run's seed (model init uses torch's global RNG).
+_STREAM_LOADER, _STREAM_AUGMENT, _STREAM_NOISE = 1, 2, 3
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# ----------------------------------------------------------------------------- the config
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """Validate ``config`` and fill what depends on other settings (the default model).
+
+    Raises :class:`ConfigError` for any invalid or unknown value.
+    """
+    config.validate()
+    config = dataclasses.replace(
+        config, model_args=dict(config.model_args), opt_args=dict(config.opt_args)
+    )
+    if config.dataset not in DEFAULT_MODELS:
+        raise ConfigError(
+            f"unknown dataset {config.dataset!r}; available: {', '.join(DEFAULT_MODELS)}"
+        )
+    if config.model is None:
+        config.model = DEFAULT_MODELS[config.dataset]
+    from samkit.train.models import MODELS
+
+    if config.model not in MODELS:
+        raise ConfigError(f"unknown model {config.model!r}; available: {', '.join(MODELS)}")
+    try:
+        get_optimizer_info(config.optimizer)
+        resolve_base_optimizer(config.base)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+    if config.dataset.startswith("cifar") and not config.data_dir:
+        raise ConfigError(f"dataset {config.dataset!r} needs --data-dir")
+    if config.track_sharpness:
+        _sharpness_api()  # fail now, not after the first N epochs
+    return config
+
+
+def build_dataset(config: TrainConfig) -> Dataset:
+    """The run's data: loaded, limited, and with the run's label noise (seeded)."""
+    data = load_dataset(
+        config.dataset,
+        config.data_dir,
+        limit_train=config.limit_train,
+        limit_test=config.limit_test,
+    )
+    if config.label_noise > 0:
+        gen = torch.Generator().manual_seed(_stream_seed(config.seed, _STREAM_NOISE))
+        noisy, flipped = add_label_noise(
+            data.y_train, config.label_noise, data.info.num_classes, gen
+        )
+        data = dataclasses.replace(data, y_train=noisy, label_noise_flipped=flipped)
+    return data
+
+
+def _accepts(cls: type, name: str) -> bool:
+    try:
+        return name in inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def optimizer_kwargs(config: TrainConfig) -> dict[str, Any]:
+    """Keyword arguments for ``samkit.create_optimizer`` (without ``model``).
+
+    ``lr`` and ``weight_decay`` always; ``momentum`` when the (base) optimizer takes one;
+    ``rho`` when given, else the registry's default for the method, else the recipe's 0.1
+    if the method takes a ``rho``; then ``opt_args`` on top. The registry's other defaults
+    are merged in by ``create_optimizer``.
+    """
+    info = get_optimizer_info(config.optimizer)
+    update_cls = resolve_base_optimizer(config.base) if info.sharpness_aware else info.cls
+    kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if _accepts(update_cls, "momentum"):
+        kwargs["momentum"] = config.momentum
+    rho = config.rho
+    if rho is None and info.sharpness_aware and "rho" not in info.defaults:
+        rho = RECIPE_RHO if _accepts(info.cls, "rho") else None
+    if rho is not None and info.sharpness_aware:
+        kwargs["rho"] = rho
+    kwargs.update(config.opt_args)
+    return kwargs
+
+
+def _sharpness_api() -> Any:
+    """``samkit.sharpness``, or ConfigError if it lacks what tracking needs."""
+    try:
+        import samkit.sharpness as sharpness
+    except ImportError as e:  # pragma: no cover - package always present
+        raise ConfigError(f"--track-sharpness is not available: {e}") from e
+    if not hasattr(sharpness, "measure_all"):
+        raise ConfigError(
+            "--track-sharpness is not available yet: samkit.sharpness has no measure_all"
+        )
+    return sharpness
+
+
+def check_resumable(config: TrainConfig, ckpt: dict[str, Any], where: Any) -> None:
+    """ConfigError unless ``config`` continues the run saved in ``ckpt`` (from ``where``).
+
+    A resumed run must be the same computation: only ``RESUMABLE_KEYS`` may change, and it
+    must have epochs left to run.
+    """
+    saved = ckpt["config"]
+    for key, value in config.to_dict().items():
+        if key not in RESUMABLE_KEYS and saved.get(key) != value:
+            raise ConfigError(
+                f"--resume: setting {key!r} is {value!r} but the checkpoint in {where} was "
+                f"trained with {saved.get(key)!r}"
+            )
+    done = int(ckpt["epoch"])
+    if done >= config.epochs:
+        raise ConfigError(
+            f"--resume: the run in {where} has already done {_epochs(done)}; "
+            f"pass --epochs larger than that to continue it"
+        )
+    if config.stop_after_epoch is not None and config.stop_after_epoch <= done:
+        raise ConfigError(
+            f"--resume: --stop-after-epoch {config.stop_after_epoch} is already behind the "
+            f"run in {where} ({_epochs(done)} done); give a later epoch or leave it out"
+        )
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms`` (warn-only) inside, the previous mode after."""
+    prev_deterministic = torch.are_deterministic_algorithms_enabled()
+    prev_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by cuBLAS
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev_deterministic, warn_only=prev_warn_only)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base lr after ``step`` optimizer steps."""
+    if schedule == "cosine":  # from 1 to 0 over the run, updated every step
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    if schedule == "step":  # x0.1 at 50% and 75% of the steps
+        return lambda step: 0.1 ** ((step >= total_steps // 2) + (step >= (3 * total_steps) // 4))
+    return lambda step: 1.0
+
+
+def _new_totals() -> dict[str, Any]:
+    return {"grad_evals": 0.0, "steps": 0, "train_time_s": 0.0}
+
+
+@dataclasses.dataclass
+class RunState:
+    """How far a run has got: epochs done, one metrics row per epoch, running totals."""
+
+    epoch: int = 0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    totals: dict[str, Any] = dataclasses.field(default_factory=_new_totals)
+
+
+@dataclasses.dataclass
+class Run:
+    """The objects of one training run, as :func:`build_run` made them."""
+
+    config: TrainConfig
+    device: torch.device
+    data: Dataset
+    train_loader: InMemoryLoader
+    test_loader: InMemoryLoader
+    loader_gen: torch.Generator  # shuffling
+    aug_gen: torch.Generator  # augmentation
+    sharpness_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    opt_info: OptimizerInfo
+    opt_settings: dict[str, Any]  # the optimizer's resolved settings, registry defaults included
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    loss_fn: nn.Module
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.amp)
+
+    def autocast(self) -> Any:
+        """The run's autocast context (disabled with ``amp="off"``)."""
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @property
+    def plain_step(self) -> bool:
+        """fp16 with a plain torch optimizer: ``closure(); scaler.step(opt)`` (no closure)."""
+        return self.scaler is not None and not is_sharpness_aware(self.opt)
+
+    def checkpoint(self, state: RunState, versions: dict[str, Any]) -> dict[str, Any]:
+        """Everything the next epoch depends on, as plain tensors and containers."""
+        return {
+            "epoch": state.epoch,
+            "config": self.config.to_dict(),
+            "dataset_info": self.data.info.to_dict(),
+            "model_name": self.config.model,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": get_rng_state(loader=self.loader_gen, augment=self.aug_gen),
+            "history": state.history,
+            "totals": dict(state.totals),
+            "versions": versions,
+        }
+
+    def restore(self, ckpt: dict[str, Any]) -> RunState:
+        """Load a :meth:`checkpoint` into this run; returns where the run stands."""
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"], loader=self.loader_gen, augment=self.aug_gen)
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        totals = _new_totals()
+        totals.update(ckpt["totals"])
+        return RunState(epoch=int(ckpt["epoch"]), history=list(ckpt["history"]), totals=totals)
+
+
+def build_run(config: TrainConfig, device: torch.device) -> Run:
+    """Seed every RNG, then build the run's data, model and optimizer in a fixed order.
+
+    ``config`` is resolved (:func:`resolve_config`). Raises :class:`ConfigError` for data
+    that cannot be loaded, a model that does not fit the data, or settings the optimizer
+    rejects.
+    """
+    _seed_everything(config.seed)
+
+    # Data: stored tensors on the device; batches are prepared (and augmented) on the fly.
+    try:
+        data = build_dataset(config).to(device)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+    info = data.info
+    augment = data.augment if config.augment is None else config.augment
+    if augment and len(info.input_shape) != 3:
+        raise ConfigError(f"augment needs image data; {info.name!r} is not")
+    aug_gen = torch.Generator().manual_seed(_stream_seed(config.seed, _STREAM_AUGMENT))
+    loader_gen = torch.Generator().manual_seed(_stream_seed(config.seed, _STREAM_LOADER))
+
+    def train_transform(x: torch.Tensor) -> torch.Tensor:
+        if augment:
+            x = augment_batch(x, aug_gen, cutout=config.cutout)
+        return data.prepare(x)
+
+    train_loader = InMemoryLoader(
+        data.x_train,
+        data.y_train,
+        config.batch_size,
+        shuffle=True,
+        generator=loader_gen,
+        transform=train_transform,
+    )
+    test_loader = InMemoryLoader(
+        data.x_test, data.y_test, max(config.batch_size, 512), transform=data.prepare
+    )
+    # Sharpness is measured on a fixed subset of the (possibly noisy) training set:
+    # its first `sharpness_samples` samples, without augmentation.
+    sharpness_batches = []
+    if config.track_sharpness:
+        n_sharp = min(config.sharpness_samples, info.num_train)
+        for lo in range(0, n_sharp, config.batch_size):
+            hi = min(lo + config.batch_size, n_sharp)
+            sharpness_batches.append((data.prepare(data.x_train[lo:hi]), data.y_train[lo:hi]))
+
+    # Model (initialised from torch's global RNG, seeded above) and optimizer.
+    try:
+        model = create_model(config.model, info, **config.model_args).to(device)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e  # create_model's messages name the model
+    opt_kwargs = optimizer_kwargs(config)
+    try:
+        opt = samkit.create_optimizer(
+            config.optimizer, model.parameters(), base=config.base, model=model, **opt_kwargs
+        )
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"optimizer {config.optimizer!r} rejected its settings: {e}") from e
+    opt_info = get_optimizer_info(config.optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_factor(config.schedule, config.epochs * len(train_loader))
+    )
+    return Run(
+        config=config,
+        device=device,
+        data=data,
+        train_loader=train_loader,
+        test_loader=test_loader,
+        loader_gen=loader_gen,
+        aug_gen=aug_gen,
+        sharpness_batches=sharpness_batches,
+        model=model,
+        opt=opt,
+        opt_info=opt_info,
+        opt_settings={**opt_info.defaults, **opt_kwargs},
+        scheduler=scheduler,
+        # fp16: a GradScaler. Sharpness-aware methods take their base step through it (the
+        # closure carries it); plain torch optimizers step as `closure(); scaler.step(opt)`.
+        scaler=torch.amp.GradScaler(device.type) if config.amp == "fp16" else None,
+        # Per-sample losses: some methods (ESAM, AUSAM) select samples by their loss.
+        loss_fn=nn.CrossEntropyLoss(reduction="none", label_smoothing=config.label_smoothing),
+    )

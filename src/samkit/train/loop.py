@@ -491,8 +491,8 @@ def train(
                 if loss is not None:
                     loss_sum += torch.as_tensor(loss).detach().double() * n
                     seen += n
-                if closure.outputs is not None:
-                    correct += (closure.outputs.argmax(1) == y).sum()
+                if closure.predictions is not None:
+                    correct += (closure.predictions == y).sum()
                     counted += n
                 epoch_grad_evals += closure.grad_evals
                 if bar is not train_loader and (step % 8 == 0 or step == steps_per_epoch - 1):

@@ -285,7 +285,7 @@ def test_batch_closure_accumulation_matches_full_batch():
     c1 = samkit.make_closure(model, loss_fn, x, y)
     l1 = c1()
     g1 = [p.grad.clone() for p in model.parameters()]
-    c3 = samkit.make_closure(model, loss_fn, x, y, accumulation_steps=5)
+    c3 = samkit.make_closure(model, loss_fn, x, y, accumulation_steps=5, keep_outputs=True)
     l3 = c3()
     g3 = [p.grad.clone() for p in model.parameters()]
     torch.testing.assert_close(l1, l3, rtol=1e-13, atol=0)

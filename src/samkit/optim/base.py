@@ -241,6 +241,8 @@ class SharpnessAwareOptimizer(Optimizer):
         if self.needs_epoch:
             self.current_epoch()  # a clear error before any pass runs
         self._grad_scaler = getattr(closure, "grad_scaler", None)
+        if isinstance(closure, BatchClosure):
+            closure.begin_step()  # its metrics come from this step's first full-batch pass
         try:
             return self.sharpness_step(closure)
         except _SkipStep as skip:

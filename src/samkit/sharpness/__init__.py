@@ -1,7 +1,8 @@
 """Measuring sharpness: Hessian spectrum, sharpness notions and loss landscapes.
 
 Every function takes ``(model, loss_fn, data, ...)`` with ``data`` an iterable of
-``(inputs, targets)`` batches and ``loss_fn(model(inputs), targets)`` the mean batch loss;
+``(inputs, targets)`` batches and ``loss_fn(model(inputs), targets)`` the batch's unreduced
+losses (batch first, ``reduction="none"``) or their mean, reduced like ``make_closure`` does;
 results are averaged over batches with batch-size weights (m-sharpness for batches of size m).
 Models run in eval mode by default and are left exactly as they were. See ``docs/sharpness.md``.
 """

@@ -6,7 +6,10 @@ Conventions used by every public function of the package:
 * ``data`` is an iterable of ``(inputs, targets)`` batches (a list of tuples or a DataLoader).
   One-shot iterators (generators) are materialised to a list once, so that several passes over
   the data see the same batches.
-* ``loss_fn(model(inputs), targets)`` returns the *mean* loss of the batch (a scalar tensor).
+* ``loss_fn(model(inputs), targets)`` returns the batch's unreduced losses, batch first
+  (``reduction="none"``), or their mean (0-dim); both reduce to torch's ``reduction="mean"``
+  of the batch (padding left out), by the rule the optimizers' closures use
+  (``samkit._losses``).
 * Every quantity is averaged over the batches, each batch weighted by its size.
 * Only parameters with ``requires_grad=True`` take part.
 * The model runs in eval mode unless ``train_mode=True``; its weights, ``requires_grad`` flags,
@@ -26,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
+
+from samkit._losses import LossReduction
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 Data = Iterable[tuple[Any, Any]]
@@ -264,6 +269,7 @@ class Evaluator:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
+        self.reduction = LossReduction(loss_fn)
         self.data = prepare_data(data)
         self.train_mode = bool(train_mode)
         self.seed = check_seed(seed)
@@ -335,14 +341,10 @@ class Evaluator:
             out = functional_call(self.model, dict(overrides), (inputs,))
         else:
             out = self.model(inputs)
-        loss = self.loss_fn(out, targets)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(
-                f"loss_fn must return a scalar (mean) loss tensor, got {shape}; "
-                "use reduction='mean'"
-            )
-        return out, loss.reshape(())
+        loss = self.reduction.mean(
+            self.loss_fn(out, targets), targets, batch_size(inputs, targets)
+        )  # the rule shared with the optimizers' closures: torch's reduction="mean"
+        return out, loss
 
     def loss(self, index, inputs, targets, overrides=None) -> torch.Tensor:
         return self.output_and_loss(index, inputs, targets, overrides)[1]

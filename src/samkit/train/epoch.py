@@ -32,10 +32,10 @@ StepCallback = Callable[[Callable[[], tuple[float, float | None]]], None]
 
 def _correct(closure: samkit.BatchClosure, y: torch.Tensor) -> torch.Tensor | None:
     """Correct predictions of the clean pass the optimizer already ran (no extra forward);
-    ``None`` when the closure kept no outputs."""
-    if closure.outputs is None:
+    ``None`` when the closure recorded no predictions."""
+    if closure.predictions is None:
         return None
-    return (closure.outputs.argmax(1) == y).sum()
+    return (closure.predictions == y).sum()
 
 
 def train_epoch(run: Run, on_step: StepCallback | None = None) -> dict[str, Any]:

@@ -80,9 +80,9 @@ class FriendlySAM(SharpnessAwareOptimizer):
         * ``adaptive=True`` uses samkit's ASAM rule (``T = |w| + eta`` on weight tensors only,
           ``T = 1`` on biases); the official F-SAM applies ``|w|`` to every tensor with no
           ``eta``.
-        * The average is updated in the clean pass; if the step is then skipped because the
-          perturbed pass is non-finite (``on_nonfinite="skip"``), the (finite) gradient
-          stays in the average.
+        * The average is updated only once the step is accepted: a step that raises or is
+          skipped because a pass is non-finite (``on_nonfinite="skip"``) leaves it as it
+          was (the official code has no such check).
 
     References:
         T. Li, P. Zhou, Z. He, X. Cheng, X. Huang. Friendly Sharpness-Aware Minimization.

@@ -299,11 +299,66 @@ def test_nonfinite_raise_and_skip(bad_pass, mode):
         with pytest.raises(samkit.NonFiniteError, match=f"SAM.*{name} pass"):
             opt.step(closure)
     else:
-        opt.step(closure)
+        loss = opt.step(closure)
         assert opt.skipped_steps == 1 and opt.samkit_state["step"] == 0
         assert all(p.grad is None for p in model.parameters())
+        if bad_pass == 2:  # a skipped step still returns the clean loss
+            torch.testing.assert_close(loss, mean_loss(model, x, y), rtol=0, atol=0)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert not opt.is_perturbed
+
+
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_a_python_number_loss_is_checked_too(mode):
+    # A closure may return loss.item(): a NaN there is caught although the gradients are fine.
+    x, y = batches(1)[0]
+    model = tiny_net()
+    opt = samkit.SAM(model.parameters(), rho=0.5, lr=0.1, on_nonfinite=mode)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = mean_loss(model, x, y)
+        loss.backward()
+        return float("nan") if opt.is_perturbed else loss.item()
+
+    if mode == "raise":
+        with pytest.raises(samkit.NonFiniteError, match=r"perturbed pass \(loss=nan\)"):
+            opt.step(closure)
+    else:
+        assert opt.step(closure) == pytest.approx(float(mean_loss(model, x, y).detach()))
+        assert opt.skipped_steps == 1
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_all_reduce_mean_averages_over_the_replicas(monkeypatch):
+    # Two replicas simulated: all_reduce adds the other replica's tensor; the result must be
+    # the mean (a sum would keep replicas identical and slip through a replica check).
+    import torch.distributed as dist
+
+    other = {}
+
+    def all_reduce(flat, group=None):
+        flat.add_(other["flat"])
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    opt = samkit.SAM(tiny_net().parameters(), lr=0.1)
+    mine = [torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([[4.0]])]
+    theirs = [torch.tensor([3.0, 6.0], dtype=torch.float64), torch.tensor([[0.0]])]
+    expected = [(a + b) / 2 for a, b in zip(mine, theirs)]
+    opt._local_grads = True  # as after a clean pass inside no_sync()
+    for a, b in zip(mine, theirs):  # one buffer per dtype: feed the matching one
+        other["flat"] = b.reshape(-1)
+        opt.all_reduce_mean_([a])
+    for a, e in zip(mine, expected):
+        assert torch.equal(a, e)
+    opt._local_grads = False  # after a synchronised pass it does nothing
+    t = torch.ones(2)
+    opt.all_reduce_mean_([t])
+    assert torch.equal(t, torch.ones(2))
 
 
 def test_validation_messages():

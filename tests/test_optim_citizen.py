@@ -120,6 +120,19 @@ def test_loading_into_the_base_optimizer_keeps_the_scheduler_acting():
     assert same_params(m1, m2)  # the AdamW inside stepped with the scheduled lr
 
 
+def test_the_method_hyperparameters_come_from_the_samkit_state():
+    # A samkit state whose base part carries no method keys (built from base_state_dict):
+    # the method's values come from the state's own param groups.
+    model = tiny_net()
+    opt = samkit.SAM(model.parameters(), "adamw", rho=0.2, lr=1e-2)
+    train(opt, model, batches(1))
+    sd = saved(opt.state_dict())
+    sd["base_optimizer"] = saved(opt.base_state_dict())
+    opt2 = samkit.SAM(copy.deepcopy(model).parameters(), "adamw", rho=0.9, lr=1.0)
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["rho"] == 0.2 and opt2.param_groups[0]["lr"] == 1e-2
+
+
 def test_samkit_state_load_keeps_the_groups_shared_and_the_same_objects():
     model = tiny_net()
     opt = samkit.SAM(model.parameters(), "adamw", lr=1e-2)
@@ -456,6 +469,19 @@ def test_a_closure_returning_none_is_a_clear_error(name):
     assert opt.samkit_state["step"] == 0
 
 
+def test_a_stale_gradient_on_a_frozen_parameter_does_not_hide_a_missing_backward():
+    model = tiny_net()
+    x, y = batches(1)[0]
+    mean_loss(model, x, y).backward()
+    model[0].weight.requires_grad_(False)  # frozen, but keeps its old .grad
+    opt = samkit.SAM(model.parameters(), lr=0.1)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = None  # the trainable ones have none: the backward pass is missing
+    with pytest.raises(RuntimeError, match=r"first_step\(\) found no gradient"):
+        opt.first_step()
+
+
 def test_manual_misuse_is_a_clear_error():
     model = tiny_net()
     opt = samkit.SAM(model.parameters(), lr=0.1)
@@ -508,3 +534,44 @@ def test_invalid_values_are_shown_with_their_repr_and_what_is_expected(cls, kw, 
     with pytest.raises(ValueError) as err:
         cls(tiny_net().parameters(), lr=0.1, **kw)
     assert message in str(err.value)
+
+
+def test_a_pass_on_a_subset_starts_from_the_same_random_state():
+    class SubsetSAM(samkit.SAM):  # the shape of ESAM's data selection: a sub-batch pass
+        def sharpness_step(self, closure):
+            loss = self.run_pass(closure, "clean")
+            self.perturb()
+            self.run_pass(closure, "select", perturbed=True, backward=False, per_sample=True)
+            self.run_pass(closure, "perturbed", perturbed=True, subset=torch.tensor([0, 2, 5]))
+            self.restore()
+            self.base_step()
+            return loss
+
+    model = DropNet()
+    starts, masks = [], record_masks(model)
+    model.register_forward_pre_hook(lambda m, i: starts.append(torch.get_rng_state()))
+    opt = SubsetSAM(model.parameters(), rho=0.5, lr=0.1)
+    x, y = batches(1, size=8)[0]
+    before = torch.get_rng_state()
+    opt.step(samkit.make_closure(model, loss_fn, x, y))
+    assert len(starts) == 3 and all(torch.equal(s, before) for s in starts)
+    assert torch.equal(masks[0], masks[1]) and masks[2].shape == (3, 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_passes_share_the_cuda_generator_too():
+    model = DropNet().cuda()
+    masks = record_masks(model)
+    opt = samkit.SAM(model.parameters(), rho=0.5, lr=0.1)
+    x, y = (t.cuda() for t in batches(1, size=8)[0])
+    start = torch.cuda.get_rng_state()
+    opt.step(samkit.make_closure(model, loss_fn, x, y))
+    assert len(masks) == 2 and torch.equal(masks[0], masks[1])
+    after = torch.cuda.get_rng_state()
+    torch.cuda.set_rng_state(start)
+    mean_loss(model, x, y).backward()  # one plain pass draws as much as the whole step
+    assert torch.equal(torch.cuda.get_rng_state(), after)
+    masks.clear()
+    fresh = samkit.SAM(model.parameters(), rho=0.5, lr=0.1, share_rng=False)
+    fresh.step(samkit.make_closure(model, loss_fn, x, y))
+    assert not torch.equal(masks[0], masks[1])

@@ -73,12 +73,23 @@ def _warm(name):
     return model, opt
 
 
-def _passes(name):
+def _pass_names(name):
+    """The names of a step's backward passes, in order (as run_pass reports them)."""
     model, opt = _warm(name)
     x, y = batches(1, size=16, seed=9)[0]
+    names = []
+    run_pass = opt.run_pass
+
+    def spy(closure, pass_name, **kw):
+        if kw.get("backward", True):
+            names.append(pass_name)
+        return run_pass(closure, pass_name, **kw)
+
+    opt.run_pass = spy
     c = Faulty(opt, model, x, y)
     opt.step(c)
-    return c.calls
+    assert len(names) == c.calls
+    return names
 
 
 def _snapshot(model):
@@ -106,7 +117,8 @@ def _assert_same(model, snap, buffers=True):
     ] == bn
 
 
-CASES = [(name, k) for name in METHODS for k in range(1, _passes(name) + 1)]
+PASS_NAMES = {name: _pass_names(name) for name in METHODS}
+CASES = [(name, k) for name in METHODS for k in range(1, len(PASS_NAMES[name]) + 1)]
 
 
 @pytest.mark.parametrize("name,at", CASES)
@@ -138,7 +150,10 @@ def test_nan_in_any_pass_raises_naming_method_and_pass(name, at, fault):
     x, y = batches(1, size=16, seed=5)[0]
     snap = _snapshot(model)
     state = copy.deepcopy(opt.state_dict())
-    with pytest.raises(samkit.NonFiniteError, match=rf"{type(opt).__name__}: non-finite .* pass"):
+    pass_name = PASS_NAMES[name][at - 1]  # the faulty pass is the one reported
+    with pytest.raises(
+        samkit.NonFiniteError, match=rf"{type(opt).__name__}: non-finite .* {pass_name} pass"
+    ):
         opt.step(Faulty(opt, model, x, y, at=at, fault=fault))
     _assert_same(model, snap, buffers=False)
     _assert_same_state(opt, state)

@@ -491,6 +491,8 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def _cuda_devices(self) -> list[torch.device]:
         """The CUDA devices holding parameters (their generators are shared by the passes)."""
+        if not torch.cuda.is_initialized():  # no parameter can be on a GPU: skip the walk
+            return []
         devices = {p.device for g in self.param_groups for p in g["params"] if p.is_cuda}
         return sorted(devices, key=lambda d: d.index or 0)
 
@@ -550,7 +552,8 @@ class SharpnessAwareOptimizer(Optimizer):
         :meth:`first_step`); ``loss`` (optional) is that pass's loss, checked for NaN/inf.
         Raises :class:`NonFiniteError` (weights restored, nothing applied) or, with
         ``on_nonfinite="skip"``, skips the step (counted in :attr:`skipped_steps`) if either
-        pass was not finite.
+        pass was not finite. ``zero_grad=True`` clears the gradients in every case, an error
+        included, so that a loop that catches it does not accumulate onto them.
         """
         if not self._manual_step:
             raise RuntimeError(

@@ -248,3 +248,26 @@ def test_registry_entry_and_three_passes():
     closure = samkit.make_closure(m, lambda o, t: nn.functional.cross_entropy(o, t), x, y)
     opt.step(closure)
     assert closure.passes == 3
+
+
+def test_cos_update_g0_is_the_cosine_of_the_update_and_the_clean_gradient():
+    x, y = data(1)[0]
+    model = net()
+    opt = samkit.BilateralSAM(model.parameters(), rho=0.1, rho_min=0.05, lr=LR)
+    opt.collect_stats = True
+    params = list(model.parameters())
+    g0 = grads_at(model, params, x, y)
+    seen = {}
+    step = opt.base_optimizer.step
+
+    def record(*args, **kwargs):
+        seen["update"] = [p.grad.detach().clone() for p in params]
+        return step(*args, **kwargs)
+
+    opt.base_optimizer.step = record
+    run(opt, model, [(x, y)])
+    u = seen["update"]
+    cos = sum((a * b).sum() for a, b in zip(u, g0)) / (norm(u) * norm(g0))
+    torch.testing.assert_close(opt.last_stats["cos_update_g0"], cos, rtol=1e-10, atol=0)
+    assert abs(float(cos)) < 0.999  # the update is not g0 itself: the check can fail
+    torch.testing.assert_close(opt.last_stats["norm_g0"], norm(g0), rtol=1e-12, atol=0)

@@ -3,7 +3,10 @@
 * An exception in any pass leaves the weights exactly as before the step and restores every
   temporary change (BatchNorm flags, requires_grad, autocast state, the perturbed flag).
 * A NaN in any pass raises NonFiniteError naming the method and the pass, or, with
-  ``on_nonfinite="skip"``, skips the update with the weights unchanged.
+  ``on_nonfinite="skip"``, skips the update with the weights unchanged. The loss and the
+  gradients are checked separately: a NaN loss with finite gradients, and an inf in the
+  gradients under a finite loss (the last pass included), are each caught on their own.
+* The manual protocol (``first_step`` / ``second_step``) gives the same guarantees.
 * Property (hypothesis): after a step the weights equal the base optimizer applied, at the
   clean weights, to the gradient the method hands it.
 """
@@ -11,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -31,7 +35,12 @@ def make(name, model, **kw):
 
 
 class Faulty:
-    """A standard closure that raises, or returns NaN, at its ``at``-th call."""
+    """A standard closure that misbehaves at its ``at``-th call.
+
+    ``fault``: ``"raise"`` (KeyboardInterrupt), ``"nan"`` (NaN loss, hence NaN gradients),
+    ``"nan_loss"`` (the returned loss is NaN, the gradients are finite) or ``"inf_grad"``
+    (the loss is finite, one gradient entry is inf).
+    """
 
     def __init__(self, opt, model, x, y, at=None, fault="raise"):
         self.opt, self.model, self.x, self.y = opt, model, x, y
@@ -43,9 +52,15 @@ class Faulty:
             raise KeyboardInterrupt("injected")
         self.opt.zero_grad()
         loss = mean_loss(self.model, self.x, self.y)
-        if self.calls == self.at and self.fault == "nan":
+        faulty = self.calls == self.at
+        if faulty and self.fault == "nan":
             loss = loss * float("nan")
         loss.backward()
+        if faulty and self.fault == "nan_loss":
+            return loss.detach() * float("nan")
+        if faulty and self.fault == "inf_grad":
+            grad = next(p.grad for p in self.model.parameters() if p.grad is not None)
+            grad.view(-1)[0] = float("inf")
         return loss
 
 
@@ -58,12 +73,23 @@ def _warm(name):
     return model, opt
 
 
-def _passes(name):
+def _pass_names(name):
+    """The names of a step's backward passes, in order (as run_pass reports them)."""
     model, opt = _warm(name)
     x, y = batches(1, size=16, seed=9)[0]
+    names = []
+    run_pass = opt.run_pass
+
+    def spy(closure, pass_name, **kw):
+        if kw.get("backward", True):
+            names.append(pass_name)
+        return run_pass(closure, pass_name, **kw)
+
+    opt.run_pass = spy
     c = Faulty(opt, model, x, y)
     opt.step(c)
-    return c.calls
+    assert len(names) == c.calls
+    return names
 
 
 def _snapshot(model):
@@ -91,7 +117,8 @@ def _assert_same(model, snap, buffers=True):
     ] == bn
 
 
-CASES = [(name, k) for name in METHODS for k in range(1, _passes(name) + 1)]
+PASS_NAMES = {name: _pass_names(name) for name in METHODS}
+CASES = [(name, k) for name in METHODS for k in range(1, len(PASS_NAMES[name]) + 1)]
 
 
 @pytest.mark.parametrize("name,at", CASES)
@@ -113,24 +140,36 @@ def test_exception_in_any_pass_leaves_everything_as_before(name, at):
             assert torch.equal(torch.as_tensor(val), torch.as_tensor(after[pid][key]))
 
 
+FAULTS = ["nan", "nan_loss", "inf_grad"]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
 @pytest.mark.parametrize("name,at", CASES)
-def test_nan_in_any_pass_raises_naming_method_and_pass(name, at):
+def test_nan_in_any_pass_raises_naming_method_and_pass(name, at, fault):
     model, opt = _warm(name)
     x, y = batches(1, size=16, seed=5)[0]
     snap = _snapshot(model)
-    with pytest.raises(samkit.NonFiniteError, match=rf"{type(opt).__name__}: non-finite .* pass"):
-        opt.step(Faulty(opt, model, x, y, at=at, fault="nan"))
+    state = copy.deepcopy(opt.state_dict())
+    pass_name = PASS_NAMES[name][at - 1]  # the faulty pass is the one reported
+    with pytest.raises(
+        samkit.NonFiniteError, match=rf"{type(opt).__name__}: non-finite .* {pass_name} pass"
+    ):
+        opt.step(Faulty(opt, model, x, y, at=at, fault=fault))
     _assert_same(model, snap, buffers=False)
+    _assert_same_state(opt, state)
 
 
+@pytest.mark.parametrize("fault", FAULTS)
 @pytest.mark.parametrize("name,at", CASES)
-def test_nan_in_any_pass_is_skipped_on_request(name, at):
+def test_nan_in_any_pass_is_skipped_on_request(name, at, fault):
     model, opt = _warm(name)
     opt.on_nonfinite = "skip"
     x, y = batches(1, size=16, seed=5)[0]
     snap = _snapshot(model)
-    opt.step(Faulty(opt, model, x, y, at=at, fault="nan"))
+    state = copy.deepcopy(opt.state_dict())
+    opt.step(Faulty(opt, model, x, y, at=at, fault=fault))
     _assert_same(model, snap, buffers=False)
+    _assert_same_state(opt, state, skipped=1)
     assert opt.skipped_steps == 1
     # and training goes on: the next clean steps update the weights, with finite values
     for _ in range(2):
@@ -141,6 +180,111 @@ def test_nan_in_any_pass_is_skipped_on_request(name, at):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     for state in opt.state.values():  # no method buffer was poisoned by the skipped step
         assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v))
+
+
+def _assert_same_state(opt, before, skipped=0):
+    """The optimizer's state (method buffers, base moments, counters) is as ``before``."""
+    after = opt.state_dict()
+    for key in ("state", "base_optimizer"):
+        a = before[key] if key == "state" else before[key]["state"]
+        b = after[key] if key == "state" else after[key]["state"]
+        assert a.keys() == b.keys(), key
+        for pid in a:
+            assert a[pid].keys() == b[pid].keys()
+            for k in a[pid]:
+                assert torch.equal(torch.as_tensor(a[pid][k]), torch.as_tensor(b[pid][k])), k
+    counters = dict(before["samkit"], skipped_steps=before["samkit"]["skipped_steps"] + skipped)
+    assert after["samkit"] == counters
+
+
+# ----------------------------------------------------------------------------- by hand
+def _manual_methods():
+    """Registered methods whose passes first_step/second_step implement (SAM's two)."""
+    out = []
+    for name in METHODS:
+        opt = make(name, tiny_net())
+        if opt.supports_manual_steps or (
+            opt.supports_manual_steps is None
+            and type(opt).sharpness_step is samkit.SharpnessAwareOptimizer.sharpness_step
+        ):
+            out.append(name)
+    return out
+
+
+MANUAL = _manual_methods()
+
+
+def test_the_manual_protocol_covers_the_sam_family():
+    assert {"sam", "asam", "fsam"} <= set(MANUAL)
+
+
+def _manual_step(opt, model, x, y, fault=None, at=None, pass_loss=True):
+    """One step by hand; ``fault`` as in :class:`Faulty`, injected in pass ``at`` (1 or 2)."""
+    for k in (1, 2):
+        loss = mean_loss(model, x, y)
+        if fault == "nan" and at == k:
+            loss = loss * float("nan")
+        loss.backward()
+        if fault == "nan_loss" and at == k:
+            loss = loss.detach() * float("nan")
+        if fault == "inf_grad" and at == k:
+            next(p.grad for p in model.parameters() if p.grad is not None).view(-1)[0] = math.inf
+        if k == 1:
+            opt.first_step(zero_grad=True, loss=loss if pass_loss else None)
+        else:
+            opt.second_step(zero_grad=True, loss=loss if pass_loss else None)
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("at", [1, 2])
+@pytest.mark.parametrize("name", MANUAL)
+def test_manual_steps_raise_on_nan_in_either_pass(name, at, fault):
+    model, opt = _warm(name)
+    x, y = batches(1, size=16, seed=5)[0]
+    snap = _snapshot(model)
+    state = copy.deepcopy(opt.state_dict())
+    pass_name = "clean" if at == 1 else "perturbed"
+    with pytest.raises(samkit.NonFiniteError, match=rf"{type(opt).__name__}: .* {pass_name} pass"):
+        _manual_step(opt, model, x, y, fault, at)
+    _assert_same(model, snap, buffers=False)
+    _assert_same_state(opt, state)
+    assert not opt.is_perturbed
+    _manual_step(opt, model, x, y)  # and the next step by hand works
+    assert opt.samkit_state["step"] == state["samkit"]["step"] + 1
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("at", [1, 2])
+@pytest.mark.parametrize("name", MANUAL)
+def test_manual_steps_skip_nan_in_either_pass_on_request(name, at, fault):
+    model, opt = _warm(name)
+    opt.on_nonfinite = "skip"
+    x, y = batches(1, size=16, seed=5)[0]
+    snap = _snapshot(model)
+    state = copy.deepcopy(opt.state_dict())
+    _manual_step(opt, model, x, y, fault, at)
+    _assert_same(model, snap, buffers=False)
+    _assert_same_state(opt, state, skipped=1)
+    assert all(p.grad is None for p in model.parameters())
+    # the next steps by hand are exactly the steps of step(closure) from the same point
+    twin_model, twin = copy.deepcopy((model, opt))
+    for _ in range(2):
+        _manual_step(opt, model, x, y)
+        twin.step(Faulty(twin, twin_model, x, y))
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(p, q)
+    assert opt.skipped_steps == 1
+
+
+@pytest.mark.parametrize("name", MANUAL)
+def test_manual_nan_loss_is_only_seen_when_handed_over(name):
+    # Without loss=, only the gradients can be checked: a NaN loss with finite gradients
+    # passes (documented); with loss= it is caught.
+    model, opt = _warm(name)
+    x, y = batches(1, size=16, seed=5)[0]
+    _manual_step(opt, model, x, y, "nan_loss", 2, pass_loss=False)
+    with pytest.raises(samkit.NonFiniteError, match="perturbed pass"):
+        _manual_step(opt, model, x, y, "nan_loss", 2, pass_loss=True)
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -280,3 +280,18 @@ def test_step_returns_clean_loss_and_counts_two_passes():
     torch.testing.assert_close(loss, expected, rtol=0, atol=1e-15)
     assert c.passes == 2 and c.grad_evals == 2.0
     assert opt.samkit_state["step"] == 1
+
+
+def test_asam_class_defaults_are_the_papers():
+    # rho 0.5 and eta 0.01 (official code, CIFAR-10): a default ASAM step equals the naive
+    # reference with those values, and differs from one with SAM's rho.
+    x, y = batches(1)[0]
+    model, ref, other = tiny_net(), tiny_net(), tiny_net()
+    opt = samkit.ASAM(model.parameters(), lr=LR)
+    assert (opt.param_groups[0]["rho"], opt.param_groups[0]["eta"]) == (0.5, 0.01)
+    opt.step(samkit.make_closure(model, loss_fn, x, y))
+    naive_sam_step(ref, x, y, 0.5, sgd_momentum_reference(LR, 0.0, 0.0), adaptive=True, eta=0.01)
+    naive_sam_step(other, x, y, 0.05, sgd_momentum_reference(LR, 0.0, 0.0), adaptive=True, eta=0.01)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+    assert not all(torch.equal(p, r) for p, r in zip(model.parameters(), other.parameters()))

@@ -63,26 +63,35 @@ def global_norm(
 ) -> Tensor:
     """L2 norm of the concatenation of ``tensors``, as a 0-dim float tensor.
 
-    Computed in the widest floating dtype present (at least float32; float64 stays float64)
-    on the device of the first tensor. An empty list gives 0.
+    Computed in the widest floating dtype present and at least in float32, per tensor as
+    well as across tensors: the norms of float16/bfloat16 tensors are taken in float32, so
+    neither one large tensor (a float16 norm overflows above 65504) nor the combination of
+    many tensors (bfloat16 keeps 8 significant bits) loses the result. float64 stays
+    float64. On the device of the first tensor; an empty list gives 0.
     """
     if len(tensors) == 0:
         return torch.zeros(())
     device = tensors[0].device
     if not foreach:
-        norms = [torch.linalg.vector_norm(t) for t in tensors]
-        dtype = torch.promote_types(torch.float32, max((n.dtype for n in norms), key=_width))
+        norms = [torch.linalg.vector_norm(t, dtype=_at_least_float32(t.dtype)) for t in tensors]
+        dtype = max((n.dtype for n in norms), key=_width)
         return torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]))
     partial = []
     for bucket in _plan(tensors, buckets).split(tensors):
-        norms = torch.stack(torch._foreach_norm(bucket))
-        if norms.dtype.itemsize < 4:  # combine float16/bfloat16 norms in float32
-            norms = norms.float()
-        partial.append(torch.linalg.vector_norm(norms))
+        dtype = _at_least_float32(bucket[0].dtype)
+        if dtype == bucket[0].dtype:
+            norms = torch._foreach_norm(bucket)
+        else:  # float16/bfloat16: accumulate and return each norm in float32
+            norms = torch._foreach_norm(bucket, 2, dtype=dtype)
+        partial.append(torch.linalg.vector_norm(torch.stack(norms)))
     if len(partial) == 1:
         return partial[0]
-    dtype = torch.promote_types(torch.float32, max((n.dtype for n in partial), key=_width))
+    dtype = max((n.dtype for n in partial), key=_width)
     return torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in partial]))
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _width(dtype: torch.dtype) -> int:

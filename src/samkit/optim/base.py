@@ -4,7 +4,8 @@
 and owns everything the variants have in common:
 
 * the closure protocol: ``step(closure)`` calls the closure for every pass the method needs
-  (including the first) and returns the clean loss;
+  (including the first) and returns the clean loss; the manual protocol
+  ``first_step()`` / ``second_step()`` gives the same guarantees;
 * saving, perturbing and restoring the weights with ``torch._foreach_*`` kernels grouped by
   device and dtype (a plain loop with ``foreach=False``); restoring copies the saved weights
   back, so it is exact, and it also happens when a pass raises;
@@ -12,9 +13,14 @@ and owns everything the variants have in common:
 * BatchNorm running statistics frozen during every perturbed pass
   (:func:`~samkit.optim.batchnorm.frozen_bn_stats`), ``no_sync()`` for the ascent pass under
   DistributedDataParallel;
-* non-finite losses and gradients (``on_nonfinite``);
+* one random state for every pass of a step (the same dropout masks in each pass, as in the
+  original SAM code), unless ``share_rng=False``;
+* non-finite losses and gradients (``on_nonfinite``), and clear errors for closures that
+  forget ``backward()`` or return nothing;
 * ``state_dict()`` that contains the base optimizer's state (momentum buffers) and every
-  samkit buffer, so a resumed run continues exactly.
+  samkit buffer, so a resumed run continues exactly; warm starts from and to a plain
+  torch optimizer's state (``load_state_dict``, :meth:`~SharpnessAwareOptimizer.base_state_dict`);
+  ``copy.deepcopy``, ``pickle`` and ``torch.save`` of the whole optimizer.
 
 A method overrides one small hook: :meth:`ascent_direction` (the direction to normalise,
 default the clean gradient) or, for methods with a different sequence of passes,
@@ -24,13 +30,16 @@ default the clean gradient) or, for methods with a different sequence of passes,
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
-from collections.abc import Callable, Iterable
+import types
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.optim.optimizer import required
 
 from samkit.optim import _tensors as T
 from samkit.optim.batchnorm import bn_layers, frozen_bn_stats
@@ -42,6 +51,8 @@ __all__ = [
     "BASE_OPTIMIZERS",
     "resolve_base_optimizer",
     "GroupParams",
+    "invalid_value",
+    "is_finite_nonnegative",
 ]
 
 #: Base optimizers that can be named by a string.
@@ -67,12 +78,62 @@ _NO_CLOSURE_MESSAGE = (
     "loss_fn(model(inputs), targets).backward(); optimizer.second_step(zero_grad=True)."
 )
 
+_STANDARD_CLOSURE = (
+    "def closure(): optimizer.zero_grad(); loss = loss_fn(model(inputs), targets); "
+    "loss.backward(); return loss"
+)
+
+#: Group keys of torch optimizers that newer torch versions added (an older state may lack
+#: them; torch's own ``__setstate__`` fills them in), so they do not identify a class.
+_OPTIONAL_BASE_KEYS = frozenset(
+    {"foreach", "maximize", "capturable", "differentiable", "fused", "decoupled_weight_decay"}
+)
+
+#: Per-step scratch attributes: never pickled or copied, rebuilt empty.
+_TRANSIENT_ATTRIBUTES = frozenset(
+    {
+        "_backup",
+        "_perturbed",
+        "_grad_scaler",
+        "_pending_checks",
+        "_unchecked",
+        "_on_accept",
+        "_bn_cache",
+        "_plan_key",
+        "_plan",
+        "_local_grads",
+        "_replica_group",
+        "_manual_step",
+        "_rng",
+        "_opt_called",  # set by torch's LR schedulers on the optimizer they drive
+    }
+)
+
+#: Options with their defaults, for objects pickled before an option existed.
+_OPTION_DEFAULTS = {"share_rng": True, "sync_ascent": False, "on_nonfinite": "raise"}
+
 
 def is_finite_nonnegative(value: Any) -> bool:
     """Whether ``value`` is a real number (not a bool) in ``[0, inf)``."""
     return (
         isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < math.inf
     )
+
+
+def invalid_value(name: str, value: Any, expected: str) -> ValueError:
+    """The ``ValueError`` for an invalid hyperparameter, PyTorch style, with the value's repr.
+
+    ``expected`` says what is allowed (``"a finite number >= 0"``). A value that is not a
+    number is named with its type, so that ``rho="0.1"`` reads
+    ``Invalid rho value: '0.1' (must be a finite number >= 0, got str)``::
+
+        if not is_finite_nonnegative(rho):
+            raise invalid_value("rho", rho, "a finite number >= 0")
+    """
+    message = f"Invalid {name} value: {value!r} (must be {expected}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        message += f", got {type(value).__name__}"
+    return ValueError(message + ")")
 
 
 class NonFiniteError(FloatingPointError):
@@ -95,7 +156,11 @@ class GroupParams:
 
 
 def resolve_base_optimizer(base_optimizer: Any) -> type[Optimizer]:
-    """A base optimizer class from a class or one of the names in ``BASE_OPTIMIZERS``."""
+    """A base optimizer class from a class or one of the names in ``BASE_OPTIMIZERS``.
+
+    Optimizers whose ``step()`` requires a closure (``torch.optim.LBFGS``) are refused: a
+    sharpness-aware optimizer hands its base optimizer gradients it has already computed.
+    """
     if isinstance(base_optimizer, str):
         key = base_optimizer.lower()
         if key not in BASE_OPTIMIZERS:
@@ -115,7 +180,102 @@ def resolve_base_optimizer(base_optimizer: Any) -> type[Optimizer]:
             f"base_optimizer must be a torch.optim.Optimizer subclass or a name, "
             f"got {base_optimizer!r}"
         )
+    if _step_needs_closure(base_optimizer):
+        raise ValueError(
+            f"base_optimizer {base_optimizer.__name__} is not supported: its step() requires "
+            "a closure (it evaluates the loss itself), while a sharpness-aware optimizer hands "
+            "its base optimizer gradients it has already computed. Use a base optimizer whose "
+            f"step() works without a closure, e.g. one of {sorted(BASE_OPTIMIZERS)}"
+        )
     return base_optimizer
+
+
+def _step_needs_closure(cls: type[Optimizer]) -> bool:
+    """Whether ``cls.step`` has a ``closure`` argument without a default (LBFGS)."""
+    try:
+        parameters = inspect.signature(cls.step).parameters  # follows torch's hook wrapper
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+    closure = parameters.get("closure")
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
+# ---------------------------------------------------------------------------- random state
+def _get_rng(cuda_devices: list[torch.device]) -> tuple[Tensor, list[Tensor]]:
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda_devices]
+
+
+def _set_rng(state: tuple[Tensor, list[Tensor]], cuda_devices: list[torch.device]) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for device, s in zip(cuda_devices, cuda):
+        torch.cuda.set_rng_state(s, device)
+
+
+class _SharedRandomState:
+    """One step's random state: every pass after the first replays the first one's.
+
+    The first pass records the global generators' state (CPU and the CUDA devices of the
+    parameters); before each later pass the current state is kept aside and the recorded
+    one set, and after the pass the kept state is set back. So every pass draws the same
+    random numbers (the same dropout masks), and the stream outside the passes advances as
+    if only the first pass had drawn: after a step the generators stand where one plain
+    forward/backward pass would have left them.
+    """
+
+    __slots__ = ("devices", "first")
+
+    def __init__(self, cuda_devices: list[torch.device]) -> None:
+        self.devices = cuda_devices
+        self.first: tuple[Tensor, list[Tensor]] | None = None
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        if self.first is None:  # the step's first pass draws freely; remember where it began
+            self.first = _get_rng(self.devices)
+            yield
+            return
+        resume = _get_rng(self.devices)
+        _set_rng(self.first, self.devices)
+        try:
+            yield
+        finally:
+            _set_rng(resume, self.devices)
+
+
+@contextlib.contextmanager
+def _without_global_step_hooks() -> Iterator[None]:
+    """Inside, optimizer steps do not fire torch's global step hooks.
+
+    torch fires the hooks of ``torch.optim.optimizer.register_optimizer_step_pre_hook`` /
+    ``..._post_hook`` around every optimizer's ``step``. A sharpness-aware step fires them
+    once, around its own ``step``; its base optimizer's step, inside it, must not fire them a
+    second time. Hooks registered on the base optimizer itself still fire. The registries
+    are emptied for the duration of the base step only when they hold hooks (otherwise this
+    costs nothing); like torch's registries themselves, this is not meant for optimizers
+    stepping concurrently in several threads.
+    """
+    from torch.optim import optimizer as torch_optimizer
+
+    registries = [
+        getattr(torch_optimizer, "_global_optimizer_pre_hooks", None),
+        getattr(torch_optimizer, "_global_optimizer_post_hooks", None),
+    ]
+    registries = [r for r in registries if r]
+    if not registries:
+        yield
+        return
+    saved = [list(r.items()) for r in registries]
+    for registry in registries:
+        registry.clear()
+    try:
+        yield
+    finally:
+        for registry, items in zip(registries, saved):
+            added = list(registry.items())  # registered by the base step itself (rare)
+            registry.clear()
+            registry.update(items)
+            registry.update(added)
 
 
 class SharpnessAwareOptimizer(Optimizer):
@@ -125,7 +285,8 @@ class SharpnessAwareOptimizer(Optimizer):
         params: parameters or param groups (named parameters work too). Groups may carry
             their own values of the method's hyperparameters (e.g. ``rho``).
         base_optimizer: a ``torch.optim.Optimizer`` class or a name from
-            ``BASE_OPTIMIZERS`` (``"sgd"``, ``"adamw"``, ...).
+            ``BASE_OPTIMIZERS`` (``"sgd"``, ``"adamw"``, ...). Optimizers whose ``step``
+            requires a closure (``LBFGS``) are refused.
         defaults: the method's per-group hyperparameters and their default values.
         model: the model being trained. Optional; when given (or when the closure is a
             :class:`~samkit.BatchClosure`, which knows its model) BatchNorm running
@@ -135,15 +296,26 @@ class SharpnessAwareOptimizer(Optimizer):
         on_nonfinite: ``"raise"`` (default) raises :class:`NonFiniteError` naming the method
             and the pass when a loss or gradient is NaN/inf; ``"skip"`` restores the weights,
             skips the update and counts it in ``skipped_steps``; ``"ignore"`` does not check
-            (saves one device synchronisation per pass).
+            (saves one device synchronisation per step). The manual ``first_step`` /
+            ``second_step`` path gives the same guarantees.
         sync_ascent: under DDP, also all-reduce the ascent pass's gradients (default
             ``False``: each replica perturbs with its own gradient, as in the original SAM).
+        share_rng: every pass of a step draws the same random numbers as the first (the same
+            dropout masks at the clean and the perturbed weights, as the original SAM code,
+            which evaluates both passes with one random key); afterwards the global
+            generators stand where the first pass left them. ``False`` lets every pass draw
+            fresh masks. Covers the CPU generator and the CUDA generators of the parameters'
+            devices; it applies to ``step(closure)``, not to ``first_step``/``second_step``.
         perturb_eps: added to the norm in every normalisation (``1e-12``).
         **base_kwargs: passed to the base optimizer (``lr``, ``momentum``, ...).
     """
 
     #: Registry-style name used in messages.
     method_name = "sharpness-aware optimizer"
+
+    #: Whether ``first_step``/``second_step`` implement the method. ``None``: only when the
+    #: class keeps SAM's sequence of passes (it does not override :meth:`sharpness_step`).
+    supports_manual_steps: bool | None = None
 
     def __init__(
         self,
@@ -155,6 +327,7 @@ class SharpnessAwareOptimizer(Optimizer):
         foreach: bool | None = None,
         on_nonfinite: str = "raise",
         sync_ascent: bool = False,
+        share_rng: bool = True,
         perturb_eps: float = 1e-12,
         **base_kwargs: Any,
     ) -> None:
@@ -163,8 +336,8 @@ class SharpnessAwareOptimizer(Optimizer):
             raise ValueError(
                 f"Invalid on_nonfinite value: {on_nonfinite!r} (use 'raise', 'skip' or 'ignore')"
             )
-        if not perturb_eps >= 0.0:
-            raise ValueError(f"Invalid perturb_eps value: {perturb_eps}")
+        if not is_finite_nonnegative(perturb_eps):
+            raise invalid_value("perturb_eps", perturb_eps, "a finite number >= 0")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if "foreach" in base_kwargs:
@@ -172,7 +345,7 @@ class SharpnessAwareOptimizer(Optimizer):
                 "foreach is samkit's own option; it is not passed to the base optimizer"
             )
         self._method_defaults = dict(defaults or {})
-        super().__init__(params, self._method_defaults)
+        super().__init__(params, dict(self._method_defaults))
         self.base_optimizer: Optimizer = base_cls(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
@@ -182,9 +355,15 @@ class SharpnessAwareOptimizer(Optimizer):
         self.foreach = True if foreach is None else bool(foreach)
         self.on_nonfinite = on_nonfinite
         self.sync_ascent = bool(sync_ascent)
+        self.share_rng = bool(share_rng)
         self.perturb_eps = float(perturb_eps)
         #: Counters saved in ``state_dict()``: optimizer steps taken and steps skipped.
         self.samkit_state: dict[str, Any] = {"step": 0, "skipped_steps": 0, "epoch": None}
+        self._reset_transient()
+        self._link_base()
+
+    def _reset_transient(self) -> None:
+        """Empty the per-step scratch state (also after unpickling)."""
         self._backup: dict[Tensor, Tensor] = {}
         self._perturbed: list[Tensor] = []
         self._grad_scaler: Any = None
@@ -197,15 +376,19 @@ class SharpnessAwareOptimizer(Optimizer):
         #: Set by :meth:`run_pass`: the last backward pass ran inside DDP's ``no_sync()``.
         self._local_grads = False
         self._replica_group: Any = None
+        #: Between first_step() and second_step().
+        self._manual_step = False
+        #: The shared random state of the step in progress (``share_rng``).
+        self._rng: _SharedRandomState | None = None
 
     # ------------------------------------------------------------------ hyperparameters
     def validate_group(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` for invalid per-group hyperparameters (override to extend)."""
         if "rho" in group and not is_finite_nonnegative(group["rho"]):
-            raise ValueError(f"Invalid rho value: {group['rho']}")
+            raise invalid_value("rho", group["rho"], "a finite number >= 0")
         # ASAM scaling options, read by perturb() for every method that offers ``adaptive``.
         if "eta" in group and not is_finite_nonnegative(group["eta"]):
-            raise ValueError(f"Invalid eta value: {group['eta']}")
+            raise invalid_value("eta", group["eta"], "a finite number >= 0")
         choice = group.get("weight_scaling")
         if choice not in (None, True, False):
             raise ValueError(f"Invalid weight_scaling value: {choice!r} (use None, True or False)")
@@ -217,14 +400,30 @@ class SharpnessAwareOptimizer(Optimizer):
         self.validate_group(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (with the method's and the base optimizer's defaults filled in).
+
+        The group is validated first and appended only if it is valid: after an error the
+        optimizer is exactly as before.
+        """
         if not hasattr(self, "base_optimizer"):
             # Called by Optimizer.__init__: build the group with the method's defaults.
             super().add_param_group(param_group)
             return
-        for key, value in self._method_defaults.items():
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        params = param_group.get("params")
+        if params is not None and not isinstance(params, (Tensor, set)):
+            param_group["params"] = list(params)  # a generator is read once, here
+        candidate = dict(self._method_defaults)
+        candidate.update(
+            (k, v) for k, v in self.base_optimizer.defaults.items() if v is not required
+        )
+        candidate.update(param_group)
+        self.validate_group(candidate)  # may complete the group (e.g. initial_lr)
+        for key, value in candidate.items():
             param_group.setdefault(key, value)
+        # torch's own checks (tensors, leaves, duplicates) also run before it appends.
         self.base_optimizer.add_param_group(param_group)  # appends to the shared list
-        self._check_group(self.param_groups[-1])
 
     # ------------------------------------------------------------------ the step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -238,28 +437,34 @@ class SharpnessAwareOptimizer(Optimizer):
             raise RuntimeError(_NO_CLOSURE_MESSAGE.format(name=type(self).__name__))
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        if self._perturbed or self._manual_step:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() called between first_step() and "
+                "second_step(): finish that step with second_step() (or abandon it with "
+                "restore()) first"
+            )
         if self.needs_epoch:
             self.current_epoch()  # a clear error before any pass runs
+        self._begin_step()
         self._grad_scaler = getattr(closure, "grad_scaler", None)
         if isinstance(closure, BatchClosure):
             closure.begin_step()  # its metrics come from this step's first full-batch pass
+        if self.share_rng:
+            self._rng = _SharedRandomState(self._cuda_devices())
         try:
             return self.sharpness_step(closure)
         except _SkipStep as skip:
+            self.restore()
             if self._grad_scaler is not None and self._grad_scaler.is_enabled():
                 # Let the scaler see the overflowing gradients: it skips the update and
                 # lowers its scale at the user's grad_scaler.update().
-                self.restore()
-                self._grad_scaler.step(self.base_optimizer)
+                self._base_optimizer_step()
             self.zero_grad(set_to_none=True)
             self.samkit_state["skipped_steps"] += 1
             return skip.args[0] if skip.args else None
         finally:
             self.restore()
-            self._grad_scaler = None
-            self._pending_checks = []
-            self._unchecked = None
-            self._on_accept = []
+            self._end_step()
 
     def sharpness_step(self, closure: Callable[[], Any]) -> Any:
         """The passes of one step. Default: SAM's two passes.
@@ -274,21 +479,127 @@ class SharpnessAwareOptimizer(Optimizer):
         self.base_step()
         return loss
 
+    def _begin_step(self) -> None:
+        self._pending_checks = []
+        self._unchecked = None
+        self._on_accept = []  # drop updates of a step that never completed
+
+    def _end_step(self) -> None:
+        self._grad_scaler = None
+        self._pending_checks = []
+        self._unchecked = None
+        self._on_accept = []
+        self._rng = None
+
+    def _cuda_devices(self) -> list[torch.device]:
+        """The CUDA devices holding parameters (their generators are shared by the passes)."""
+        if not torch.cuda.is_initialized():  # no parameter can be on a GPU: skip the walk
+            return []
+        devices = {p.device for g in self.param_groups for p in g["params"] if p.is_cuda}
+        return sorted(devices, key=lambda d: d.index or 0)
+
+    # ------------------------------------------------------------------ by hand
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Move to the perturbed weights using the gradients already in ``.grad``."""
-        self._on_accept = []  # a new step: drop updates of a step that never completed
-        self.perturb()
+    def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
+        """Move to the perturbed weights using the clean gradients already in ``.grad``.
+
+        The manual form of a SAM step::
+
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.first_step(zero_grad=True, loss=loss)
+            with samkit.frozen_bn_stats(model):
+                loss2 = loss_fn(model(x), y)
+                loss2.backward()
+            opt.second_step(zero_grad=True, loss=loss2)
+
+        ``loss`` (optional, a tensor or a number) is checked for NaN/inf like the loss a
+        closure returns; the gradients are always checked. As with ``step(closure)`` the
+        checks are read once, in :meth:`second_step`, which raises :class:`NonFiniteError`
+        or (``on_nonfinite="skip"``) skips the step: a NaN found in the clean pass means
+        ``second_step`` restores the weights and applies nothing.
+
+        Only for methods with SAM's two passes (SAM, ASAM, F-SAM, ...); methods with their
+        own sequence of passes need ``step(closure)``.
+        """
+        self._check_manual_steps_supported()
+        if self._perturbed or self._manual_step:
+            raise RuntimeError(
+                f"{type(self).__name__}.first_step() called twice: the weights are already "
+                "perturbed; call second_step() to finish the step (or restore() to abandon it)"
+            )
+        if not self._has_gradients():
+            raise RuntimeError(
+                f"{type(self).__name__}.first_step() found no gradient: call loss.backward() "
+                "on the loss at the clean weights before first_step()"
+            )
+        self._begin_step()
+        if self.on_nonfinite != "ignore":
+            self._record_finite("clean", loss, check_grads=True)
+        try:
+            self.perturb()
+        except BaseException:
+            self.restore()
+            self._end_step()
+            raise
+        self._manual_step = True
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore the clean weights and apply the base optimizer with the current ``.grad``."""
-        self.restore()
-        self.base_step()
-        if zero_grad:
+    def second_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
+        """Restore the clean weights and apply the base optimizer with the current ``.grad``.
+
+        ``.grad`` must hold the gradient at the perturbed weights (a backward pass after
+        :meth:`first_step`); ``loss`` (optional) is that pass's loss, checked for NaN/inf.
+        Raises :class:`NonFiniteError` (weights restored, nothing applied) or, with
+        ``on_nonfinite="skip"``, skips the step (counted in :attr:`skipped_steps`) if either
+        pass was not finite. ``zero_grad=True`` clears the gradients in every case, an error
+        included, so that a loop that catches it does not accumulate onto them.
+        """
+        if not self._manual_step:
+            raise RuntimeError(
+                f"{type(self).__name__}.second_step() called without first_step(): the "
+                "weights are not perturbed, so this would be a plain base-optimizer step. Call "
+                "first_step() after the clean backward pass, or use step(closure)"
+            )
+        self._manual_step = False
+        try:
+            if self.on_nonfinite != "ignore":
+                self._record_finite("perturbed", loss, check_grads=True)
+            has_grads = self._has_gradients()
+            self.restore()
+            if not has_grads:
+                raise RuntimeError(
+                    f"{type(self).__name__}.second_step() found no gradient: after "
+                    "first_step(), compute the loss again (at the perturbed weights) and call "
+                    "loss.backward() before second_step()"
+                )
+            self.base_step()
+        except _SkipStep:
             self.zero_grad(set_to_none=True)
+            self.samkit_state["skipped_steps"] += 1
+        finally:
+            self.restore()
+            self._end_step()
+            if zero_grad:  # also when raising: a loop that goes on must not accumulate on them
+                self.zero_grad(set_to_none=True)
+
+    def _check_manual_steps_supported(self) -> None:
+        supported = self.supports_manual_steps
+        if supported is None:
+            supported = type(self).sharpness_step is SharpnessAwareOptimizer.sharpness_step
+        if not supported:
+            raise RuntimeError(
+                f"{type(self).__name__} has its own sequence of passes: drive it with "
+                "step(closure). first_step()/second_step() implement SAM's two passes only"
+            )
+
+    def _has_gradients(self) -> bool:
+        """Whether any trainable parameter has a gradient (stops at the first one)."""
+        return any(
+            p.grad is not None and p.requires_grad for g in self.param_groups for p in g["params"]
+        )
 
     # ------------------------------------------------------------------ building blocks
     def run_pass(
@@ -309,10 +620,21 @@ class SharpnessAwareOptimizer(Optimizer):
         for perturbed passes, ``sync_ascent`` for the clean pass) controls DDP gradient
         synchronisation. ``subset``, ``backward=False``, ``per_sample`` and ``extra_loss`` need
         a :class:`~samkit.BatchClosure`.
+
+        Inside :meth:`step` (with ``share_rng``), every pass after the step's first one runs
+        with the random state the first one started from. A backward pass that leaves no
+        parameter with a gradient (a closure without ``loss.backward()``) and a standard
+        closure that returns ``None`` raise a clear error.
         """
         if sync is None:
             sync = True if perturbed else self.sync_ascent
+        is_batch = isinstance(closure, BatchClosure)
         needs_batch = subset is not None or not backward or per_sample or extra_loss is not None
+        if needs_batch and not is_batch:
+            raise TypeError(
+                f"{type(self).__name__} needs per-sample or sub-batch evaluations: build the "
+                "closure with samkit.make_closure(model, loss_fn, inputs, targets)"
+            )
         if backward:
             self._check_unchecked_grads()  # before this pass overwrites them
             self.zero_grad(set_to_none=True)
@@ -323,27 +645,34 @@ class SharpnessAwareOptimizer(Optimizer):
             bn = contextlib.nullcontext()
         if backward:
             model_of_pass = getattr(closure, "model", None)
-            self._local_grads = (
-                not sync and isinstance(closure, BatchClosure) and hasattr(model_of_pass, "no_sync")
-            )
+            self._local_grads = not sync and is_batch and hasattr(model_of_pass, "no_sync")
             if self._local_grads:
                 self._replica_group = getattr(model_of_pass, "process_group", None)
-        with bn, torch.enable_grad():
-            if isinstance(closure, BatchClosure):
-                loss = closure.evaluate(
+        rng = self._rng.replay() if self._rng is not None else contextlib.nullcontext()
+        with rng, bn, torch.enable_grad():
+            if is_batch:
+                loss = closure.evaluate(  # type: ignore[attr-defined]
                     subset,
                     backward=backward,
                     per_sample=per_sample,
                     sync_gradients=sync,
                     extra_loss=extra_loss,
                 )
-            elif needs_batch:
-                raise TypeError(
-                    f"{type(self).__name__} needs per-sample or sub-batch evaluations: build the "
-                    "closure with samkit.make_closure(model, loss_fn, inputs, targets)"
-                )
             else:
                 loss = closure()
+        if loss is None:
+            raise TypeError(
+                f"{type(self).__name__}: the closure returned None in the {name} pass; it must "
+                "return the loss (the step returns the clean loss and checks every loss for "
+                f"NaN/inf): {_STANDARD_CLOSURE}"
+            )
+        if backward and not self._has_gradients():
+            raise RuntimeError(
+                f"{type(self).__name__}: the {name} pass left no parameter with a gradient. "
+                f"The closure must call loss.backward() before returning the loss "
+                f"({_STANDARD_CLOSURE}); if it does, check that the loss depends on the "
+                "optimizer's parameters"
+            )
         if self.on_nonfinite != "ignore":
             self._record_finite(name, loss, backward)
         return loss
@@ -362,10 +691,13 @@ class SharpnessAwareOptimizer(Optimizer):
         Nothing is synchronised here: on a GPU the flags are read once per step, just
         before the base step, so the passes queue without stalls. The gradients' flag is
         taken lazily: from the norm :meth:`perturb` computes of them anyway, or just before
-        the next pass or the base step (one norm fewer per step for SAM).
+        the next pass or the base step (one norm fewer per step for SAM). ``loss`` may be a
+        tensor, a Python number or ``None`` (not checked).
         """
         if isinstance(loss, Tensor):
             self._pending_checks.append((name, loss, [torch.isfinite(loss.detach()).all()]))
+        elif isinstance(loss, (int, float)):
+            self._pending_checks.append((name, loss, [torch.tensor(math.isfinite(loss))]))
         if check_grads:
             self._unchecked = (name, loss)
 
@@ -391,18 +723,23 @@ class SharpnessAwareOptimizer(Optimizer):
         pending, self._pending_checks = self._pending_checks, []
         if not pending:
             return
-        device = pending[0][2][0].device
-        flat = [f.to(device) for _, _, flags in pending for f in flags]
-        ok = torch.stack(flat).tolist()
+        flags = [f for _, _, fs in pending for f in fs]
+        device = next((f.device for f in flags if f.device.type != "cpu"), flags[0].device)
+        ok = torch.stack([f.to(device) for f in flags]).tolist()
         if all(ok):
             return
         k = 0
         name, loss = pending[-1][0], pending[-1][1]
-        for name, loss, flags in pending:  # noqa: B007 (the first failing pass is reported)
-            if not all(ok[k : k + len(flags)]):
+        for name, loss, pass_flags in pending:  # noqa: B007 (the first failing one is reported)
+            if not all(ok[k : k + len(pass_flags)]):
                 break
-            k += len(flags)
-        loss_text = f"{float(loss.detach().float().mean()):g}" if isinstance(loss, Tensor) else "?"
+            k += len(pass_flags)
+        if isinstance(loss, Tensor):
+            loss_text = f"{float(loss.detach().float().mean()):g}"
+        elif isinstance(loss, (int, float)):
+            loss_text = f"{loss:g}"
+        else:
+            loss_text = "?"
         scaler = self._grad_scaler
         if self.on_nonfinite == "skip" or (scaler is not None and scaler.is_enabled()):
             # With a GradScaler, overflowing scaled gradients are routine: skip the step.
@@ -529,7 +866,11 @@ class SharpnessAwareOptimizer(Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Copy the saved clean weights back (exact); does nothing if not perturbed."""
+        """Copy the saved clean weights back (exact); does nothing if not perturbed.
+
+        Also abandons a manual step begun with :meth:`first_step`.
+        """
+        self._manual_step = False
         if not self._perturbed:
             return
         params = self._perturbed
@@ -547,14 +888,23 @@ class SharpnessAwareOptimizer(Optimizer):
         if self._perturbed:
             raise RuntimeError("base_step() called while the weights are perturbed")
         self.verify_finite()
-        if self._grad_scaler is not None:
-            self._grad_scaler.step(self.base_optimizer)
-        else:
-            self.base_optimizer.step()
+        self._base_optimizer_step()
         self.samkit_state["step"] += 1
         hooks, self._on_accept = self._on_accept, []
         for hook in hooks:
             hook()
+
+    def _base_optimizer_step(self) -> None:
+        """The wrapped optimizer's step (through the GradScaler if there is one).
+
+        torch's global step hooks already fire around this optimizer's own ``step``; they do
+        not fire a second time for the base optimizer (its own hooks do fire).
+        """
+        with _without_global_step_hooks():
+            if self._grad_scaler is not None:
+                self._grad_scaler.step(self.base_optimizer)
+            else:
+                self.base_optimizer.step()
 
     # ------------------------------------------------------------------ replicas (DDP)
     @property
@@ -646,30 +996,184 @@ class SharpnessAwareOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """The method's state, the base optimizer's state and samkit's counters."""
+        """The method's state, the base optimizer's state and samkit's counters.
+
+        ``state`` holds the method's own buffers (e.g. F-SAM's gradient average); the base
+        optimizer's moments are in ``base_optimizer`` (live: ``opt.base_optimizer.state``).
+        For a state a plain torch optimizer can load, use :meth:`base_state_dict`.
+        """
         sd = super().state_dict()
         sd["base_optimizer"] = self.base_optimizer.state_dict()
         sd["samkit"] = dict(self.samkit_state)
         return sd
 
+    def base_state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state, for a plain torch optimizer (a warm start the other way).
+
+        ``torch.optim.AdamW(model.parameters()).load_state_dict(opt.base_state_dict())``
+        gives a plain AdamW with this optimizer's moments and step counts and the groups'
+        base hyperparameters (``lr``, ``betas``, ...), without samkit's keys (``rho``, ...).
+        """
+        sd = self.base_optimizer.state_dict()
+        own = set(self._method_defaults)
+        sd["param_groups"] = [
+            {k: v for k, v in group.items() if k not in own} for group in sd["param_groups"]
+        ]
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`, or a plain base optimizer's state.
+
+        * A samkit state restores the method's buffers, the base optimizer's state, the
+          hyperparameters of every group and samkit's counters (a resumed run continues
+          bit-exactly).
+        * A plain torch optimizer's state (e.g. ``adamw.state_dict()``, a warm start) must come
+          from the base optimizer's class with the same param groups: it loads into the base
+          optimizer (moments, step counts and base hyperparameters such as ``lr``, as torch's
+          ``load_state_dict`` does) and keeps the method's hyperparameters (``rho``, ...).
+
+        Either way the param groups stay shared with the base optimizer (LR schedulers on
+        this optimizer keep acting). A state of another optimizer class, or with another
+        number or size of param groups, is refused before anything changes.
+        """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        sd = dict(state_dict)
-        if "base_optimizer" not in sd:
+        if "base_optimizer" not in state_dict:
+            if "state" in state_dict and "param_groups" in state_dict:
+                self._check_base_state(state_dict)
+                self.base_optimizer.load_state_dict(state_dict)  # re-linked by the hook
+                self._reset_transient()
+                return
             raise ValueError(
-                f"{type(self).__name__}.load_state_dict: the state has no 'base_optimizer' "
-                "entry (was it saved by a different optimizer?)"
+                f"{type(self).__name__}.load_state_dict: this is neither a samkit optimizer's "
+                "state (no 'base_optimizer' entry) nor a torch optimizer's (no 'state' and "
+                f"'param_groups'); its keys are {sorted(map(str, state_dict))}"
             )
+        sd = dict(state_dict)
         base_sd = sd.pop("base_optimizer")
         counters = sd.pop("samkit", {})
-        super().load_state_dict(sd)
+        self._check_layout(sd.get("param_groups"), "the state")
+        missing = sorted(
+            {k for k in self._method_defaults for g in sd["param_groups"] if k not in g}
+        )
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the state's param groups have no "
+                f"{missing}: it was saved by another method; load it into that method's class"
+            )
+        self._check_base_state(base_sd)
+        shared = self.param_groups
+        Optimizer.load_state_dict(self, sd)  # the method's buffers; new group dicts
+        loaded, self.param_groups = self.param_groups, shared
+        for group, new in zip(shared, loaded):
+            group.update(new)
         self.base_optimizer.load_state_dict(base_sd)
-        self.base_optimizer.param_groups = self.param_groups
         self.samkit_state.update(counters)
-        self._backup = {}
-        self._perturbed = []
-        self._plan_key = None
+        self._reset_transient()
+
+    def _check_layout(self, groups: Any, what: str) -> None:
+        """Refuse param groups that differ in number or size from this optimizer's."""
+        name = type(self).__name__
+        if not isinstance(groups, list) or not all(
+            isinstance(g, dict) and "params" in g for g in groups
+        ):
+            raise ValueError(f"{name}.load_state_dict: {what} has no valid 'param_groups' list")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"{name}.load_state_dict: {what} has {len(groups)} param group(s), this "
+                f"optimizer has {len(self.param_groups)}"
+            )
+        for i, (saved, own) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(own["params"]):
+                raise ValueError(
+                    f"{name}.load_state_dict: param group {i} of {what} has "
+                    f"{len(saved['params'])} parameter(s), this optimizer's has "
+                    f"{len(own['params'])}"
+                )
+
+    def _check_base_state(self, state_dict: Any) -> None:
+        """Refuse a state that the base optimizer cannot take as its own."""
+        name = type(self).__name__
+        base = type(self.base_optimizer).__name__
+        if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
+            raise ValueError(f"{name}: not an optimizer state dict (no 'param_groups')")
+        if "base_optimizer" in state_dict or "samkit" in state_dict:
+            raise ValueError(
+                f"{name}: this is a samkit optimizer's state; load it with "
+                "opt.load_state_dict(...), not opt.base_optimizer.load_state_dict(...)"
+            )
+        self._check_layout(state_dict["param_groups"], f"the {base} state")
+        needed = [k for k in self.base_optimizer.defaults if k not in _OPTIONAL_BASE_KEYS]
+        for i, (saved, own) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
+            missing = [k for k in needed if k not in saved]
+            if missing:
+                raise ValueError(
+                    f"{name}: the state was saved by another optimizer class: its param group "
+                    f"{i} has no {missing}, which {base} has. Load a {base} state, or build "
+                    "the samkit optimizer with that class as base_optimizer"
+                )
+            key = "decoupled_weight_decay"  # Adam and AdamW share every other key
+            if key in saved and key in own and bool(saved[key]) != bool(own[key]):
+                raise ValueError(
+                    f"{name}: the state was saved by another optimizer class ({key}="
+                    f"{saved[key]} in its param group {i}, {own[key]} in {base}): Adam and "
+                    "AdamW states do not mix"
+                )
+
+    def _link_base(self) -> None:
+        """Keep the base optimizer's param groups the shared ones whatever it loads."""
+        self.base_optimizer.register_load_state_dict_pre_hook(self._before_base_load)
+        self.base_optimizer.register_load_state_dict_post_hook(self._after_base_load)
+
+    def _before_base_load(self, base: Optimizer, state_dict: dict[str, Any]) -> None:
+        self._check_base_state(state_dict)
+
+    def _after_base_load(self, base: Optimizer) -> None:
+        """torch's ``load_state_dict`` built new group dicts: copy them into the shared ones.
+
+        Keys the loaded state does not have (the method's ``rho``, ...) keep their values.
+        """
+        shared, loaded = self.param_groups, base.param_groups
+        if loaded is shared:
+            return
+        for group, new in zip(shared, loaded):
+            group.update(new)
+        base.param_groups = shared
+
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but per-step scratch state and hooks (as torch, hooks are not copied).
+
+        ``copy.deepcopy(opt)``, ``pickle`` and ``torch.save(opt)`` give a working optimizer
+        whose next step is bit-identical (copy the model with it, e.g.
+        ``copy.deepcopy((model, opt))``, so that both refer to the same new parameters).
+        """
+        if self._perturbed or self._manual_step:
+            raise RuntimeError(
+                f"cannot copy or pickle {type(self).__name__} in the middle of a step (the "
+                "weights are perturbed): copy it before first_step() or after second_step(); "
+                "to save a checkpoint, use opt.state_dict()"
+            )
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in _TRANSIENT_ATTRIBUTES
+            and not k.startswith("_optimizer_")  # torch's hook registries
+            and not isinstance(v, (types.FunctionType, types.MethodType))  # patched methods
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "base_optimizer" not in state:
+            return  # torch's load_state_dict updating ``state`` and ``param_groups``
+        for key, value in _OPTION_DEFAULTS.items():
+            self.__dict__.setdefault(key, value)
+        self._reset_transient()
+        self._link_base()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, groups={len(self.param_groups)})"
+        text = super().__repr__()  # torch's: every group's hyperparameters
+        head = f"{type(self).__name__} ("
+        return text.replace(
+            head, f"{head}\nbase_optimizer: {type(self.base_optimizer).__name__}", 1
+        )

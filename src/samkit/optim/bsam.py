@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -10,7 +9,7 @@ import torch
 from torch import Tensor
 
 from samkit.optim import _tensors as T
-from samkit.optim.base import SharpnessAwareOptimizer
+from samkit.optim.base import SharpnessAwareOptimizer, invalid_value, is_finite_nonnegative
 
 __all__ = ["BilateralSAM"]
 
@@ -126,8 +125,8 @@ class BilateralSAM(SharpnessAwareOptimizer):
     def validate_group(self, group: dict[str, Any]) -> None:
         super().validate_group(group)
         rho_min = group.get("rho_min")
-        if not (isinstance(rho_min, (int, float)) and 0.0 <= rho_min < math.inf):
-            raise ValueError(f"Invalid rho_min value: {rho_min}")
+        if not is_finite_nonnegative(rho_min):
+            raise invalid_value("rho_min", rho_min, "a finite number >= 0")
         if group.get("ratio") not in _RATIOS:
             raise ValueError(
                 f"Invalid ratio value: {group.get('ratio')!r} (use 'max_min' or 'one')"

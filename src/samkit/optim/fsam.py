@@ -9,7 +9,12 @@ import torch
 from torch import Tensor
 
 from samkit.optim import _tensors as T
-from samkit.optim.base import GroupParams, SharpnessAwareOptimizer, is_finite_nonnegative
+from samkit.optim.base import (
+    GroupParams,
+    SharpnessAwareOptimizer,
+    invalid_value,
+    is_finite_nonnegative,
+)
 
 __all__ = ["FriendlySAM"]
 
@@ -75,9 +80,9 @@ class FriendlySAM(SharpnessAwareOptimizer):
         * ``adaptive=True`` uses samkit's ASAM rule (``T = |w| + eta`` on weight tensors only,
           ``T = 1`` on biases); the official F-SAM applies ``|w|`` to every tensor with no
           ``eta``.
-        * The average is updated in the clean pass; if the step is then skipped because the
-          perturbed pass is non-finite (``on_nonfinite="skip"``), the (finite) gradient
-          stays in the average.
+        * The average is updated only once the step is accepted: a step that raises or is
+          skipped because a pass is non-finite (``on_nonfinite="skip"``) leaves it as it
+          was (the official code has no such check).
 
     References:
         T. Li, P. Zhou, Z. He, X. Cheng, X. Huang. Friendly Sharpness-Aware Minimization.
@@ -112,10 +117,10 @@ class FriendlySAM(SharpnessAwareOptimizer):
         super().validate_group(group)
         sigma = group.get("sigma")
         if not is_finite_nonnegative(sigma):
-            raise ValueError(f"Invalid sigma value: {sigma}")
+            raise invalid_value("sigma", sigma, "a finite number >= 0")
         lmbda = group.get("lmbda")
-        if not (isinstance(lmbda, (int, float)) and 0.0 <= lmbda < 1.0):
-            raise ValueError(f"Invalid lmbda value: {lmbda}")
+        if not (is_finite_nonnegative(lmbda) and lmbda < 1.0):
+            raise invalid_value("lmbda", lmbda, "a number in [0, 1)")
 
     @torch.no_grad()
     def ascent_direction(self, groups: list[GroupParams]) -> list[list[Tensor]]:

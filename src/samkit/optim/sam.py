@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from samkit.optim.base import SharpnessAwareOptimizer, is_finite_nonnegative
+from samkit.optim.base import SharpnessAwareOptimizer, invalid_value, is_finite_nonnegative
 
 __all__ = ["SAM", "ASAM"]
 
@@ -70,9 +70,9 @@ class SAM(SharpnessAwareOptimizer):
         **kwargs: Any,
     ) -> None:
         if not is_finite_nonnegative(rho):
-            raise ValueError(f"Invalid rho value: {rho}")
+            raise invalid_value("rho", rho, "a finite number >= 0")
         if not is_finite_nonnegative(eta):
-            raise ValueError(f"Invalid eta value: {eta}")
+            raise invalid_value("eta", eta, "a finite number >= 0")
         defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta, weight_scaling=None)
         super().__init__(params, base_optimizer, defaults, **kwargs)
 

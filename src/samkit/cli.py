@@ -54,23 +54,31 @@ class Subcommand:
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     import samkit
-    from samkit.train import TrainConfig, list_datasets, list_models
+    from samkit.train import list_datasets, list_models
     from samkit.train.config import AMP_MODES, SCHEDULES
+    from samkit.train.recipes import DEFAULT_RECIPE, recipe_config
 
-    d = TrainConfig()
+    # The defaults shown are the values `samkit train` uses: the default recipe's.
+    d = recipe_config(DEFAULT_RECIPE)
     # Every option defaults to SUPPRESS: the namespace holds only what was given, so the
-    # layers defaults < checkpoint (--resume) < --config file < flags merge cleanly.
+    # layers recipe < checkpoint (--resume) < --config file < flags merge cleanly.
     S = argparse.SUPPRESS
 
     def opt(*flags: str, **kw: Any) -> None:
         p.add_argument(*flags, default=S, **kw)
+
+    g = p.add_argument_group("recipe")
+    g.add_argument("--recipe", default=None, action="append", metavar="NAME|FILE",
+                   help=f"an embedded recipe (`samkit list recipes`) or a TOML file: task, "
+                        f"model, training settings and per-method hyperparameters; repeat to "
+                        f"layer (later wins); flags override it (default {DEFAULT_RECIPE})")  # fmt: skip
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=S, choices=list_datasets(), help=f"(default {d.dataset})")
     g.add_argument("--data-dir", default=S, metavar="DIR", help="folder with the CIFAR files")
     g.add_argument("--label-noise", default=S, type=float, metavar="P",
                    help="symmetric label noise: each training label becomes a random other "
-                        "class with probability P (default 0)")  # fmt: skip
+                        f"class with probability P (default {d.label_noise:g})")  # fmt: skip
     g.add_argument("--augment", default=S, action=argparse.BooleanOptionalAction,
                    help="random crop + flip (default: on for CIFAR, off otherwise)")  # fmt: skip
     g.add_argument("--cutout", default=S, type=int, metavar="N", help="cutout square side")
@@ -81,26 +89,32 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default=S, choices=list_models(),
-                   help="(default: the dataset's, cnn1d for mnist1d)")  # fmt: skip
+                   help=f"(default {d.model}: the recipe's, else the dataset's)")  # fmt: skip
     g.add_argument("--model-arg", default=S, action="append", metavar="KEY=VALUE",
                    help="model keyword argument, e.g. depth=16 (repeatable)")  # fmt: skip
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", default=S, choices=samkit.list_optimizers(), metavar="NAME",
                    help=f"one of {', '.join(samkit.list_optimizers())} "
-                        f"(default {d.optimizer}; see `samkit list`)")  # fmt: skip
-    g.add_argument("--base", default=S, help=f"base optimizer (default {d.base})")
+                        f"(default {d.optimizer}; see `samkit list optimizers`)")  # fmt: skip
+    g.add_argument(
+        "--base", default=S, help=f"base optimizer of a sharpness-aware method (default {d.base})"
+    )
     g.add_argument("--rho", default=S, type=float,
-                   help="neighbourhood radius (default: the method's registry default, "
-                        "else 0.1)")  # fmt: skip
+                   help="neighbourhood radius (default: the recipe's [methods.NAME] value, "
+                        "else the class's; `samkit list optimizers` shows both)")  # fmt: skip
     g.add_argument("--opt-arg", default=S, action="append", metavar="KEY=VALUE",
                    help="optimizer keyword argument (int/float/bool/str), repeatable")  # fmt: skip
-    g.add_argument("--lr", default=S, type=float, help=f"(default {d.lr})")
-    g.add_argument("--momentum", default=S, type=float, help=f"(default {d.momentum})")
-    g.add_argument("--weight-decay", default=S, type=float, help=f"(default {d.weight_decay})")
+    per_method = "; a recipe's [methods.NAME] table may set its own"
+    g.add_argument("--lr", default=S, type=float, help=f"(default {d.lr:g}{per_method})")
+    g.add_argument("--momentum", default=S, type=float,
+                   help=f"(default {d.momentum:g}, for optimizers that take one)")  # fmt: skip
+    g.add_argument("--weight-decay", default=S, type=float,
+                   help=f"(default {d.weight_decay:g}{per_method})")  # fmt: skip
     g.add_argument("--schedule", default=S, choices=SCHEDULES,
                    help=f"lr schedule, per step (default {d.schedule})")  # fmt: skip
-    g.add_argument("--label-smoothing", default=S, type=float, help="(default 0)")
+    g.add_argument("--label-smoothing", default=S, type=float,
+                   help=f"(default {d.label_smoothing:g})")  # fmt: skip
 
     g = p.add_argument_group("run")
     g.add_argument("--epochs", default=S, type=int, help=f"(default {d.epochs})")
@@ -130,21 +144,23 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sharpness-samples", default=S, type=int, metavar="N",
                    help="training samples used for --track-sharpness (default 512)")  # fmt: skip
     g.add_argument("--config", default=None, metavar="FILE.json",
-                   help="JSON object of settings (same names); flags override it")  # fmt: skip
+                   help="deprecated (use --recipe FILE.toml): a JSON object of settings, "
+                        "above the recipe, below the flags")  # fmt: skip
     g.add_argument("--no-progress", action="store_true", help="one line per epoch, no bar")
     g.add_argument("--quiet", action="store_true", help="print only the final line")
     del opt
 
 
 def _train_config_from_args(args: argparse.Namespace) -> Any:
-    """TrainConfig from defaults < checkpoint (--resume) < --config file < flags."""
+    """TrainConfig from recipe < checkpoint (--resume) < --config file < flags."""
     from samkit.train import TrainConfig, read_checkpoint
     from samkit.train.config import parse_key_values
+    from samkit.train.recipes import DEFAULT_RECIPE, load_recipe, resolve_settings
 
     flags = {
         k: v
         for k, v in vars(args).items()
-        if k not in ("command", "config", "no_progress", "quiet", "threads", "_run")
+        if k not in ("command", "config", "recipe", "no_progress", "quiet", "threads", "_run")
     }
     if "model_arg" in flags:
         flags["model_args"] = parse_key_values(flags.pop("model_arg"), "--model-arg")
@@ -153,18 +169,18 @@ def _train_config_from_args(args: argparse.Namespace) -> Any:
     file_settings = TrainConfig.from_json_file(args.config) if args.config else {}
     given = {**file_settings, **flags}
 
-    settings: dict[str, Any] = {}
     if given.get("resume") is True:  # anything else is refused by TrainConfig.validate
         if not given.get("out"):
             raise UsageError("--resume needs --out (the run directory to resume)")
+        if args.recipe:
+            raise UsageError(
+                "--recipe cannot be combined with --resume: a resumed run continues with the "
+                "settings stored in its checkpoint"
+            )
         saved = read_checkpoint(given["out"])["config"]
-        settings.update(saved)
-    for key, value in given.items():
-        if key in ("model_args", "opt_args") and key in settings:
-            settings[key] = {**settings[key], **value}
-        else:
-            settings[key] = value
-    return TrainConfig.from_dict(settings)
+        return resolve_settings([], given, checkpoint=saved)
+    recipes = [load_recipe(r) for r in (args.recipe or [DEFAULT_RECIPE])]
+    return resolve_settings(recipes, given)
 
 
 _TINY_DATASETS = ("mnist1d", "digits")
@@ -216,25 +232,53 @@ def _add_list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "what",
         nargs="?",
-        choices=["optimizers", "models", "datasets", "all"],
+        choices=["optimizers", "recipes", "models", "datasets", "all"],
         default="all",
         help="what to list (default all)",
+    )
+    p.add_argument(
+        "--recipe",
+        default=None,
+        metavar="NAME|FILE",
+        help="show the optimizer values this recipe uses (default: the default recipe)",
     )
 
 
 def _run_list(args: argparse.Namespace) -> int:
-    import samkit
     from samkit.train.data import DATASETS
     from samkit.train.models import MODELS
+    from samkit.train.recipes import (
+        DEFAULT_RECIPE,
+        defaults_rows,
+        format_values,
+        list_recipes,
+        load_recipe,
+    )
 
     if args.what in ("optimizers", "all"):
-        print("optimizers (samkit train --optimizer NAME):")
-        for name in samkit.list_optimizers():
-            info = samkit.get_optimizer_info(name)
-            kind = f"{info.passes:g} passes" if info.sharpness_aware else "baseline"
-            defaults = ", ".join(f"{k}={v}" for k, v in info.defaults.items())
-            extra = f" [defaults: {defaults}]" if defaults else ""
-            print(f"  {name:<12} {info.description} ({kind}){extra}")
+        recipe = load_recipe(args.recipe or DEFAULT_RECIPE)
+        common = ", ".join(
+            f"{k} {recipe.settings[k]}"
+            for k in ("base", "lr", "momentum", "weight_decay")
+            if k in recipe.settings
+        )
+        print(
+            "optimizers (samkit train --optimizer NAME)\n"
+            "  class:  the class's defaults, the paper's (samkit.create_optimizer(NAME, ...))\n"
+            f"  recipe: what `samkit train --recipe {recipe.name}` passes (* = tuned for the "
+            f"task); its runs use {common} unless a row says otherwise"
+        )
+        for row in defaults_rows(recipe.path):
+            kind = f"{row.passes:g} passes" if row.sharpness_aware else "baseline"
+            print(f"  {row.name:<10} {row.description} ({kind})")
+            cls = format_values(row.class_defaults) if row.sharpness_aware else "torch's"
+            print(f"  {'':<10}   class:  {cls}")
+            print(f"  {'':<10}   recipe: {format_values(row.recipe_values, row.class_defaults)}")
+    if args.what in ("recipes", "all"):
+        print("recipes (samkit train --recipe NAME, samkit bench --tasks NAME):")
+        for name in list_recipes():
+            suffix = " (default)" if name == DEFAULT_RECIPE else ""
+            print(f"  {name:<24} {load_recipe(name).description}{suffix}")
     if args.what in ("models", "all"):
         print("models (--model NAME):")
         for name, m in MODELS.items():

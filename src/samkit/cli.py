@@ -1,5 +1,5 @@
-"""The ``samkit`` command line: ``samkit train``, ``samkit list``, ``samkit sharpness``,
-``samkit landscape`` (more subcommands plug in).
+"""The ``samkit`` command line: ``samkit train``, ``samkit list``, ``samkit bench``,
+``samkit report``, ``samkit sharpness``, ``samkit landscape`` (more subcommands plug in).
 
 Each subcommand is one :class:`Subcommand` entry in :data:`SUBCOMMANDS`: a function that adds
 its arguments to its parser and a function that runs it and returns the exit code. Adding a
@@ -362,6 +362,105 @@ def _run_landscape(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- samkit bench
+
+
+def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from samkit.bench import BUDGETS
+
+    p.add_argument("--optimizers", nargs="+", required=True, metavar="NAME[:KEY=VALUE,...]",
+                   help="optimizers to compare, the first is the reference of the paired "
+                        "differences; e.g. sgd sam fsam:rho=0.05,lr=0.1")  # fmt: skip
+    p.add_argument("--tasks", nargs="+", default=["mnist1d"], metavar="RECIPE",
+                   help="tasks: embedded recipes (mnist1d, mnist1d-noisy, digits, cifar10, "
+                        "cifar100, ...; `samkit list recipes`) or TOML files (default mnist1d)")  # fmt: skip
+    p.add_argument("--seeds", type=int, default=5, metavar="N",
+                   help="run seeds 0..N-1 (default 5)")  # fmt: skip
+    p.add_argument("--out", required=True, metavar="DIR", help="folder of the sweep")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs of every task (default: each recipe's)")  # fmt: skip
+    p.add_argument("--budget", choices=[*BUDGETS, "both"], default="equal-epochs",
+                   help="equal-epochs (default), equal-grad-evals (cheaper methods run more "
+                        "epochs to match the most expensive one's gradient evaluations), or "
+                        "both views")  # fmt: skip
+    p.add_argument("--recipe", action="append", default=[], metavar="NAME|FILE",
+                   help="a recipe laid over every task (e.g. tuned [methods.NAME] tables); "
+                        "repeatable")  # fmt: skip
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="runs in parallel, each in its own process (default 1)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch threads per run (default 1)")  # fmt: skip
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="CIFAR files (CIFAR tasks)")
+    p.add_argument("--device", default=None, help="device of every run (default: the recipe's)")
+    p.add_argument("--limit-train", type=int, default=None, metavar="N",
+                   help="first N training samples of every run (quick sweeps)")  # fmt: skip
+    p.add_argument("--limit-test", type=int, default=None, metavar="N",
+                   help="first N test samples of every run")  # fmt: skip
+    p.add_argument("--track-sharpness", type=int, default=None, metavar="N",
+                   help="record lambda_1 every N epochs (shown by samkit report)")  # fmt: skip
+    p.add_argument("--isolation", choices=["auto", "fork", "subprocess"], default="auto",
+                   help="auto (default): fork CPU runs from a process that has the data in "
+                        "memory, a `python -m samkit train` process otherwise")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="print only the final line")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from samkit.bench import SweepError, bench
+
+    extra = {
+        k: getattr(args, k)
+        for k in ("device", "limit_train", "limit_test", "track_sharpness")
+        if getattr(args, k) is not None
+    }
+    command = shlex.join(["samkit", *args._argv])
+    try:
+        results = bench(
+            args.out, args.tasks, args.optimizers, args.seeds, budget=args.budget,
+            epochs=args.epochs, recipes=args.recipe, extra=extra, data_dir=args.data_dir,
+            workers=args.workers, threads=args.threads, isolation=args.isolation,
+            command=command, progress=not args.quiet,
+        )  # fmt: skip
+    except SweepError as e:
+        raise UsageError(str(e)) from e
+    except KeyboardInterrupt:
+        _fail(f"interrupted: run the same command again to continue ({args.out})", code=130)
+    failed = [r for r in results if r.status == "failed"]
+    skipped = sum(r.status == "skipped" for r in results)
+    line = f"{len(results)} runs: {len(results) - len(failed)} finished"
+    if skipped:
+        line += f" ({skipped} before this command)"
+    if failed:
+        line += f", {len(failed)} failed (see above)"
+    print(f"{line} | results in {args.out} | next: samkit report {args.out}")
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------- samkit report
+
+
+def _add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR", help="folder of a samkit bench sweep")
+    p.add_argument("--docs", default=None, metavar="FILE.md",
+                   help="also write the report into FILE.md between its samkit report "
+                        "markers, figures in FILE_figures/")  # fmt: skip
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from samkit.bench import SweepError, write_report
+
+    try:
+        res = write_report(args.dir, docs=args.docs)
+    except (SweepError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    line = f"wrote {res['markdown']}, {res['html']} and {len(res['figures'])} figures"
+    if "docs" in res:
+        line += f"; updated {res['docs']}"
+    print(line)
+    return 0
+
+
 # ----------------------------------------------------------------------------- registry
 
 #: The subcommands, in ``samkit --help`` order. Add one entry to add a subcommand.
@@ -377,6 +476,18 @@ SUBCOMMANDS: list[Subcommand] = [
         "list the registered optimizers, models and datasets",
         _add_list_arguments,
         _run_list,
+    ),  # fmt: skip
+    Subcommand(
+        "bench",
+        "train every optimizer x task x seed as resumable runs (parallel), for samkit report",
+        _add_bench_arguments,
+        _run_bench,
+    ),  # fmt: skip
+    Subcommand(
+        "report",
+        "tables (mean, 95% CI, paired differences), plots and an HTML page of a bench folder",
+        _add_report_arguments,
+        _run_report,
     ),  # fmt: skip
     Subcommand(
         "sharpness",
@@ -414,6 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        args._argv = list(sys.argv[1:] if argv is None else argv)
         if getattr(args, "_run", None) is None:
             parser.print_help()
             return 2

@@ -160,7 +160,8 @@ def _train_config_from_args(args: argparse.Namespace) -> Any:
     flags = {
         k: v
         for k, v in vars(args).items()
-        if k not in ("command", "config", "recipe", "no_progress", "quiet", "threads", "_run")
+        if k not in ("command", "config", "recipe", "no_progress", "quiet", "threads")
+        and not k.startswith("_")
     }
     if "model_arg" in flags:
         flags["model_args"] = parse_key_values(flags.pop("model_arg"), "--model-arg")

@@ -77,6 +77,7 @@ class TaskView:
     budget: str
     rows: list[Row]
     figures: dict[str, Path] = dataclasses.field(default_factory=dict)
+    settings: str = ""
 
     @property
     def title(self) -> str:
@@ -160,8 +161,32 @@ def collect(out: str | Path) -> tuple[dict[str, Any], list[TaskView]]:
             for row in rows:
                 if sgd is not None and row.step_s:
                     row.step_ratio = row.step_s / sgd.step_s
-            views.append(TaskView(task, budget, rows))
+            views.append(TaskView(task, budget, rows, settings=_settings(out, manifest, task)))
     return manifest, views
+
+
+def _settings(out: Path, manifest: dict[str, Any], task: dict[str, Any]) -> str:
+    """What the task's runs trained on, read from the first run's ``config.json``."""
+    for r in manifest["runs"]:
+        if r["task"] != task["name"]:
+            continue
+        record = _read_json(out / r["dir"] / "config.json")
+        if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+            continue
+        c = record["config"]
+        parts = [str(c.get("dataset"))]
+        if c.get("label_noise"):
+            parts.append(f"{100 * c['label_noise']:g} % label noise")
+        if c.get("limit_train"):
+            parts.append(f"first {c['limit_train']} training samples")
+        args = ", ".join(f"{k}={v}" for k, v in (c.get("model_args") or {}).items())
+        parts.append(f"{c.get('model')}" + (f" ({args})" if args else ""))
+        parts.append(f"batch {c.get('batch_size')}, lr {c.get('lr')} {c.get('schedule')}")
+        parts.append(f"weight decay {c.get('weight_decay')}")
+        epochs = sorted({x["epochs"] for x in manifest["runs"] if x["task"] == task["name"]})
+        parts.append(f"{'/'.join(map(str, epochs))} epochs")
+        return "Settings: " + "; ".join(parts) + " (per-method values: each run's config.json)."
+    return ""
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -394,6 +419,8 @@ def markdown(manifest: dict[str, Any], views: Sequence[TaskView], figure_dir: st
         desc = view.task.get("description")
         if desc:
             lines += [desc, ""]
+        if view.settings:
+            lines += [view.settings, ""]
         lines.append("| " + " | ".join(HEADER) + " |")
         lines.append("|" + "---|" * len(HEADER))
         for i, row in enumerate(view.rows):
@@ -448,6 +475,8 @@ def html_report(manifest: dict[str, Any], views: Sequence[TaskView]) -> str:
         parts.append(f"<h2>{e(view.title)}</h2>")
         if view.task.get("description"):
             parts.append(f"<p>{e(view.task['description'])}</p>")
+        if view.settings:
+            parts.append(f"<p class=note>{e(view.settings)}</p>")
         parts.append("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in HEADER)
                      + "</tr></thead><tbody>")  # fmt: skip
         for i, row in enumerate(view.rows):

@@ -409,8 +409,12 @@ def run_sweep(
             if state in ("stale", "resume") and not resume:
                 _clear(run.out)
             pending.append((run, resume))
-    if skipped and progress:
-        stream.write(f"{skipped} of {len(runs)} runs already finished: skipped\n")
+    if progress:
+        resumed = sum(resume for _, resume in pending)
+        line = f"{len(runs)} runs: {skipped} already finished, {len(pending)} to run"
+        line += f" ({resumed} resumed from a checkpoint)" if resumed else ""
+        stream.write(f"{line}, {min(workers, max(1, len(pending)))} at a time\n")
+        stream.flush()
     # Partial results soon: all methods of seed 0 first; within a seed the costly ones first.
     pending.sort(key=lambda p: (p[0].seed, -p[0].cost))
     display.cost_left = sum(r.cost for r, _ in pending)

@@ -516,3 +516,9 @@ def recipes_markdown() -> str:
         model = f"{c.model}" + (f" ({args})" if args else "")
         lines.append(f"| `{name}` | {task} | {model} | {c.epochs} | {r.description} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m samkit.train.recipes --markdown: the docs' tables
+    print(defaults_markdown())
+    print()
+    print(recipes_markdown())

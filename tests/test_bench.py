@@ -61,6 +61,16 @@ def test_optimizer_specs():
         parse_spec("sam:rho")
 
 
+def test_all_is_every_registered_optimizer_sgd_first():
+    from samkit.bench.plan import expand_optimizers
+    from samkit.optim import list_optimizers
+
+    everything = expand_optimizers(["all"])
+    assert everything[0] == "sgd" and sorted(everything) == list_optimizers()
+    assert expand_optimizers(["fsam", "all"])[0] == "fsam"
+    assert expand_optimizers(["fsam", "all"]).count("fsam") == 1
+
+
 def test_budgets_give_cheaper_methods_more_epochs(tmp_path):
     _, _, runs = plan_sweep(tmp_path, ["mnist1d"], ["sgd", "sam", "bsam"], 2, budget="both",
                             epochs=4)  # fmt: skip

@@ -371,7 +371,8 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--optimizers", nargs="+", required=True, metavar="NAME[:KEY=VALUE,...]",
                    help="optimizers to compare, the first is the reference of the paired "
-                        "differences; e.g. sgd sam fsam:rho=0.05,lr=0.1")  # fmt: skip
+                        "differences; e.g. sgd sam fsam:rho=0.05,lr=0.1; `all`: every "
+                        "registered one, sgd first")  # fmt: skip
     p.add_argument("--tasks", nargs="+", default=["mnist1d"], metavar="RECIPE",
                    help="tasks: embedded recipes (mnist1d, mnist1d-noisy, digits, cifar10, "
                         "cifar100, ...; `samkit list recipes`) or TOML files (default mnist1d)")  # fmt: skip

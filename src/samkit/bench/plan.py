@@ -33,6 +33,7 @@ __all__ = [
     "OptimizerSpec",
     "PlannedRun",
     "Task",
+    "expand_optimizers",
     "parse_spec",
     "plan_sweep",
     "train_argv",
@@ -166,6 +167,25 @@ def train_argv(recipe_specs: Sequence[str], given: dict[str, Any]) -> list[str]:
     return argv
 
 
+def expand_optimizers(optimizers: Sequence[str]) -> list[str]:
+    """``all`` stands for every registered optimizer: the plain baselines first (``sgd`` is the
+    reference of the paired differences), then ``sam``, then the others by name. A name given
+    before ``all`` keeps its place and is not repeated."""
+    out: list[str] = []
+    for o in optimizers:
+        if o.strip().lower() != "all":
+            out.append(o)
+            continue
+        names = list_optimizers()
+        plain = [n for n in ("sgd", "adamw") if n in names]
+        plain += [n for n in list_optimizers(sharpness_aware=False) if n not in plain]
+        rest = ["sam"] if "sam" in names else []
+        rest += [n for n in list_optimizers(sharpness_aware=True) if n != "sam"]
+        given = {parse_spec(x).name for x in out if ":" not in x}
+        out += [n for n in plain + rest if n not in given]
+    return out
+
+
 def _task(spec: str, overlays: Sequence[Recipe]) -> Task:
     recipe = load_recipe(spec)
     return Task(name=recipe.name, recipe=recipe, overlays=tuple(overlays))
@@ -211,7 +231,7 @@ def plan_sweep(
     names = [t.name for t in task_list]
     if len(set(names)) != len(names):
         raise ConfigError(f"--tasks names a task twice: {names}")
-    specs = [parse_spec(o) for o in optimizers]
+    specs = [parse_spec(o) for o in expand_optimizers(optimizers)]
     texts = [s.text for s in specs]
     if len(set(texts)) != len(texts):
         raise ConfigError(f"--optimizers names an optimizer twice: {texts}")

@@ -81,7 +81,12 @@ def run_state(run: PlannedRun) -> tuple[str, str]:
         return "fresh", ""
     record = _read_json(out / "config.json")
     if record is not None and isinstance(record.get("config"), dict):
-        diff = _differences(run.config.to_dict(), record["config"])
+        planned = run.config.to_dict()
+        if planned.get("model") is None:  # the run records the dataset's default model
+            from samkit.train.data import DEFAULT_MODELS
+
+            planned["model"] = DEFAULT_MODELS.get(planned["dataset"])
+        diff = _differences(planned, record["config"])
         if diff:
             return "mismatch", "; ".join(diff[:3])
     summary = _read_json(out / "summary.json")

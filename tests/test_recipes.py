@@ -154,7 +154,8 @@ def test_every_embedded_recipe_resolves_for_every_optimizer():
         ("rho = 0.1\n", "rho belongs to a method"),
         ("out = 'x'\n", "cannot be set in a recipe"),
         ("lr = -1\n", "invalid lr: -1"),
-        ("[methods.sgd]\nrho = 0.1\n", "has no effect on optimizer 'sgd'"),
+        ("[methods.sgd]\nrho = 0.1\n", "[methods.sgd] unknown key 'rho'"),
+        ("[methods.adamw]\nbase = 'sgd'\n", "[methods.adamw] unknown key 'base'"),
         ("lr = \n", "not valid TOML"),
     ],
 )  # fmt: skip
@@ -230,3 +231,29 @@ def test_list_and_help_show_the_values_used(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     c = recipe_config()
     assert f"--lr LR (default {c.lr:g}" in help_text and f"(default {DEFAULT_RECIPE})" in help_text
+
+
+def test_the_training_docs_defaults_are_the_default_recipes():
+    """docs/training.md's settings table names defaults: they must be the values used."""
+    c = recipe_config()
+    rows = {}
+    for line in (ROOT / "docs" / "training.md").read_text().splitlines():
+        cells = [x.strip() for x in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            names = [n.strip(" `") for n in cells[0].split(",")]
+            values = [v.strip(" `") for v in cells[1].split(",")]
+            if len(names) == len(values):
+                rows.update(zip(names, values))
+    checked = 0
+    for name, text in rows.items():
+        value = getattr(c, name, None)
+        if isinstance(value, bool) or value is None or isinstance(value, dict):
+            continue
+        if "'" in text or text in ("", "all", "none", "–"):  # words, not values ("dataset's")
+            continue
+        if isinstance(value, (int, float)):
+            assert float(text) == value, (name, text, value)
+        else:
+            assert text == value, (name, text, value)
+        checked += 1
+    assert checked >= 10, rows  # lr, momentum, weight_decay, epochs, batch_size, seed, ...

@@ -249,8 +249,12 @@ def _parse_reported(value: Any, where: str) -> dict[str, Any]:
 
 def _check_method_table(method: str, table: Mapping[str, Any], base: Any, where: str) -> None:
     """Names and setting types of one ``[methods.NAME]`` table."""
+    from samkit.optim import get_optimizer_info
+
     accepted = accepted_kwargs(method, base) if isinstance(base, str) else set()
     valid = set(METHOD_SETTINGS) | accepted
+    if not get_optimizer_info(method).sharpness_aware:
+        valid -= {"base", "rho"}  # a plain optimizer has neither: refused, not ignored
     for key, value in table.items():
         if key not in valid:
             raise ConfigError(

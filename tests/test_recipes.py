@@ -156,6 +156,7 @@ def test_every_embedded_recipe_resolves_for_every_optimizer():
         ("lr = -1\n", "invalid lr: -1"),
         ("[methods.sgd]\nrho = 0.1\n", "[methods.sgd] unknown key 'rho'"),
         ("[methods.adamw]\nbase = 'sgd'\n", "[methods.adamw] unknown key 'base'"),
+        ("[methods.adamw]\nmomentum = 0.9\n", "[methods.adamw] unknown key 'momentum'"),
         ("lr = \n", "not valid TOML"),
     ],
 )  # fmt: skip

@@ -252,9 +252,11 @@ def _check_method_table(method: str, table: Mapping[str, Any], base: Any, where:
     from samkit.optim import get_optimizer_info
 
     accepted = accepted_kwargs(method, base) if isinstance(base, str) else set()
-    valid = set(METHOD_SETTINGS) | accepted
-    if not get_optimizer_info(method).sharpness_aware:
-        valid -= {"base", "rho"}  # a plain optimizer has neither: refused, not ignored
+    # Settings the method would not use are refused, not ignored: a plain optimizer has no
+    # base and no rho; AdamW (or a method over it) has no momentum.
+    valid = accepted | {"lr", "weight_decay"}
+    if get_optimizer_info(method).sharpness_aware:
+        valid.add("base")
     for key, value in table.items():
         if key not in valid:
             raise ConfigError(

@@ -125,6 +125,7 @@ def test_sweep_then_rerun_skips_every_finished_run(tmp_path):
               progress=False)  # fmt: skip
     results = bench(out, ["digits"], ["sgd", "sam"], 2, **kw)
     assert [r.status for r in results] == ["done"] * 4
+    assert all(r.cpu_seconds and r.cpu_seconds > 0 for r in results)  # measured per process
     manifest = json.loads((out / "bench.json").read_text())
     assert len(manifest["runs"]) == 4 and manifest["optimizers"] == ["sgd", "sam"]
     stamps = {

@@ -435,6 +435,9 @@ def _run_bench(args: argparse.Namespace) -> int:
         line += f" ({skipped} before this command)"
     if failed:
         line += f", {len(failed)} failed (see above)"
+    cpu = [r.cpu_seconds for r in results if r.cpu_seconds is not None]
+    if cpu:
+        line += f" | {sum(cpu) / 60:.1f} CPU minutes"
     print(f"{line} | results in {args.out} | next: samkit report {args.out}")
     return 1 if failed else 0
 

@@ -54,6 +54,7 @@ class RunResult:
     message: str = ""
     seconds: float = 0.0
     test_acc: float | None = None
+    cpu_seconds: float | None = None
 
 
 # ----------------------------------------------------------------------------- run state
@@ -170,6 +171,7 @@ class _Child:
         log_path = run.out / LOG_NAME
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
+        self.cpu_seconds: float | None = None
         if fork:
             parent = os.getpid()
             sys.stdout.flush()
@@ -214,14 +216,23 @@ class _Child:
                 )
 
     def poll(self) -> int | None:
-        """Exit code (negative: killed by that signal), or None while running."""
-        if self.proc is not None:
+        """Exit code (negative: killed by that signal), or None while running. Records the
+        process's CPU time (user + system) in :attr:`cpu_seconds` when it has ended."""
+        pid = self.proc.pid if self.proc is not None else self.pid
+        assert pid is not None
+        if hasattr(os, "wait4"):
+            done, status, usage = os.wait4(pid, os.WNOHANG)
+            if done == 0:
+                return None
+            self.cpu_seconds = usage.ru_utime + usage.ru_stime
+            code = os.waitstatus_to_exitcode(status)
+            if self.proc is not None:
+                self.proc.returncode = code
+            return code
+        if self.proc is not None:  # pragma: no cover - not POSIX
             return self.proc.poll()
-        assert self.pid is not None
-        pid, status = os.waitpid(self.pid, os.WNOHANG)
-        if pid == 0:
-            return None
-        return os.waitstatus_to_exitcode(status)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        return None if done == 0 else os.waitstatus_to_exitcode(status)
 
     def terminate(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -381,8 +392,9 @@ def run_sweep(
             display.line(f"FAILED {result.run.key}: {result.message}", running)
         elif result.status == "done":
             acc = f"{100 * result.test_acc:.2f}%" if result.test_acc is not None else "?"
+            cpu = f", {result.cpu_seconds:.0f} s CPU" if result.cpu_seconds is not None else ""
             display.line(
-                f"done {result.run.key}: test accuracy {acc} ({_duration(result.seconds)})",
+                f"done {result.run.key}: test accuracy {acc} ({_duration(result.seconds)}{cpu})",
                 running,
             )
         if on_result is not None:
@@ -459,7 +471,8 @@ def run_sweep(
                 if code == 0 and isinstance(summary, dict) and summary.get("completed"):
                     finish(
                         RunResult(child.run, "done", seconds=seconds,
-                                  test_acc=summary.get("test_acc")),
+                                  test_acc=summary.get("test_acc"),
+                                  cpu_seconds=child.cpu_seconds),
                         len(running),
                     )  # fmt: skip
                 else:

@@ -177,10 +177,10 @@ def _children(pid: int) -> list[int]:
 def test_sigkill_mid_sweep_then_the_same_command_resumes(tmp_path):
     out = tmp_path / "b"
     argv = [sys.executable, "-m", "samkit", "bench", "--tasks", "digits", "--optimizers", "sgd",
-            "--seeds", "1", "--epochs", "20", "--out", str(out)]  # fmt: skip
+            "--seeds", "1", "--epochs", "12", "--out", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    run_dir = out / "digits" / "sgd" / "seed0-20ep"
+    run_dir = out / "digits" / "sgd" / "seed0-12ep"
     deadline = time.time() + 300
     try:
         while not (run_dir / "checkpoint.pt").exists():  # the run is past its first epoch
@@ -205,16 +205,16 @@ def test_sigkill_mid_sweep_then_the_same_command_resumes(tmp_path):
             pytest.fail(f"run process {child} outlived the killed sweep")
     assert not (run_dir / "summary.json").exists(), "the run finished before the kill"
     killed_at = len((run_dir / "metrics.jsonl").read_text().splitlines())
-    assert 1 <= killed_at < 20
+    assert 1 <= killed_at < 12
 
-    results = bench(out, ["digits"], ["sgd"], 1, epochs=20, isolation="fork", progress=False)
+    results = bench(out, ["digits"], ["sgd"], 1, epochs=12, isolation="fork", progress=False)
     assert [r.status for r in results] == ["done"]
     assert "resumed at epoch" in (run_dir / LOG_NAME).read_text()
     # Bit-exact: the resumed run equals an uninterrupted one.
-    fresh = bench(tmp_path / "c", ["digits"], ["sgd"], 1, epochs=20, isolation="fork",
+    fresh = bench(tmp_path / "c", ["digits"], ["sgd"], 1, epochs=12, isolation="fork",
                   progress=False)  # fmt: skip
     assert fresh[0].status == "done"
-    assert _metrics(run_dir) == _metrics(tmp_path / "c" / "digits" / "sgd" / "seed0-20ep")
+    assert _metrics(run_dir) == _metrics(tmp_path / "c" / "digits" / "sgd" / "seed0-12ep")
 
 
 @pytest.mark.slow

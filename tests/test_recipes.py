@@ -212,7 +212,7 @@ def _between(text: str, name: str) -> str:
 
 def test_the_docs_tables_are_the_generated_ones():
     text = (ROOT / "docs" / "recipes.md").read_text()
-    hint = "regenerate with: python -m samkit.train.recipes --markdown"
+    hint = "regenerate with: python -m samkit.train.recipes --update docs/recipes.md"
     assert _between(text, "defaults table") == defaults_markdown(), hint
     assert _between(text, "recipes table") == recipes_markdown(), hint
 

@@ -81,6 +81,7 @@ __all__ = [
     "recipe_config",
     "recipes_markdown",
     "resolve_settings",
+    "update_docs",
 ]
 
 #: Folder of the recipes shipped with samkit (``samkit/recipes/*.toml``).
@@ -524,7 +525,31 @@ def recipes_markdown() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m samkit.train.recipes --markdown: the docs' tables
-    print(defaults_markdown())
-    print()
-    print(recipes_markdown())
+def update_docs(path: str | Path) -> bool:
+    """Rewrite the generated tables of a Markdown page (between its ``<!-- defaults table:
+    begin ... -->`` / ``<!-- ... end -->`` and ``recipes table`` markers); True if it changed."""
+    import re
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    new = text
+    for name, body in (
+        ("defaults table", defaults_markdown()),
+        ("recipes table", recipes_markdown()),
+    ):
+        pattern = rf"(<!-- {name}: begin.*?-->\n)(.*?)(\n<!-- {name}: end -->)"
+        new = re.sub(pattern, lambda m, b=body: m.group(1) + b + m.group(3), new, flags=re.S)
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    return new != text
+
+
+if __name__ == "__main__":
+    # python -m samkit.train.recipes --markdown         print the docs' generated tables
+    # python -m samkit.train.recipes --update FILE.md   rewrite them in FILE.md (docs/recipes.md)
+    if len(sys.argv) == 3 and sys.argv[1] == "--update":
+        print("updated" if update_docs(sys.argv[2]) else "unchanged", sys.argv[2])
+    else:
+        print(defaults_markdown())
+        print()
+        print(recipes_markdown())

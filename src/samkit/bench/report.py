@@ -258,7 +258,10 @@ def noise_sentence(view: TaskView) -> str:
     worse = [
         r.optimizer for r in view.rows[1:] if r.diff and r.diff.significant and r.diff.mean < 0
     ]
-    inside = [r.optimizer for r in view.rows[1:] if r.diff and not r.diff.significant]
+    inside = [
+        r.optimizer for r in view.rows[1:] if r.diff and r.diff.n >= 2 and not r.diff.significant
+    ]
+    unknown = [r.optimizer for r in view.rows[1:] if r.diff is None or r.diff.n < 2]
     parts = []
     if better:
         parts.append(f"better than {ref} (95 % interval of the paired difference above 0): "
@@ -267,6 +270,8 @@ def noise_sentence(view: TaskView) -> str:
         parts.append(f"worse than {ref} (interval below 0): " + ", ".join(worse))
     if inside:
         parts.append("inside the noise (interval contains 0): " + ", ".join(inside))
+    if unknown:
+        parts.append(f"fewer than 2 seeds shared with {ref}, no interval: " + ", ".join(unknown))
     return "; ".join(parts) + "." if parts else "Nothing to compare."
 
 

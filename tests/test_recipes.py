@@ -40,8 +40,9 @@ def _param():
 @pytest.mark.parametrize("name", samkit.list_optimizers(sharpness_aware=True))
 def test_the_registry_builds_exactly_the_class(name):
     info = get_optimizer_info(name)
-    by_name = samkit.create_optimizer(name, _param(), lr=0.1)
-    by_class = info.cls(_param(), "sgd", lr=0.1)
+    m1, m2 = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)  # some methods need the model
+    by_name = samkit.create_optimizer(name, m1.parameters(), model=m1, lr=0.1)
+    by_class = info.cls(m2.parameters(), "sgd", model=m2, lr=0.1)
     assert by_name.param_groups[0].keys() == by_class.param_groups[0].keys()
     for key, value in by_class.param_groups[0].items():
         if key != "params":

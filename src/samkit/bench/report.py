@@ -345,11 +345,23 @@ def make_figures(view: TaskView, folder: Path) -> dict[str, Path]:
 
     fig = _figure()
     ax = fig.add_subplot()
-    for r in rows:
+    # Methods of the same cost share an x: spread them a little and label each point.
+    xs = [r.grad_evals or 0.0 for r in rows]
+    span = (max(xs) - min(xs)) or max(xs) or 1.0
+    groups: dict[float, list[int]] = {}
+    for i, x in enumerate(xs):
+        groups.setdefault(round(x, 6), []).append(i)
+    for members in groups.values():
+        for j, i in enumerate(members):
+            xs[i] += (j - (len(members) - 1) / 2) * 0.025 * span
+    for r, x in zip(rows, xs):
         s = r.acc
         err = s.ci if s.n >= 2 else 0.0
-        ax.errorbar([r.grad_evals], [s.mean], yerr=[err], fmt="o", color=colors[r.optimizer],
-                    capsize=3, label=r.optimizer)  # fmt: skip
+        ax.errorbar([x], [s.mean], yerr=[err], fmt="o", color=colors[r.optimizer], capsize=3,
+                    label=r.optimizer)  # fmt: skip
+        ax.annotate(r.optimizer, (x, s.mean), xytext=(4, 2), textcoords="offset points",
+                    fontsize=7, color=colors[r.optimizer])  # fmt: skip
+    ax.margins(x=0.1)
     ax.set_xlabel("gradient evaluations per run (measured)")
     ax.set_ylabel("test accuracy % (mean, 95 % CI)")
     ax.set_title(f"{view.title}: accuracy vs cost")

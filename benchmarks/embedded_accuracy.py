@@ -1,12 +1,18 @@
 """Test accuracy of SGD, SAM, F-SAM and Bilateral SAM on the embedded benchmark.
 
+Superseded by ``samkit bench`` + ``samkit report`` (any registered method, resumable,
+parallel, with confidence intervals and plots; ``docs/bench.md``). Kept for two things
+``samkit bench`` does not do: Bilateral SAM's per-step diagnostics (``--engine local
+--trace``, the investigation in ``docs/methods/bsam.md``) and re-running the historical tables
+of ``docs/results.md`` with their exact commands.
+
 Recipe (docs/ALGORITHMS.md, "measurement anchors"): MNIST-1D (mnist1d's ``make_dataset``
 with default arguments: 4,000 train / 1,000 test), the 3-conv 1-D CNN with 32 channels,
 30 epochs, batch 128, SGD momentum 0.9, weight decay 5e-4, lr 0.05 with a per-step cosine
 schedule to 0, symmetric label noise on the training labels ("other class" convention).
 Every method gets the same epochs, base optimizer, data order and initialisation for a
-given seed; a sharpness-aware method gets the registry's defaults unless a run sets
-hyperparameters.
+given seed; a method gets the values of the embedded ``mnist1d`` recipe (what ``samkit train
+--optimizer NAME`` uses) unless a run sets hyperparameters.
 
 Two engines:
 
@@ -94,19 +100,16 @@ def environment() -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- engines
 def run_samkit(name: str, kwargs: dict[str, Any], seed: int, noise: float) -> dict[str, Any]:
-    from samkit.train import TrainConfig, train
+    from samkit.train import train
+    from samkit.train.recipes import recipe_config
 
     kw = dict(kwargs)
-    rho = kw.pop("rho", None)
-    cfg = TrainConfig(
-        optimizer=name,
-        rho=rho,
-        opt_args=kw,
-        seed=seed,
-        label_noise=noise,
-        out=None,
-        device="cpu",
-    )
+    given: dict[str, Any] = {"optimizer": name, "seed": seed, "label_noise": noise}
+    if "rho" in kw:
+        given["rho"] = kw.pop("rho")
+    if kw:
+        given["opt_args"] = kw
+    cfg = recipe_config("mnist1d", device="cpu", **given)
     t0 = time.perf_counter()
     summary = train(cfg, progress=False, log=None)
     wall = time.perf_counter() - t0
@@ -131,7 +134,7 @@ def run_local(
     info = samkit.get_optimizer_info(name)
     opt_kw = dict(kwargs)
     if info.sharpness_aware:
-        opt_kw.setdefault("rho", info.defaults.get("rho", RECIPE["rho"]))
+        opt_kw.setdefault("rho", RECIPE["rho"])
         opt_kw["model"] = model
     opt = samkit.create_optimizer(
         name,

@@ -34,6 +34,7 @@ import torch
 
 from samkit.cli import build_parser, main
 from samkit.train import TrainConfig
+from samkit.train.recipes import load_recipe
 from test_train_data import write_fake_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +47,7 @@ TINY_FLAGS: dict[str, dict[str, int]] = {
     "train": {"--limit-train": 256, "--limit-test": 128, "--threads": 1},
     "sharpness": {"--batches": 1, "--batch-size": 64, "--iters": 5},
     "landscape": {"--batches": 1, "--batch-size": 64, "--steps": 5},
+    "bench": {"--seeds": 1, "--epochs": 1, "--limit-train": 256, "--limit-test": 128},
 }
 EPOCH_FLAGS = ("--epochs", "--stop-after-epoch")
 SHELL = {"bash", "sh", "shell", "console"}
@@ -161,7 +163,10 @@ def tiny(argv: list[str], epochs: dict[str | None, dict[int, int]]) -> list[str]
                 argv[argv.index(flag) + 1] = str(epochs[int(_value(argv, flag))])
         if "--resume" not in argv and not _value(argv, "--epochs"):
             argv += ["--epochs", str(epochs[TrainConfig().epochs])]
+    if sub in ("train", "bench"):
         dataset, data_dir = _value(argv, "--dataset"), _value(argv, "--data-dir")
+        if dataset is None and _value(argv, "--recipe"):
+            dataset = load_recipe(_value(argv, "--recipe")).settings.get("dataset")
         if dataset and dataset.startswith("cifar") and data_dir:
             folder = "cifar-10-batches-py" if dataset == "cifar10" else "cifar-100-python"
             if not (Path(data_dir) / folder).exists():

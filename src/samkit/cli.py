@@ -1,5 +1,5 @@
-"""The ``samkit`` command line: ``samkit train``, ``samkit list``, ``samkit sharpness``,
-``samkit landscape`` (more subcommands plug in).
+"""The ``samkit`` command line: ``samkit train``, ``samkit list``, ``samkit bench``,
+``samkit report``, ``samkit sharpness``, ``samkit landscape`` (more subcommands plug in).
 
 Each subcommand is one :class:`Subcommand` entry in :data:`SUBCOMMANDS`: a function that adds
 its arguments to its parser and a function that runs it and returns the exit code. Adding a
@@ -56,23 +56,31 @@ class Subcommand:
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     import samkit
     from samkit.optim import BASE_OPTIMIZERS
-    from samkit.train import TrainConfig, list_datasets, list_models
+    from samkit.train import list_datasets, list_models
     from samkit.train.config import AMP_MODES, SCHEDULES
+    from samkit.train.recipes import DEFAULT_RECIPE, recipe_config
 
-    d = TrainConfig()
+    # The defaults shown are the values `samkit train` uses: the default recipe's.
+    d = recipe_config(DEFAULT_RECIPE)
     # Every option defaults to SUPPRESS: the namespace holds only what was given, so the
-    # layers defaults < checkpoint (--resume) < --config file < flags merge cleanly.
+    # layers recipe < checkpoint (--resume) < --config file < flags merge cleanly.
     S = argparse.SUPPRESS
 
     def opt(*flags: str, **kw: Any) -> None:
         p.add_argument(*flags, default=S, **kw)
+
+    g = p.add_argument_group("recipe")
+    g.add_argument("--recipe", default=None, action="append", metavar="NAME|FILE",
+                   help=f"an embedded recipe (`samkit list recipes`) or a TOML file: task, "
+                        f"model, training settings and per-method hyperparameters; repeat to "
+                        f"layer (later wins); flags override it (default {DEFAULT_RECIPE})")  # fmt: skip
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=S, choices=list_datasets(), help=f"(default {d.dataset})")
     g.add_argument("--data-dir", default=S, metavar="DIR", help="folder with the CIFAR files")
     g.add_argument("--label-noise", default=S, type=float, metavar="P",
                    help="symmetric label noise: each training label becomes a random other "
-                        "class with probability P (default 0)")  # fmt: skip
+                        f"class with probability P (default {d.label_noise:g})")  # fmt: skip
     g.add_argument("--augment", default=S, action=argparse.BooleanOptionalAction,
                    help="random crop + flip (default: on for CIFAR, off otherwise)")  # fmt: skip
     g.add_argument("--cutout", default=S, type=int, metavar="N", help="cutout square side")
@@ -83,28 +91,32 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default=S, choices=list_models(),
-                   help="(default: the dataset's, cnn1d for mnist1d)")  # fmt: skip
+                   help=f"(default {d.model}: the recipe's, else the dataset's)")  # fmt: skip
     g.add_argument("--model-arg", default=S, action="append", metavar="KEY=VALUE",
                    help="model keyword argument, e.g. depth=16 (repeatable)")  # fmt: skip
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", default=S, choices=samkit.list_optimizers(), metavar="NAME",
                    help=f"one of {', '.join(samkit.list_optimizers())} "
-                        f"(default {d.optimizer}; see `samkit list`)")  # fmt: skip
+                        f"(default {d.optimizer}; see `samkit list optimizers`)")  # fmt: skip
     g.add_argument("--base", default=S, metavar="NAME",
                    help=f"base optimizer of a sharpness-aware method: one of "
                         f"{', '.join(sorted(BASE_OPTIMIZERS))} (default {d.base})")  # fmt: skip
     g.add_argument("--rho", default=S, type=float,
-                   help="neighbourhood radius (default: the method's registry default, "
-                        "else 0.1)")  # fmt: skip
+                   help="neighbourhood radius (default: the recipe's [methods.NAME] value, "
+                        "else the class's; `samkit list optimizers` shows both)")  # fmt: skip
     g.add_argument("--opt-arg", default=S, action="append", metavar="KEY=VALUE",
                    help="optimizer keyword argument (int/float/bool/str), repeatable")  # fmt: skip
-    g.add_argument("--lr", default=S, type=float, help=f"(default {d.lr})")
-    g.add_argument("--momentum", default=S, type=float, help=f"(default {d.momentum})")
-    g.add_argument("--weight-decay", default=S, type=float, help=f"(default {d.weight_decay})")
+    per_method = "; a recipe's [methods.NAME] table may set its own"
+    g.add_argument("--lr", default=S, type=float, help=f"(default {d.lr:g}{per_method})")
+    g.add_argument("--momentum", default=S, type=float,
+                   help=f"(default {d.momentum:g}, for optimizers that take one)")  # fmt: skip
+    g.add_argument("--weight-decay", default=S, type=float,
+                   help=f"(default {d.weight_decay:g}{per_method})")  # fmt: skip
     g.add_argument("--schedule", default=S, choices=SCHEDULES,
                    help=f"lr schedule, per step (default {d.schedule})")  # fmt: skip
-    g.add_argument("--label-smoothing", default=S, type=float, help="(default 0)")
+    g.add_argument("--label-smoothing", default=S, type=float,
+                   help=f"(default {d.label_smoothing:g})")  # fmt: skip
 
     g = p.add_argument_group("run")
     g.add_argument("--epochs", default=S, type=int, help=f"(default {d.epochs})")
@@ -135,7 +147,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sharpness-samples", default=S, type=int, metavar="N",
                    help="training samples used for --track-sharpness (default 512)")  # fmt: skip
     g.add_argument("--config", default=None, metavar="FILE.json",
-                   help="JSON object of settings (same names); flags override it")  # fmt: skip
+                   help="deprecated (use --recipe FILE.toml): a JSON object of settings, "
+                        "above the recipe, below the flags")  # fmt: skip
     g.add_argument("--no-progress", action="store_true",
                    help="one line per epoch instead of a progress bar (the default when the "
                         "output is not a terminal)")  # fmt: skip
@@ -144,14 +157,16 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config_from_args(args: argparse.Namespace) -> Any:
-    """TrainConfig from defaults < checkpoint (--resume) < --config file < flags."""
+    """TrainConfig from recipe < checkpoint (--resume) < --config file < flags."""
     from samkit.train import TrainConfig, read_checkpoint
     from samkit.train.config import parse_key_values
+    from samkit.train.recipes import DEFAULT_RECIPE, load_recipe, resolve_settings
 
     flags = {
         k: v
         for k, v in vars(args).items()
-        if k not in ("command", "config", "no_progress", "quiet", "threads", "_run")
+        if k not in ("command", "config", "recipe", "no_progress", "quiet", "threads")
+        and not k.startswith("_")
     }
     if "model_arg" in flags:
         flags["model_args"] = parse_key_values(flags.pop("model_arg"), "--model-arg")
@@ -159,23 +174,23 @@ def _train_config_from_args(args: argparse.Namespace) -> Any:
         flags["opt_args"] = parse_key_values(flags.pop("opt_arg"), "--opt-arg")
     file_settings = TrainConfig.from_json_file(args.config) if args.config else {}
     given = {**file_settings, **flags}
+    _check_base(given.get("base"))
 
-    settings: dict[str, Any] = {}
     if given.get("resume") is True:  # anything else is refused by TrainConfig.validate
         if not given.get("out"):
             raise UsageError("--resume needs --out (the run directory to resume)")
+        if args.recipe:
+            raise UsageError(
+                "--recipe cannot be combined with --resume: a resumed run continues with the "
+                "settings stored in its checkpoint"
+            )
         saved = read_checkpoint(given["out"])["config"]
-        settings.update(saved)
         # Where the earlier command stopped is not where this one stops: a resumed run
         # continues to --epochs unless the resume command gives its own --stop-after-epoch.
-        settings["stop_after_epoch"] = None
-    for key, value in given.items():
-        if key in ("model_args", "opt_args") and key in settings:
-            settings[key] = {**settings[key], **value}
-        else:
-            settings[key] = value
-    _check_base(settings.get("base"))
-    return TrainConfig.from_dict(settings)
+        saved = {**saved, "stop_after_epoch": None}
+        return resolve_settings([], given, checkpoint=saved)
+    recipes = [load_recipe(r) for r in (args.recipe or [DEFAULT_RECIPE])]
+    return resolve_settings(recipes, given)
 
 
 def _check_base(base: Any) -> None:
@@ -244,25 +259,53 @@ def _add_list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "what",
         nargs="?",
-        choices=["optimizers", "models", "datasets", "all"],
+        choices=["optimizers", "recipes", "models", "datasets", "all"],
         default="all",
         help="what to list (default all)",
+    )
+    p.add_argument(
+        "--recipe",
+        default=None,
+        metavar="NAME|FILE",
+        help="show the optimizer values this recipe uses (default: the default recipe)",
     )
 
 
 def _run_list(args: argparse.Namespace) -> int:
-    import samkit
     from samkit.train.data import DATASETS
     from samkit.train.models import MODELS
+    from samkit.train.recipes import (
+        DEFAULT_RECIPE,
+        defaults_rows,
+        format_values,
+        list_recipes,
+        load_recipe,
+    )
 
     if args.what in ("optimizers", "all"):
-        print("optimizers (samkit train --optimizer NAME):")
-        for name in samkit.list_optimizers():
-            info = samkit.get_optimizer_info(name)
-            kind = f"{info.passes:g} passes" if info.sharpness_aware else "baseline"
-            defaults = ", ".join(f"{k}={v}" for k, v in info.defaults.items())
-            extra = f" [defaults: {defaults}]" if defaults else ""
-            print(f"  {name:<12} {info.description} ({kind}){extra}")
+        recipe = load_recipe(args.recipe or DEFAULT_RECIPE)
+        common = ", ".join(
+            f"{k} {recipe.settings[k]}"
+            for k in ("base", "lr", "momentum", "weight_decay")
+            if k in recipe.settings
+        )
+        print(
+            "optimizers (samkit train --optimizer NAME)\n"
+            "  class:  the class's defaults, the paper's (samkit.create_optimizer(NAME, ...))\n"
+            f"  recipe: what `samkit train --recipe {recipe.name}` passes (* = tuned for the "
+            f"task); its runs use {common} unless a row says otherwise"
+        )
+        for row in defaults_rows(recipe.path):
+            kind = f"{row.passes:g} passes" if row.sharpness_aware else "baseline"
+            print(f"  {row.name:<10} {row.description} ({kind})")
+            cls = format_values(row.class_defaults) if row.sharpness_aware else "torch's"
+            print(f"  {'':<10}   class:  {cls}")
+            print(f"  {'':<10}   recipe: {format_values(row.recipe_values, row.class_defaults)}")
+    if args.what in ("recipes", "all"):
+        print("recipes (samkit train --recipe NAME, samkit bench --tasks NAME):")
+        for name in list_recipes():
+            suffix = " (default)" if name == DEFAULT_RECIPE else ""
+            print(f"  {name:<24} {load_recipe(name).description}{suffix}")
     if args.what in ("models", "all"):
         print("models (--model NAME):")
         for name, m in MODELS.items():
@@ -366,6 +409,109 @@ def _run_landscape(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- samkit bench
+
+
+def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from samkit.bench import BUDGETS
+
+    p.add_argument("--optimizers", nargs="+", required=True, metavar="NAME[:KEY=VALUE,...]",
+                   help="optimizers to compare, the first is the reference of the paired "
+                        "differences; e.g. sgd sam fsam:rho=0.05,lr=0.1; `all`: every "
+                        "registered one, sgd first")  # fmt: skip
+    p.add_argument("--tasks", nargs="+", default=["mnist1d"], metavar="RECIPE",
+                   help="tasks: embedded recipes (mnist1d, mnist1d-noisy, digits, cifar10, "
+                        "cifar100, ...; `samkit list recipes`) or TOML files (default mnist1d)")  # fmt: skip
+    p.add_argument("--seeds", type=int, default=5, metavar="N",
+                   help="run seeds 0..N-1 (default 5)")  # fmt: skip
+    p.add_argument("--out", required=True, metavar="DIR", help="folder of the sweep")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs of every task (default: each recipe's)")  # fmt: skip
+    p.add_argument("--budget", choices=[*BUDGETS, "both"], default="equal-epochs",
+                   help="equal-epochs (default), equal-grad-evals (cheaper methods run more "
+                        "epochs to match the most expensive one's gradient evaluations), or "
+                        "both views")  # fmt: skip
+    p.add_argument("--recipe", action="append", default=[], metavar="NAME|FILE",
+                   help="a recipe laid over every task (e.g. tuned [methods.NAME] tables); "
+                        "repeatable")  # fmt: skip
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="runs in parallel, each in its own process (default 1)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch threads per run (default 1)")  # fmt: skip
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="CIFAR files (CIFAR tasks)")
+    p.add_argument("--device", default=None, help="device of every run (default: the recipe's)")
+    p.add_argument("--limit-train", type=int, default=None, metavar="N",
+                   help="first N training samples of every run (quick sweeps)")  # fmt: skip
+    p.add_argument("--limit-test", type=int, default=None, metavar="N",
+                   help="first N test samples of every run")  # fmt: skip
+    p.add_argument("--track-sharpness", type=int, default=None, metavar="N",
+                   help="record lambda_1 every N epochs (shown by samkit report)")  # fmt: skip
+    p.add_argument("--isolation", choices=["auto", "fork", "subprocess"], default="auto",
+                   help="auto (default): fork CPU runs from a process that has the data in "
+                        "memory, a `python -m samkit train` process otherwise")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="print only the final line")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from samkit.bench import SweepError, bench
+
+    extra = {
+        k: getattr(args, k)
+        for k in ("device", "limit_train", "limit_test", "track_sharpness")
+        if getattr(args, k) is not None
+    }
+    command = shlex.join(["samkit", *args._argv])
+    try:
+        results = bench(
+            args.out, args.tasks, args.optimizers, args.seeds, budget=args.budget,
+            epochs=args.epochs, recipes=args.recipe, extra=extra, data_dir=args.data_dir,
+            workers=args.workers, threads=args.threads, isolation=args.isolation,
+            command=command, progress=not args.quiet,
+        )  # fmt: skip
+    except SweepError as e:
+        raise UsageError(str(e)) from e
+    except KeyboardInterrupt:
+        _fail(f"interrupted: run the same command again to continue ({args.out})", code=130)
+    failed = [r for r in results if r.status == "failed"]
+    skipped = sum(r.status == "skipped" for r in results)
+    line = f"{len(results)} runs: {len(results) - len(failed)} finished"
+    if skipped:
+        line += f" ({skipped} before this command)"
+    if failed:
+        line += f", {len(failed)} failed (see above)"
+    cpu = [r.cpu_seconds for r in results if r.cpu_seconds is not None]
+    if cpu:
+        line += f" | {sum(cpu) / 60:.1f} CPU minutes"
+    print(f"{line} | results in {args.out} | next: samkit report {args.out}")
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------- samkit report
+
+
+def _add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR", help="folder of a samkit bench sweep")
+    p.add_argument("--docs", default=None, metavar="FILE.md",
+                   help="also write the report into FILE.md between its samkit report "
+                        "markers, figures in FILE_figures/")  # fmt: skip
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from samkit.bench import SweepError, write_report
+
+    try:
+        res = write_report(args.dir, docs=args.docs)
+    except (SweepError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    line = f"wrote {res['markdown']}, {res['html']} and {len(res['figures'])} figures"
+    if "docs" in res:
+        line += f"; updated {res['docs']}"
+    print(line)
+    return 0
+
+
 # ----------------------------------------------------------------------------- registry
 
 #: The subcommands, in ``samkit --help`` order. Add one entry to add a subcommand.
@@ -381,6 +527,18 @@ SUBCOMMANDS: list[Subcommand] = [
         "list the registered optimizers, models and datasets",
         _add_list_arguments,
         _run_list,
+    ),  # fmt: skip
+    Subcommand(
+        "bench",
+        "train every optimizer x task x seed as resumable runs (parallel), for samkit report",
+        _add_bench_arguments,
+        _run_bench,
+    ),  # fmt: skip
+    Subcommand(
+        "report",
+        "tables (mean, 95% CI, paired differences), plots and an HTML page of a bench folder",
+        _add_report_arguments,
+        _run_report,
     ),  # fmt: skip
     Subcommand(
         "sharpness",
@@ -426,6 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = _warning_printer(warnings.showwarning, TrainWarning)
         try:
             args = parser.parse_args(argv)
+            args._argv = list(sys.argv[1:] if argv is None else argv)
             if getattr(args, "_run", None) is None:
                 parser.print_help()
                 return 2

@@ -7,6 +7,7 @@ what the CLI, the benchmarks and the registry-parametrised tests iterate over.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,14 +25,19 @@ __all__ = ["OptimizerInfo", "register", "create_optimizer", "list_optimizers", "
 class OptimizerInfo:
     """What the registry knows about one optimizer name.
 
+    A registered name builds exactly its class: the class's keyword defaults are the paper's
+    values and the only defaults samkit has (:attr:`hyperparameters` lists them). Values
+    tuned for a task live in recipes (``samkit train --recipe``), never here.
+
     Attributes:
         name: registry name (lower case).
         cls: the optimizer class; for plain baselines, the torch class.
-        description: one line for ``samkit train --help`` and the docs.
+        description: one line for ``samkit list`` and the docs.
         sharpness_aware: False for the plain baselines (``sgd``, ``adamw``).
-        defaults: hyperparameters samkit recommends on the embedded benchmark, applied by
-            :func:`create_optimizer` unless the caller gives a value.
-        passes: forward+backward passes per step, on average (for cost reports).
+        defaults: kept for compatibility and must stay empty (:func:`register` refuses
+            anything else): a name never means other values than its class.
+        passes: forward+backward passes per step, on average (for planning an equal budget;
+            reports use the passes each run measured).
         needs_batch_closure: the method needs a :class:`~samkit.BatchClosure` (per-sample
             losses, sub-batches or sample indices) rather than a plain closure.
         reference: the paper.
@@ -46,13 +52,45 @@ class OptimizerInfo:
     needs_batch_closure: bool = False
     reference: str = ""
 
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """The method's own keyword arguments and their defaults, read from the signature of
+        ``cls.__init__`` (e.g. ``{"rho": 0.05, "sigma": 1.0, "lmbda": 0.6, ...}`` for F-SAM);
+        empty for the plain baselines, whose settings are the base optimizer's."""
+        if not self.sharpness_aware:
+            return {}
+        try:
+            params = inspect.signature(self.cls.__init__).parameters.values()
+        except (TypeError, ValueError):
+            return {}
+        return {
+            p.name: p.default
+            for p in params
+            if p.default is not inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name not in _NOT_HYPERPARAMETERS
+        }
+
+
+#: Constructor arguments of a sharpness-aware class that are not its method's settings.
+_NOT_HYPERPARAMETERS = frozenset(
+    {"base_optimizer", "defaults", "model", "foreach", "on_nonfinite", "sync_ascent", "perturb_eps"}
+)
+
 
 _REGISTRY: dict[str, OptimizerInfo] = {}
 
 
 def register(info: OptimizerInfo) -> OptimizerInfo:
-    """Add ``info`` to the registry (``ValueError`` if the name is taken)."""
+    """Add ``info`` to the registry (``ValueError`` if the name is taken, or if ``info`` carries
+    ``defaults``: the class's own defaults are the method's, tuned values go in recipes)."""
     key = info.name.lower()
+    if info.defaults:
+        raise ValueError(
+            f"optimizer {info.name!r}: registry defaults {info.defaults} would make the name "
+            "differ from its class; put the paper's values in the class and tuned values in a "
+            "recipe"
+        )
     if key in _REGISTRY:
         raise ValueError(f"optimizer name {info.name!r} is already registered")
     _REGISTRY[key] = info
@@ -87,10 +125,11 @@ def create_optimizer(
     wraps SGD in SAM; ``create_optimizer("sgd", ...)`` and ``"adamw"`` return the plain
     torch optimizers (``base`` is then ignored). Keyword arguments go to the method (its
     hyperparameters and samkit options such as ``model``) and on to the base optimizer.
-    The registry's recommended defaults fill in what the caller leaves out.
+    What the caller leaves out takes the class's default: ``create_optimizer("asam", ...)``
+    is ``samkit.ASAM(...)``.
     """
     info = get_optimizer_info(name)
-    merged = {**info.defaults, **kwargs}
+    merged = dict(kwargs)
     if not info.sharpness_aware:
         for key in ("model", "rho"):
             merged.pop(key, None)
@@ -131,9 +170,6 @@ register(
         name="asam",
         cls=ASAM,
         description="ASAM: SAM in a neighbourhood scaled by |w| + eta (scale invariant)",
-        # The class keeps the official CIFAR-10 radius 0.5; on the embedded benchmark 0.5 is
-        # far below SGD and 0.05-0.1 is at SGD's level (docs/results.md), so the registry uses 0.1.
-        defaults={"rho": 0.1},
         reference="Kwon et al., ICML 2021",
     )
 )
@@ -142,7 +178,6 @@ register(
         name="fsam",
         cls=FriendlySAM,
         description="F-SAM: SAM along g minus an EMA of past gradients (the batch-specific part)",
-        defaults={"rho": 0.1},
         passes=2.0,
         reference="Li et al., Friendly Sharpness-Aware Minimization, CVPR 2024",
     )
@@ -152,9 +187,6 @@ register(
         name="bsam",
         cls=BilateralSAM,
         description="Bilateral SAM: SAM's max point plus a min point along -g, three passes",
-        # The paper's norm ratio collapses training on the embedded benchmark (docs/results.md);
-        # ratio="one" is the setting that trains well there. The class keeps the paper's update.
-        defaults={"rho": 0.05, "ratio": "one"},
         passes=3.0,
         reference="Deng et al., Bilateral Sharpness-Aware Minimization for Flatter Minima, 2024",
     )

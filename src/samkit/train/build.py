@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import math
 import os
 import random
@@ -34,7 +33,7 @@ from samkit.optim import (
     resolve_base_optimizer,
 )
 from samkit.train.checkpoint import get_rng_state, set_rng_state
-from samkit.train.config import RECIPE_RHO, RESUMABLE_KEYS, ConfigError, TrainConfig
+from samkit.train.config import RESUMABLE_KEYS, ConfigError, TrainConfig, optimizer_settings
 from samkit.train.data import (
     DEFAULT_MODELS,
     Dataset,
@@ -115,33 +114,11 @@ def build_dataset(config: TrainConfig) -> Dataset:
     return data
 
 
-def _accepts(cls: type, name: str) -> bool:
-    try:
-        return name in inspect.signature(cls.__init__).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def optimizer_kwargs(config: TrainConfig) -> dict[str, Any]:
-    """Keyword arguments for ``samkit.create_optimizer`` (without ``model``).
-
-    ``lr`` and ``weight_decay`` always; ``momentum`` when the (base) optimizer takes one;
-    ``rho`` when given, else the registry's default for the method, else the recipe's 0.1
-    if the method takes a ``rho``; then ``opt_args`` on top. The registry's other defaults
-    are merged in by ``create_optimizer``.
-    """
-    info = get_optimizer_info(config.optimizer)
-    update_cls = resolve_base_optimizer(config.base) if info.sharpness_aware else info.cls
-    kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
-    if _accepts(update_cls, "momentum"):
-        kwargs["momentum"] = config.momentum
-    rho = config.rho
-    if rho is None and info.sharpness_aware and "rho" not in info.defaults:
-        rho = RECIPE_RHO if _accepts(info.cls, "rho") else None
-    if rho is not None and info.sharpness_aware:
-        kwargs["rho"] = rho
-    kwargs.update(config.opt_args)
-    return kwargs
+    """Keyword arguments for ``samkit.create_optimizer`` (without ``model``): the method's
+    class defaults, ``lr``, ``weight_decay``, ``momentum`` where it applies, ``rho`` if set,
+    ``opt_args`` on top (see :func:`samkit.train.config.optimizer_settings`)."""
+    return optimizer_settings(config)
 
 
 def _sharpness_api() -> Any:

@@ -1,15 +1,19 @@
-"""Every setting of a training run in one dataclass, with validation and JSON round trips.
+"""Every setting of a training run in one dataclass, with validation and JSON round trips,
+and the rule that turns a run's settings into the optimizer's keyword arguments.
 
-The defaults are the embedded benchmark recipe (``docs/ALGORITHMS.md``): MNIST-1D, the
-3-conv 1-D CNN, SAM over SGD (momentum 0.9, weight decay 5e-4), 30 epochs, batch 128,
-lr 0.05 with a per-step cosine schedule, rho 0.1.
+The dataclass defaults are plain settings (MNIST-1D, the 1-D CNN, SAM over SGD with the
+class's own hyperparameters). What ``samkit train`` runs without arguments is the embedded
+``default`` recipe (:mod:`samkit.train.recipes`), which sets its tuned values on top.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +23,15 @@ __all__ = [
     "RESUMABLE_KEYS",
     "SCHEDULES",
     "AMP_MODES",
-    "RECIPE_RHO",
+    "accepted_kwargs",
+    "optimizer_settings",
     "parse_value",
     "parse_key_values",
+    "suggest",
 ]
 
 SCHEDULES = ("cosine", "constant", "step")
 AMP_MODES = ("off", "bf16", "fp16")
-#: rho of the embedded recipe, used for a sharpness-aware method whose registry entry gives
-#: no ``rho`` default when the run does not set one.
-RECIPE_RHO = 0.1
-
 #: Settings that may differ between a run and its ``--resume``: they change how long or
 #: where the run goes, not the computation of the epochs already done.
 RESUMABLE_KEYS = frozenset(
@@ -62,9 +64,10 @@ class TrainConfig:
         model_args: keyword arguments of the model (e.g. ``{"depth": 16, "widen": 4}``).
         optimizer: a name from ``samkit.list_optimizers()``.
         base: base optimizer of a sharpness-aware method (``sgd``, ``adamw``, ...).
-        rho: neighbourhood radius; ``None`` = the registry's default for the method, else
-            :data:`RECIPE_RHO` if the method takes a ``rho``.
-        opt_args: further keyword arguments of the optimizer (method hyperparameters).
+        rho: neighbourhood radius; ``None`` = the method's class default. A plain optimizer
+            or a method without a ``rho`` refuses a value.
+        opt_args: further keyword arguments of the optimizer (method hyperparameters, base
+            optimizer settings); a name the optimizer does not take is refused.
         lr, momentum, weight_decay: base optimizer settings (``momentum`` is passed only to
             optimizers that accept it).
         epochs, batch_size: length of the run and samples per step.
@@ -91,6 +94,8 @@ class TrainConfig:
             later — for time-limited jobs; ``None`` runs to ``epochs``.
         limit_train, limit_test: keep only the first N samples of a split (quick runs).
         deterministic: ``torch.use_deterministic_algorithms`` during the run.
+        recipe: the recipe(s) the settings came from (``samkit train --recipe``), recorded
+            for the reader of ``config.json``; the loop does not read it.
     """
 
     dataset: str = "mnist1d"
@@ -124,6 +129,7 @@ class TrainConfig:
     limit_train: int | None = None
     limit_test: int | None = None
     deterministic: bool = True
+    recipe: str | None = None
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -157,7 +163,7 @@ class TrainConfig:
         for name in ("dataset", "optimizer", "base", "schedule", "device", "amp"):
             if not isinstance(getattr(self, name), str):
                 raise bad(name, getattr(self, name), "must be a string")
-        for name in ("data_dir", "model", "out"):
+        for name in ("data_dir", "model", "out", "recipe"):
             if not isinstance(getattr(self, name), (str, type(None))):
                 raise bad(name, getattr(self, name), "must be a string or null")
         for name in ("resume", "deterministic", "augment"):
@@ -270,3 +276,81 @@ def parse_key_values(items: list[str], what: str) -> dict[str, Any]:
             raise ConfigError(f"invalid {what} {item!r}: expected KEY=VALUE")
         out[key] = parse_value(value)
     return out
+
+
+def suggest(word: str, choices: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``choices`` to ``word``, else ``""``."""
+    close = difflib.get_close_matches(str(word), sorted(set(choices)), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+#: Constructor arguments that are not settings a run can give (the loop passes ``model``;
+#: ``params``/``base_optimizer`` are positional, ``defaults`` is the base class's plumbing).
+_NOT_SETTINGS = frozenset({"self", "params", "base_optimizer", "defaults", "model"})
+
+
+def _init_parameters(cls: type) -> set[str]:
+    names: set[str] = set()
+    for klass in cls.__mro__:  # a subclass's **kwargs may pass its parent's arguments on
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        try:
+            params = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        names.update(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return names - _NOT_SETTINGS
+
+
+def accepted_kwargs(optimizer: str, base: str = "sgd") -> set[str]:
+    """Keyword arguments ``samkit.create_optimizer(optimizer, base=base, ...)`` takes: a
+    method's own and samkit's options plus the base optimizer's (``lr``, ``momentum``,
+    ``betas``...); a plain optimizer's own."""
+    from samkit.optim import get_optimizer_info, resolve_base_optimizer
+
+    info = get_optimizer_info(optimizer)
+    if not info.sharpness_aware:
+        return _init_parameters(info.cls)
+    return _init_parameters(info.cls) | _init_parameters(resolve_base_optimizer(base))
+
+
+def optimizer_settings(config: TrainConfig) -> dict[str, Any]:
+    """Keyword arguments for ``samkit.create_optimizer`` (without ``model``), every value
+    explicit so that ``config.json`` records what the run used.
+
+    In order, later entries winning: the method's class defaults (its
+    :attr:`~samkit.optim.OptimizerInfo.hyperparameters`, the paper's values); ``lr`` and
+    ``weight_decay``; ``momentum`` when the optimizer that takes the step accepts one (the
+    base of a sharpness-aware method, else the optimizer itself); ``rho`` when set;
+    ``opt_args``. A ``rho`` or an ``opt_args`` name the optimizer does not take is a
+    :class:`ConfigError` (it would have no effect, or fail deep inside the constructor).
+    """
+    from samkit.optim import get_optimizer_info, resolve_base_optimizer
+
+    try:
+        info = get_optimizer_info(config.optimizer)
+        step_cls = resolve_base_optimizer(config.base) if info.sharpness_aware else info.cls
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+    accepted = accepted_kwargs(config.optimizer, config.base)
+    kwargs: dict[str, Any] = dict(info.hyperparameters)
+    kwargs.update(lr=config.lr, weight_decay=config.weight_decay)
+    if "momentum" in _init_parameters(step_cls):
+        kwargs["momentum"] = config.momentum
+    if config.rho is not None:
+        if "rho" not in accepted:
+            kind = "a plain optimizer" if not info.sharpness_aware else "a method"
+            raise ConfigError(
+                f"rho {config.rho:g} has no effect on optimizer {config.optimizer!r} ({kind} "
+                "without a neighbourhood radius); drop it or choose a sharpness-aware method"
+            )
+        kwargs["rho"] = config.rho
+    for key in config.opt_args:
+        if key not in accepted:
+            raise ConfigError(
+                f"optimizer {config.optimizer!r} rejected its settings: it takes no argument "
+                f"{key!r}{suggest(key, accepted)}"
+            )
+    kwargs.update(config.opt_args)
+    return kwargs

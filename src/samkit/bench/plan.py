@@ -1,0 +1,297 @@
+"""What a ``samkit bench`` sweep runs: tasks × optimizer specs × seeds, under a budget.
+
+Every run is an ordinary ``samkit train`` run directory, described by the settings given to it
+(the same ones its ``samkit train`` command line gives) on top of its task's recipe:
+
+    DIR/<task>/<optimizer spec>/seed<S>-<E>ep/    config.json, metrics.jsonl, summary.json, ...
+
+The epochs are part of the name, so a sweep with other epochs (``--epochs``, or the longer runs
+of ``--budget equal-grad-evals``) never mistakes one run for another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from samkit.optim import get_optimizer_info, list_optimizers
+from samkit.train.config import ConfigError, TrainConfig, parse_value, suggest
+from samkit.train.recipes import (
+    RECIPE_DIR,
+    Recipe,
+    load_recipe,
+    method_table_settings,
+    resolve_settings,
+)
+
+__all__ = [
+    "BUDGETS",
+    "OptimizerSpec",
+    "PlannedRun",
+    "Task",
+    "expand_optimizers",
+    "parse_spec",
+    "plan_sweep",
+    "train_argv",
+]
+
+#: ``equal-epochs``: every method the task's epochs. ``equal-grad-evals``: every method as
+#: many gradient evaluations as the most expensive one (cheaper ones run more epochs).
+BUDGETS = ("equal-epochs", "equal-grad-evals")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """``name[:key=value,...]``: a registered optimizer and settings for it alone.
+
+    The keys are those of a recipe's ``[methods.NAME]`` table: the method's hyperparameters,
+    its base optimizer's arguments, and ``lr``, ``momentum``, ``weight_decay``, ``base``,
+    ``rho``.
+    """
+
+    text: str
+    name: str
+    settings: dict[str, Any]
+    raw: dict[str, str]
+
+    @property
+    def slug(self) -> str:
+        """A folder name: ``fsam:rho=0.05,lr=0.1`` -> ``fsam_rho=0.05_lr=0.1``."""
+        return re.sub(r"[^A-Za-z0-9_.=+-]", "_", self.text.replace(":", "_").replace(",", "_"))
+
+    @property
+    def passes(self) -> float:
+        return get_optimizer_info(self.name).passes
+
+
+def parse_spec(text: str) -> OptimizerSpec:
+    """Parse ``"fsam:rho=0.05,lr=0.1"``; ``ConfigError`` naming the bad part."""
+    name, sep, rest = str(text).strip().partition(":")
+    name = name.strip().lower()
+    names = list_optimizers()
+    if name not in names:
+        raise ConfigError(
+            f"--optimizers {text!r}: unknown optimizer {name!r}{suggest(name, names)}; "
+            f"registered: {', '.join(names)}"
+        )
+    settings: dict[str, Any] = {}
+    raw: dict[str, str] = {}
+    if sep:
+        for item in rest.split(","):
+            key, eq, value = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not eq or not key.isidentifier():
+                raise ConfigError(f"--optimizers {text!r}: expected NAME:KEY=VALUE,KEY=VALUE")
+            settings[key] = parse_value(value.strip())
+            raw[key] = value.strip()
+    canonical = name + (":" + ",".join(f"{k}={v}" for k, v in raw.items()) if raw else "")
+    return OptimizerSpec(text=canonical, name=name, settings=settings, raw=raw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A task of the sweep: a recipe (embedded name or file) and the overlays over it."""
+
+    name: str
+    recipe: Recipe
+    overlays: tuple[Recipe, ...] = ()
+
+    @property
+    def recipe_specs(self) -> list[str]:
+        """What ``--recipe`` gets, in order: embedded names stay names, files become paths."""
+        out = []
+        for r in (self.recipe, *self.overlays):
+            embedded = Path(r.path).resolve().parent == RECIPE_DIR
+            out.append(r.name if embedded else str(Path(r.path).resolve()))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+    """One (task, optimizer spec, seed, epochs) of the sweep."""
+
+    task: str
+    spec: OptimizerSpec
+    seed: int
+    epochs: int
+    budgets: tuple[str, ...]
+    out: Path
+    given: dict[str, Any]
+    config: TrainConfig
+    recipe_specs: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.task} {self.spec.text} seed {self.seed} ({self.epochs} epochs)"
+
+    @property
+    def cost(self) -> float:
+        """Planned passes (for ordering and the ETA; reports use measured figures)."""
+        return self.spec.passes * self.epochs
+
+    @property
+    def argv(self) -> list[str]:
+        """The equivalent ``samkit train`` arguments."""
+        return train_argv(self.recipe_specs, self.given)
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    return str(value)
+
+
+def train_argv(recipe_specs: Sequence[str], given: dict[str, Any]) -> list[str]:
+    """``samkit train`` arguments that give exactly ``given`` over ``recipe_specs``."""
+    argv: list[str] = []
+    for r in recipe_specs:
+        argv += ["--recipe", r]
+    for key, value in given.items():
+        if key == "opt_args":
+            for k, v in value.items():
+                argv += ["--opt-arg", f"{k}={_flag_value(v)}"]
+        elif key == "model_args":
+            for k, v in value.items():
+                argv += ["--model-arg", f"{k}={_flag_value(v)}"]
+        elif key == "resume":
+            if value:
+                argv.append("--resume")
+        else:
+            argv += ["--" + key.replace("_", "-"), _flag_value(value)]
+    return argv
+
+
+def expand_optimizers(optimizers: Sequence[str]) -> list[str]:
+    """``all`` stands for every registered optimizer: the plain baselines first (``sgd`` is the
+    reference of the paired differences), then ``sam``, then the others by name. A name given
+    before ``all`` keeps its place and is not repeated."""
+    out: list[str] = []
+    for o in optimizers:
+        if o.strip().lower() != "all":
+            out.append(o)
+            continue
+        names = list_optimizers()
+        plain = [n for n in ("sgd", "adamw") if n in names]
+        plain += [n for n in list_optimizers(sharpness_aware=False) if n not in plain]
+        rest = ["sam"] if "sam" in names else []
+        rest += [n for n in list_optimizers(sharpness_aware=True) if n != "sam"]
+        given = {parse_spec(x).name for x in out if ":" not in x}
+        out += [n for n in plain + rest if n not in given]
+    return out
+
+
+def _task(spec: str, overlays: Sequence[Recipe]) -> Task:
+    recipe = load_recipe(spec)
+    return Task(name=recipe.name, recipe=recipe, overlays=tuple(overlays))
+
+
+def plan_sweep(
+    out: str | Path,
+    tasks: Sequence[str],
+    optimizers: Sequence[str],
+    seeds: int | Sequence[int],
+    *,
+    budget: str = "equal-epochs",
+    epochs: int | None = None,
+    overlays: Sequence[str] = (),
+    extra: dict[str, Any] | None = None,
+    data_dir: str | None = None,
+) -> tuple[list[Task], list[OptimizerSpec], list[PlannedRun]]:
+    """Every run of the sweep, validated (a bad spec or setting fails here, before any run).
+
+    ``budget`` is one of :data:`BUDGETS` or ``"both"``; ``extra`` are settings given to every
+    run (``limit_train``, ``device``, ``track_sharpness``...).
+    """
+    budgets = BUDGETS if budget == "both" else (budget,)
+    for b in budgets:
+        if b not in BUDGETS:
+            raise ConfigError(
+                f"invalid --budget {budget!r}; choose from {', '.join(BUDGETS)}, both"
+            )
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ConfigError(f"invalid --seeds {seeds} (must be >= 1)")
+        seeds = list(range(seeds))
+    if not tasks:
+        raise ConfigError("give at least one task (--tasks)")
+    if not optimizers:
+        raise ConfigError("give at least one optimizer (--optimizers)")
+    if epochs is not None and (
+        isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1
+    ):
+        raise ConfigError(f"invalid --epochs {epochs!r} (must be an integer >= 1)")
+    overlay_recipes = [load_recipe(o) for o in overlays]
+    task_list = [_task(t, overlay_recipes) for t in tasks]
+    names = [t.name for t in task_list]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--tasks names a task twice: {names}")
+    specs = [parse_spec(o) for o in expand_optimizers(optimizers)]
+    texts = [s.text for s in specs]
+    if len(set(texts)) != len(texts):
+        raise ConfigError(f"--optimizers names an optimizer twice: {texts}")
+    out = Path(out)
+    runs: dict[Path, PlannedRun] = {}
+    for task in task_list:
+        recipes = [task.recipe, *task.overlays]
+        base_epochs = epochs or resolve_settings(recipes, {}).epochs
+        max_passes = max(s.passes for s in specs)
+        for spec in specs:
+            for b in budgets:
+                e = base_epochs
+                if b == "equal-grad-evals":
+                    e = max(1, math.floor(base_epochs * max_passes / spec.passes + 0.5))
+                for seed in seeds:
+                    path = out / task.name / spec.slug / f"seed{seed}-{e}ep"
+                    if path in runs:
+                        prev = runs[path]
+                        runs[path] = dataclasses.replace(prev, budgets=(*prev.budgets, b))
+                        continue
+                    runs[path] = _planned(task, spec, seed, e, b, path, extra or {}, data_dir)
+    return task_list, specs, list(runs.values())
+
+
+def _planned(
+    task: Task,
+    spec: OptimizerSpec,
+    seed: int,
+    epochs: int,
+    budget: str,
+    path: Path,
+    extra: dict[str, Any],
+    data_dir: str | None,
+) -> PlannedRun:
+    recipes = [task.recipe, *task.overlays]
+    try:
+        table = method_table_settings(spec.name, spec.settings)
+    except ConfigError as e:
+        raise ConfigError(f"--optimizers {spec.text!r}: {e}") from e
+    given: dict[str, Any] = {"optimizer": spec.name, **table, "seed": seed, "epochs": epochs}
+    given.update(extra)
+    dataset = given.get("dataset", resolve_settings(recipes, {}).dataset)
+    if dataset.startswith("cifar"):
+        if data_dir is None and not resolve_settings(recipes, {}).data_dir:
+            raise ConfigError(f"task {task.name} ({dataset}) needs --data-dir")
+        if data_dir is not None:
+            given["data_dir"] = data_dir
+    given["out"] = str(path)
+    try:
+        config = resolve_settings(recipes, given)
+    except ConfigError as e:
+        raise ConfigError(f"task {task.name}, --optimizers {spec.text!r}: {e}") from e
+    return PlannedRun(
+        task=task.name,
+        spec=spec,
+        seed=seed,
+        epochs=epochs,
+        budgets=(budget,),
+        out=path,
+        given=given,
+        config=config,
+        recipe_specs=tuple(task.recipe_specs),
+    )

@@ -1,0 +1,72 @@
+"""The report's HTML page renders in a real headless browser (Debian's chromium), offline.
+
+The test installs chromium with apt-get when it is missing and it can (root, apt-get, a
+package mirror: about a minute), and skips with the reason otherwise. The screenshot must
+show the page: mostly white, with the dark pixels of text and the colours of the figures.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from samkit.bench import write_report
+from test_report import _fake_sweep
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--no-first-run", "--hide-scrollbars",
+    "--window-size=1200,2400",
+]  # fmt: skip
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    if os.environ.get("SAMKIT_NO_INSTALL"):
+        pytest.skip("chromium is not installed and SAMKIT_NO_INSTALL is set")
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("chromium is not installed and cannot be (needs root and apt-get)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        install = ["apt-get", "install", "-y", "-q", "chromium"]
+        res = subprocess.run(install, capture_output=True, text=True, timeout=600, env=env)
+        if res.returncode != 0:  # a fresh machine may have no package lists yet
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=300, env=env)
+            res = subprocess.run(install, capture_output=True, text=True, timeout=600, env=env)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"chromium could not be installed: {e}")
+    path = shutil.which("chromium")
+    if res.returncode != 0 or not path:
+        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
+        pytest.skip(f"chromium could not be installed: {tail[0]}")
+    return path
+
+
+@pytest.mark.slow
+def test_the_html_report_renders_in_headless_chromium(tmp_path):
+    from matplotlib.image import imread
+
+    chromium = _chromium()
+    _fake_sweep(tmp_path)
+    page = write_report(tmp_path)["html"]
+    shot = tmp_path / "shot.png"
+    res = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--screenshot={shot}", page.as_uri()],
+        capture_output=True, text=True, timeout=180,
+        env={**os.environ, "HOME": str(tmp_path)},  # a profile of its own
+    )  # fmt: skip
+    assert shot.is_file(), res.stderr[-2000:]
+    img = imread(shot)[..., :3]  # float RGB in [0, 1]
+    assert img.shape[0] >= 2000 and img.shape[1] >= 1100
+    white = (img.min(axis=2) > 0.95).mean()
+    dark = (img.max(axis=2) < 0.3).mean()
+    coloured = ((img.max(axis=2) - img.min(axis=2)) > 0.3).mean()
+    assert white > 0.5, "the page did not render (not mostly white)"
+    assert dark > 0.002, "no text drawn"
+    assert coloured > 0.001, "no figure drawn (the embedded PNGs did not load)"

@@ -1044,7 +1044,8 @@ class SharpnessAwareOptimizer(Optimizer):
 
         With a GradScaler the gradients are unscaled first (``scaler.unscale_`` on the base
         optimizer; its ``step`` then does not unscale them again), so the norm and the clip
-        are those of the true gradient. The norm's finiteness joins this step's checks.
+        are those of the true gradient. The norm's finiteness joins this step's checks: it
+        is the check of the last pass's gradients when that is still due (one norm, not two).
         """
         scaler = self._grad_scaler
         if scaler is not None and scaler.is_enabled():
@@ -1052,7 +1053,9 @@ class SharpnessAwareOptimizer(Optimizer):
         grads = [g for gp in self.collect() for g in gp.grads]
         norm = T.global_norm(grads, self.foreach)
         self.last_grad_norm = norm
-        if self.on_nonfinite != "ignore":
+        if self._unchecked is not None:
+            self._check_unchecked_grads(norm)
+        elif self.on_nonfinite != "ignore":
             self._pending_checks.append(("update gradient", None, [torch.isfinite(norm)]))
         return grads
 

@@ -43,7 +43,7 @@ EXACT = [
     ("bsam-clip", "bsam", {"max_grad_norm": 0.05}, False),
     ("sam-manual-clip", "sam", {"max_grad_norm": 0.05}, True),
 ]
-HALF = 5  # samples per process: 3 micro-batches of 2, 2, 1 under accumulation
+HALF = 8  # samples per process: 3 micro-batches of 3, 3, 2 under accumulation
 
 
 def _net(bn: bool = False) -> nn.Module:

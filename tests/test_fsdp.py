@@ -10,6 +10,8 @@ on an MLP whose tensors do not split evenly over the two processes (7 rows: 4 + 
   run on the whole batch;
 * a run where process 1 injects a NaN loss (finite gradients) and, later, an inf loss: every
   process must skip both steps (``on_nonfinite="skip"``) and leave its shards unchanged;
+* a resumed run from each process's saved shards (model and optimizer ``state_dict``) that
+  continues bit-exactly;
 * the collectives of a manual step (``first_step``/``second_step``): one all-reduce per norm,
   no gather of parameters or gradients;
 * gradient clipping (``max_grad_norm``) with the sharded norm, and the loop kernels.
@@ -20,6 +22,7 @@ Methods that set ``fsdp_unsupported`` must refuse with a ``TypeError`` giving th
 from __future__ import annotations
 
 import copy
+import io
 import math
 import traceback
 
@@ -54,6 +57,7 @@ VARIANTS = [
     ("sam-manual-clip", "sam", {"max_grad_norm": 0.05}, True),
 ]
 NAN_STEP, INF_STEP = 1, 3  # the steps where process 1 injects a non-finite loss
+RESUME_STEP = 3  # a checkpoint of the shards is taken before this step
 
 
 def _net() -> nn.Module:
@@ -77,9 +81,11 @@ def _build(name: str, model: nn.Module, **options) -> samkit.SharpnessAwareOptim
     return cls(model.parameters(), "sgd", lr=0.1, momentum=0.9, weight_decay=1e-3, **options)
 
 
-def _train(opt, model, part: slice, manual: bool = False, loss_fn=None, on_step=None) -> None:
+def _train(
+    opt, model, part: slice, manual=False, loss_fn=None, on_step=None, start=0, stop=STEPS
+) -> None:
     loss_fn = loss_fn or PoisonedLoss()
-    for step, (x, y, idx) in enumerate(_batches()):
+    for step, (x, y, idx) in list(enumerate(_batches()))[start:stop]:
         opt.set_epoch(step // 2)
         if on_step is not None:
             on_step(step)
@@ -162,8 +168,19 @@ def _method_runs(name: str, rank: int, part: slice, entry: dict) -> None:
             _train(opt, model, part)
         entry["refused"] = str(refusal.value)
         return
-    _train(opt, model, part)
+    _train(opt, model, part, stop=RESUME_STEP)
+    saved = io.BytesIO()  # each process saves its shards
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, saved)
+    _train(opt, model, part, start=RESUME_STEP)
     entry["fsdp"] = gather_full(model)
+    saved.seek(0)
+    checkpoint = torch.load(saved, weights_only=False)
+    model = _sharded_net()
+    opt = _build(name, model)
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    _train(opt, model, part, start=RESUME_STEP)
+    entry["resumed"] = gather_full(model)
     # Process 1 poisons its loss at two steps: every process must skip both.
     model = _sharded_net()
     torch.manual_seed(100 + rank)
@@ -232,6 +249,15 @@ def test_whole_batch_methods_on_fsdp2_equal_a_single_process_on_the_whole_batch(
     reference, _ = _single_process(name)
     _close(entry["fsdp"], reference)
     assert any(not torch.equal(a, b) for a, b in zip(reference, _net().parameters()))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_resumes_exactly_from_sharded_state_dicts(fsdp, name):
+    entry = _entry(fsdp[0], name)
+    if "refused" in entry:
+        pytest.skip(f"{name} refuses sharded parameters")
+    for a, b in zip(entry["resumed"], entry["fsdp"], strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", METHODS)

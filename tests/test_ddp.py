@@ -113,6 +113,19 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
     opt.perturb()
     results["local_eps"] = [p.detach() - b for p, b in zip(model.parameters(), before)]
     opt.restore()
+    # on_nonfinite="raise": process 1's NaN loss makes both processes raise.
+    model = nn.parallel.DistributedDataParallel(_net())
+    opt = samkit.SAM(model.parameters(), lr=0.1)
+    loss_fn = PoisonedLoss()
+    loss_fn.arm(math.nan if rank == 1 else None)
+    try:
+        opt.step(samkit.make_closure(model, loss_fn, x[part], y[part]))
+        results["raised"] = None
+    except samkit.NonFiniteError as error:
+        results["raised"] = str(error)
+    results["raise_unchanged"] = all(
+        torch.equal(p, q) for p, q in zip(model.parameters(), _net().parameters())
+    )
     for label, name, options, manual in EXACT:
         model = nn.parallel.DistributedDataParallel(_net())
         closure_kw = {k: v for k, v in options.items() if k == "accumulation_steps"}
@@ -194,6 +207,12 @@ def test_ddp_default_ascent_is_local_and_update_is_synchronised(ddp):
     # ... but the update is all-reduced: the replicas stay identical
     for a, b in zip(_entry(ddp[0], "sam")[False], _entry(ddp[1], "sam")[False]):
         assert torch.equal(a, b)
+
+
+def test_a_nonfinite_loss_on_one_process_raises_on_every_process(ddp):
+    assert "clean pass" in ddp[1]["raised"]  # the process whose loss was NaN names the pass
+    assert "another process" in ddp[0]["raised"]  # the other one says where it was
+    assert ddp[0]["raise_unchanged"] and ddp[1]["raise_unchanged"]
 
 
 def _single_process(name, options, manual):

@@ -13,10 +13,14 @@ and owns everything the variants have in common:
 * BatchNorm running statistics frozen during every perturbed pass
   (:func:`~samkit.optim.batchnorm.frozen_bn_stats`), ``no_sync()`` for the ascent pass under
   DistributedDataParallel;
+* FSDP2's sharded (``DTensor``) parameters: the tensor kernels act on local shards and every
+  norm is that of the whole model (:mod:`samkit.optim._tensors`);
+* gradient clipping of the final update gradient (``max_grad_norm``);
 * one random state for every pass of a step (the same dropout masks in each pass, as in the
   original SAM code), unless ``share_rng=False``;
-* non-finite losses and gradients (``on_nonfinite``), and clear errors for closures that
-  forget ``backward()`` or return nothing;
+* non-finite losses and gradients (``on_nonfinite``), decided by every process together
+  under DDP and FSDP2, and clear errors for closures that forget ``backward()`` or return
+  nothing;
 * ``state_dict()`` that contains the base optimizer's state (momentum buffers) and every
   samkit buffer, so a resumed run continues exactly; warm starts from and to a plain
   torch optimizer's state (``load_state_dict``, :meth:`~SharpnessAwareOptimizer.base_state_dict`);
@@ -855,11 +859,11 @@ class SharpnessAwareOptimizer(Optimizer):
         if not (dist.is_available() and dist.is_initialized()):
             return []
         groups: list[Any] = []
-        model = self.model if self.model is not None else self._pass_model
-        if model is not None and hasattr(model, "no_sync"):
-            group = getattr(model, "process_group", None)
-            if dist.get_world_size(group) > 1:
-                groups.append(group)
+        for model in (self.model, self._pass_model):
+            if model is not None and hasattr(model, "no_sync"):
+                group = getattr(model, "process_group", None)
+                if group not in groups and dist.get_world_size(group) > 1:
+                    groups.append(group)
         if self._mesh_groups is None:
             self._mesh_groups = _mesh_groups(self.param_groups)
         groups.extend(g for g in self._mesh_groups if g not in groups)

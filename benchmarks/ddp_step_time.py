@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = small_resnet(args.width)
     result = {
+        "command": "python benchmarks/ddp_step_time.py " + " ".join(argv or sys.argv[1:]),
         "device": "cpu",
         "device_name": platform.processor() or platform.machine(),
         "processes": args.world,

@@ -113,6 +113,7 @@ def _sharded_net() -> nn.Module:
 
 
 def _worker(rank: int, world: int, out_dir: str) -> None:
+    from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.debug import CommDebugMode
 
     half = BATCH // world
@@ -149,6 +150,12 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
         "norm_loop": (T.global_norm(grads, foreach=False), _norm(full_g)),
         "norm_mixed": (T.global_norm(grads + [x]), _norm(full_g + [x])),
     }
+    replicated = [g.redistribute(placements=[Replicate()]) for g in grads]  # test only
+    try:
+        T.dot(grads, replicated)
+        results["layout_error"] = None
+    except ValueError as error:
+        results["layout_error"] = str(error)
     with CommDebugMode() as comm:
         opt.second_step(zero_grad=True)
     results["second_step_comms"] = {str(k): v for k, v in comm.get_comm_counts().items()}
@@ -313,6 +320,11 @@ def test_norms_and_dot_products_of_shards_are_those_of_the_whole_tensors(fsdp):
         for label, (got, expected) in fsdp[rank]["reductions"].items():
             assert not hasattr(got, "placements"), f"{label}: a plain tensor expected"
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=0, msg=label)
+
+
+def test_a_dot_product_of_differently_laid_out_lists_is_refused(fsdp):
+    # Shard(0) against Replicate: the local values do not cover the same elements.
+    assert "different layouts" in fsdp[0]["layout_error"]
 
 
 def test_the_single_process_reference_is_not_the_initial_model():

@@ -191,7 +191,7 @@ def _sharded_reduction(a: Sequence[Tensor], b: Sequence[Tensor] | None, foreach:
     kinds: dict[Any, list[int]] = {}
     for i, t in enumerate(a):
         key = _reduce_key(t, cls)
-        if b is not None and _reduce_key(b[i], cls) != key:
+        if b is not None and not _same_layout(t, b[i], cls):
             raise ValueError(
                 f"dot: tensor {i} of the two lists has different layouts "
                 f"({_layout(t, cls)} and {_layout(b[i], cls)}); their local shards do not match"
@@ -237,6 +237,20 @@ def _reduce_key(t: Tensor, cls: type | None) -> Any:
                 "shard by shard: redistribute it to Shard or Replicate placements first"
             )
     return (t.device_mesh, tuple(dims)) if dims else None
+
+
+def _same_layout(x: Tensor, y: Tensor, cls: type | None) -> bool:
+    """Whether the local values of ``x`` and ``y`` cover the same elements on every rank."""
+    x_dt = cls is not None and isinstance(x, cls)
+    y_dt = cls is not None and isinstance(y, cls)
+    if not (x_dt or y_dt):
+        return True
+    return (
+        x_dt
+        and y_dt
+        and tuple(x.placements) == tuple(y.placements)
+        and x.device_mesh == y.device_mesh
+    )
 
 
 def _layout(t: Tensor, cls: type | None) -> str:

@@ -28,7 +28,10 @@ from torch import nn
 import samkit
 from dist_helpers import PoisonedLoss, SubsetSAM, launch, method_class
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable"),
+    pytest.mark.slow,  # one launch of 2 processes for the file: about 30-60 s
+]
 
 WORLD = 2
 METHODS = samkit.list_optimizers(sharpness_aware=True) + [SubsetSAM.method_name]

@@ -40,9 +40,13 @@ try:
 except ImportError:  # pragma: no cover - builds without FSDP2
     fully_shard = None
 
-pytestmark = pytest.mark.skipif(
-    not dist.is_available() or fully_shard is None, reason="torch.distributed FSDP2 unavailable"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not dist.is_available() or fully_shard is None,
+        reason="torch.distributed FSDP2 unavailable",
+    ),
+    pytest.mark.slow,  # one launch of 2 processes for the file: about 30-60 s
+]
 
 WORLD = 2
 STEPS = 5

@@ -1,4 +1,4 @@
-"""Tensor-list kernels shared by every method: grouping, global norms, axpy, copies.
+"""Tensor-list kernels shared by every method: grouping, global norms and dot products, axpy, copies.
 
 Each helper takes flat lists of tensors and works either with ``torch._foreach_*`` ops on
 tensors grouped by (device, dtype) or with a plain Python loop (``foreach=False``). The two
@@ -8,11 +8,24 @@ Grouping costs Python time per tensor, which matters on a GPU where the kernels 
 take microseconds: a :class:`Buckets` plan is computed once for a parameter list and reused
 for every list that runs parallel to it (gradients, saved weights, perturbations). Every helper
 takes an optional ``buckets``; without one it groups the list it is given.
+
+Sharded tensors. Every helper also takes ``DTensor`` lists (the parameters and gradients of a
+model sharded with FSDP2's ``fully_shard``, or any ``torch.distributed.tensor`` layout whose
+placements are ``Shard`` or ``Replicate``). Elementwise helpers (:func:`add_`, :func:`copy_`,
+:func:`mul_`, :func:`scaled`) act on each rank's local shard (``to_local()``), so they never
+communicate; :func:`scaled` returns DTensors laid out as its inputs. The reductions
+(:func:`global_norm`, :func:`dot`) reduce the local shards and then add the shards' sums with
+one ``all_reduce`` over the mesh dimensions the tensors are sharded on, so every rank gets
+the value of the whole (unsharded) tensors; nothing is ever gathered. Plain tensors in the
+same list count once (they are the same on every rank). ``Partial`` placements are refused.
+A method that builds its arithmetic from these helpers therefore runs unchanged on FSDP2.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,17 +34,39 @@ __all__ = [
     "Buckets",
     "group_by_device_dtype",
     "global_norm",
+    "dot",
     "add_",
     "copy_",
     "mul_",
     "scaled",
+    "is_sharded",
 ]
 
 
-class Buckets:
-    """Index lists that split a tensor list into (device, dtype) groups, order preserved."""
+def _dtensor_class() -> type | None:
+    """``DTensor``, or ``None`` while ``torch.distributed.tensor`` is not imported.
 
-    __slots__ = ("index", "single", "size")
+    No DTensor can exist before that module is imported (by FSDP2, tensor parallelism or
+    the user), and importing it costs seconds: it is never imported here.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None) if module is not None else None
+
+
+def is_sharded(tensors: Sequence[Tensor]) -> bool:
+    """Whether any tensor of ``tensors`` is a ``DTensor`` (e.g. an FSDP2 parameter)."""
+    cls = _dtensor_class()
+    return cls is not None and any(isinstance(t, cls) for t in tensors)
+
+
+class Buckets:
+    """Index lists that split a tensor list into (device, dtype) groups, order preserved.
+
+    ``sharded`` tells whether the list holds ``DTensor``s; the helpers then work on local
+    shards (a DTensor's device and dtype are those of its local shard).
+    """
+
+    __slots__ = ("index", "single", "size", "sharded")
 
     def __init__(self, tensors: Sequence[Tensor]) -> None:
         self.size = len(tensors)
@@ -40,6 +75,7 @@ class Buckets:
             groups.setdefault((t.device, t.dtype), []).append(i)
         self.index = list(groups.values())
         self.single = len(self.index) <= 1
+        self.sharded = is_sharded(tensors)
 
     def split(self, tensors: Sequence[Tensor]) -> list[list[Tensor]]:
         """``tensors`` cut into the plan's groups."""
@@ -58,6 +94,16 @@ def _plan(tensors: Sequence[Tensor], buckets: Buckets | None) -> Buckets:
     return buckets if buckets is not None else Buckets(tensors)
 
 
+def _local(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Each DTensor replaced by its local shard (a view: in-place changes reach the DTensor)."""
+    cls = _dtensor_class()
+    if cls is None:
+        return list(tensors)
+    with torch.no_grad():
+        return [t.to_local() if isinstance(t, cls) else t for t in tensors]
+
+
+# ---------------------------------------------------------------------------- reductions
 def global_norm(
     tensors: Sequence[Tensor], foreach: bool = True, buckets: Buckets | None = None
 ) -> Tensor:
@@ -68,16 +114,27 @@ def global_norm(
     neither one large tensor (a float16 norm overflows above 65504) nor the combination of
     many tensors (bfloat16 keeps 8 significant bits) loses the result. float64 stays
     float64. On the device of the first tensor; an empty list gives 0.
+
+    DTensors (sharded) count with their whole value: the local shards' squared norms are
+    summed over the shards with one ``all_reduce`` (see the module docstring).
     """
     if len(tensors) == 0:
         return torch.zeros(())
+    plan = _plan(tensors, buckets) if foreach or buckets is not None else None
+    if plan.sharded if plan is not None else is_sharded(tensors):
+        return _sharded_reduction(tensors, None, foreach)
+    return _norm(tensors, foreach, plan)
+
+
+def _norm(tensors: Sequence[Tensor], foreach: bool, plan: Buckets | None) -> Tensor:
+    """:func:`global_norm` of plain tensors."""
     device = tensors[0].device
     if not foreach:
         norms = [torch.linalg.vector_norm(t, dtype=_at_least_float32(t.dtype)) for t in tensors]
         dtype = max((n.dtype for n in norms), key=_width)
         return torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]))
     partial = []
-    for bucket in _plan(tensors, buckets).split(tensors):
+    for bucket in _plan(tensors, plan).split(tensors):
         dtype = _at_least_float32(bucket[0].dtype)
         if dtype == bucket[0].dtype:
             norms = torch._foreach_norm(bucket)
@@ -90,24 +147,141 @@ def global_norm(
     return torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in partial]))
 
 
-def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
+def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """The inner product ``sum_i <a[i], b[i]>`` of two parallel lists, as a 0-dim tensor.
+
+    The whole lists seen as two vectors (global, over every tensor). Accumulated in the widest
+    floating dtype present and at least float32 (float16/bfloat16 products are taken in
+    float32), on the device of ``a[0]``; an empty list gives 0; no host synchronisation.
+    DTensors count with their whole value (local inner products summed over the shards with
+    one ``all_reduce``); ``a[i]`` and ``b[i]`` must then have the same layout.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"dot: lists of different lengths ({len(a)} and {len(b)})")
+    if len(a) == 0:
+        return torch.zeros(())
+    if is_sharded(a) or is_sharded(b):
+        return _sharded_reduction(a, b, True)
+    return _dot(a, b)
 
 
-def _width(dtype: torch.dtype) -> int:
-    return torch.finfo(dtype).bits if dtype.is_floating_point else 0
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """:func:`dot` of plain tensors."""
+    device = a[0].device
+    parts = []
+    for x, y in zip(a, b):
+        dtype = _at_least_float32(torch.promote_types(x.dtype, y.dtype))
+        parts.append(torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)))
+    dtype = max((p.dtype for p in parts), key=_width)
+    return torch.stack([p.to(device, dtype) for p in parts]).sum()
 
 
+def _sharded_reduction(a: Sequence[Tensor], b: Sequence[Tensor] | None, foreach: bool) -> Tensor:
+    """``global_norm(a)`` (``b`` is None) or ``dot(a, b)`` of lists holding DTensors.
+
+    Tensors are grouped by how they must be summed over ranks: plain tensors and replicated
+    DTensors not at all, sharded DTensors over the process groups of the mesh dimensions they
+    are sharded on. Each group reduces its local shards (sums of squares, or inner products);
+    the sums of all sharded groups are then added over ranks, one ``all_reduce`` per distinct
+    set of process groups (one for FSDP2).
+    """
+    import torch.distributed as dist
+
+    cls = _dtensor_class()
+    kinds: dict[Any, list[int]] = {}
+    for i, t in enumerate(a):
+        key = _reduce_key(t, cls)
+        if b is not None and not _same_layout(t, b[i], cls):
+            raise ValueError(
+                f"dot: tensor {i} of the two lists has different layouts "
+                f"({_layout(t, cls)} and {_layout(b[i], cls)}); their local shards do not match"
+            )
+        kinds.setdefault(key, []).append(i)
+    device = a[0].device  # a DTensor's device is its local shard's
+    local_a = _local(a)
+    local_b = _local(b) if b is not None else None
+    sums: dict[Any, Tensor] = {}
+    for key, idx in kinds.items():
+        xs = [local_a[i] for i in idx]
+        if local_b is None:
+            sums[key] = _norm(xs, foreach, None).square() if xs else torch.zeros(())
+        else:
+            sums[key] = _dot(xs, [local_b[i] for i in idx])
+    dtype = max((s.dtype for s in sums.values()), key=_width)
+    total = sums.pop(None, None)
+    total = (
+        total.to(device, dtype)
+        if total is not None
+        else torch.zeros((), device=device, dtype=dtype)
+    )
+    for key, value in sums.items():
+        value = value.to(device, dtype).clone()
+        mesh, dims = key
+        for d in dims:
+            dist.all_reduce(value, group=mesh.get_group(d))
+        total = total + value
+    return total.sqrt() if b is None else total
+
+
+def _reduce_key(t: Tensor, cls: type | None) -> Any:
+    """``None`` for a tensor whose local value is whole; (mesh, sharded mesh dims) otherwise."""
+    if cls is None or not isinstance(t, cls):
+        return None
+    dims = []
+    for d, placement in enumerate(t.placements):
+        if placement.is_shard():
+            dims.append(d)
+        elif placement.is_partial():
+            raise ValueError(
+                f"a DTensor with a Partial placement ({t.placements}) cannot be reduced "
+                "shard by shard: redistribute it to Shard or Replicate placements first"
+            )
+    return (t.device_mesh, tuple(dims)) if dims else None
+
+
+def _same_layout(x: Tensor, y: Tensor, cls: type | None) -> bool:
+    """Whether the local values of ``x`` and ``y`` cover the same elements on every rank."""
+    x_dt = cls is not None and isinstance(x, cls)
+    y_dt = cls is not None and isinstance(y, cls)
+    if not (x_dt or y_dt):
+        return True
+    return (
+        x_dt
+        and y_dt
+        and tuple(x.placements) == tuple(y.placements)
+        and x.device_mesh == y.device_mesh
+    )
+
+
+def _layout(t: Tensor, cls: type | None) -> str:
+    if cls is not None and isinstance(t, cls):
+        return f"DTensor {tuple(t.placements)} on {t.device_mesh}"
+    return "a plain tensor"
+
+
+# ---------------------------------------------------------------------------- elementwise
 def scaled(
     tensors: Sequence[Tensor],
     scale: Tensor | float,
     foreach: bool = True,
     buckets: Buckets | None = None,
 ) -> list[Tensor]:
-    """New tensors ``t * scale`` (``scale`` a python float or a 0-dim tensor)."""
+    """New tensors ``t * scale`` (``scale`` a python float or a 0-dim tensor).
+
+    DTensors give DTensors with the same layout (computed shard by shard).
+    """
+    plan = _plan(tensors, buckets)
+    scale = _scalar(scale)
+    if plan.sharded:
+        return _like_layout(_scaled(_local(tensors), scale, foreach, plan), tensors)
+    return _scaled(tensors, scale, foreach, plan)
+
+
+def _scaled(
+    tensors: Sequence[Tensor], scale: Tensor | float, foreach: bool, plan: Buckets
+) -> list[Tensor]:
     if not foreach:
         return [t * _like(scale, t) for t in tensors]
-    plan = _plan(tensors, buckets)
     if plan.single:
         return list(torch._foreach_mul(list(tensors), _like(scale, tensors[0]))) if tensors else []
     out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
@@ -124,26 +298,35 @@ def add_(
     foreach: bool = True,
     buckets: Buckets | None = None,
 ) -> None:
-    """In place ``targets[i] += alpha * others[i]``."""
+    """In place ``targets[i] += alpha * others[i]`` (DTensors: shard by shard)."""
+    plan = _plan(targets, buckets)
+    if plan.sharded:
+        targets, others = _local(targets), _local(others)
     if not foreach:
         for t, o in zip(targets, others):
             t.add_(o, alpha=alpha)
         return
-    plan = _plan(targets, buckets)
     for t_bucket, o_bucket in zip(plan.split(targets), plan.split(others)):
         torch._foreach_add_(t_bucket, o_bucket, alpha=alpha)
 
 
 def mul_(
-    tensors: Sequence[Tensor], factor: float, foreach: bool = True, buckets: Buckets | None = None
+    tensors: Sequence[Tensor],
+    factor: Tensor | float,
+    foreach: bool = True,
+    buckets: Buckets | None = None,
 ) -> None:
-    """In place ``tensors[i] *= factor``."""
+    """In place ``tensors[i] *= factor`` (a python float or a 0-dim tensor; no host sync)."""
+    plan = _plan(tensors, buckets)
+    factor = _scalar(factor)
+    if plan.sharded:
+        tensors = _local(tensors)
     if not foreach:
         for t in tensors:
-            t.mul_(factor)
+            t.mul_(_like(factor, t))
         return
-    for bucket in _plan(tensors, buckets).split(tensors):
-        torch._foreach_mul_(bucket, factor)
+    for bucket in plan.split(tensors):
+        torch._foreach_mul_(bucket, _like(factor, bucket[0]))
 
 
 def copy_(
@@ -152,12 +335,14 @@ def copy_(
     foreach: bool = True,
     buckets: Buckets | None = None,
 ) -> None:
-    """In place ``targets[i].copy_(sources[i])``."""
+    """In place ``targets[i].copy_(sources[i])`` (DTensors: shard by shard)."""
+    plan = _plan(targets, buckets)
+    if plan.sharded:
+        targets, sources = _local(targets), _local(sources)
     if not foreach:
         for t, s in zip(targets, sources):
             t.copy_(s)
         return
-    plan = _plan(targets, buckets)
     for t_bucket, s_bucket in zip(plan.split(targets), plan.split(sources)):
         torch._foreach_copy_(t_bucket, s_bucket)
 
@@ -166,3 +351,33 @@ def _like(scale: Tensor | float, ref: Tensor) -> Tensor | float:
     if isinstance(scale, Tensor):
         return scale.to(device=ref.device, dtype=ref.dtype)
     return scale
+
+
+def _scalar(scale: Tensor | float) -> Tensor | float:
+    """A replicated 0-dim DTensor (e.g. a norm computed with DTensor ops) as a plain tensor."""
+    cls = _dtensor_class()
+    if cls is not None and isinstance(scale, cls):
+        return scale.full_tensor()
+    return scale
+
+
+def _like_layout(local: list[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
+    """Local shards wrapped as DTensors with the layout of ``like`` (plain tensors stay)."""
+    cls = _dtensor_class()
+    assert cls is not None
+    out = []
+    for r, t in zip(local, like):
+        if isinstance(t, cls):
+            r = cls.from_local(
+                r, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+            )
+        out.append(r)
+    return out
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _width(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits if dtype.is_floating_point else 0

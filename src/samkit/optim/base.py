@@ -13,10 +13,14 @@ and owns everything the variants have in common:
 * BatchNorm running statistics frozen during every perturbed pass
   (:func:`~samkit.optim.batchnorm.frozen_bn_stats`), ``no_sync()`` for the ascent pass under
   DistributedDataParallel;
+* FSDP2's sharded (``DTensor``) parameters: the tensor kernels act on local shards and every
+  norm is that of the whole model (:mod:`samkit.optim._tensors`);
+* gradient clipping of the final update gradient (``max_grad_norm``);
 * one random state for every pass of a step (the same dropout masks in each pass, as in the
   original SAM code), unless ``share_rng=False``;
-* non-finite losses and gradients (``on_nonfinite``), and clear errors for closures that
-  forget ``backward()`` or return nothing;
+* non-finite losses and gradients (``on_nonfinite``), decided by every process together
+  under DDP and FSDP2, and clear errors for closures that forget ``backward()`` or return
+  nothing;
 * ``state_dict()`` that contains the base optimizer's state (momentum buffers) and every
   samkit buffer, so a resumed run continues exactly; warm starts from and to a plain
   torch optimizer's state (``load_state_dict``, :meth:`~SharpnessAwareOptimizer.base_state_dict`);
@@ -105,12 +109,20 @@ _TRANSIENT_ATTRIBUTES = frozenset(
         "_replica_group",
         "_manual_step",
         "_rng",
+        "_pass_model",
+        "_mesh_groups",
+        "last_grad_norm",
         "_opt_called",  # set by torch's LR schedulers on the optimizer they drive
     }
 )
 
 #: Options with their defaults, for objects pickled before an option existed.
-_OPTION_DEFAULTS = {"share_rng": True, "sync_ascent": False, "on_nonfinite": "raise"}
+_OPTION_DEFAULTS = {
+    "share_rng": True,
+    "sync_ascent": False,
+    "on_nonfinite": "raise",
+    "max_grad_norm": None,
+}
 
 
 def is_finite_nonnegative(value: Any) -> bool:
@@ -278,6 +290,27 @@ def _without_global_step_hooks() -> Iterator[None]:
             registry.update(added)
 
 
+def _mesh_groups(param_groups: list[dict[str, Any]]) -> list[Any]:
+    """The process groups of every dimension of the meshes of DTensor parameters."""
+    import torch.distributed as dist
+
+    params = [p for g in param_groups for p in g["params"]]
+    if not T.is_sharded(params):
+        return []
+    meshes: list[Any] = []
+    for p in params:
+        mesh = getattr(p, "device_mesh", None)
+        if mesh is not None and mesh not in meshes:
+            meshes.append(mesh)
+    groups: list[Any] = []
+    for mesh in meshes:
+        for d in range(mesh.ndim):
+            group = mesh.get_group(d)
+            if group not in groups and dist.get_world_size(group) > 1:
+                groups.append(group)
+    return groups
+
+
 class SharpnessAwareOptimizer(Optimizer):
     """Base class: a sharpness-aware wrapper around a torch optimizer.
 
@@ -300,6 +333,17 @@ class SharpnessAwareOptimizer(Optimizer):
             ``second_step`` path gives the same guarantees.
         sync_ascent: under DDP, also all-reduce the ascent pass's gradients (default
             ``False``: each replica perturbs with its own gradient, as in the original SAM).
+            Under FSDP2 (``fully_shard``) it has no effect: FSDP2 reduce-scatters the
+            gradients of every backward pass, so the ascent gradient is always the
+            synchronised one (the whole batch's, as with ``sync_ascent=True``).
+        max_grad_norm: clip the gradient the base optimizer applies (the method's final
+            update gradient, after every pass and, under DDP, after the all-reduce) to this
+            global L2 norm, right before the base step, as
+            ``torch.nn.utils.clip_grad_norm_`` would (``g *= min(1, max_grad_norm /
+            (‖g‖ + 1e-6))``). The norm is over every parameter with a gradient, of the whole
+            model under FSDP2 (sharded norm). The pre-clip norm is kept in
+            :attr:`last_grad_norm`. ``None`` (default): no clipping. Applies to
+            ``step(closure)`` and to ``first_step``/``second_step``.
         share_rng: every pass of a step draws the same random numbers as the first (the same
             dropout masks at the clean and the perturbed weights, as the original SAM code,
             which evaluates both passes with one random key); afterwards the global
@@ -317,6 +361,12 @@ class SharpnessAwareOptimizer(Optimizer):
     #: class keeps SAM's sequence of passes (it does not override :meth:`sharpness_step`).
     supports_manual_steps: bool | None = None
 
+    #: Why the method cannot run on sharded (``DTensor``, e.g. FSDP2) parameters, or ``None``
+    #: if it can. When set, a step on such parameters raises a ``TypeError`` that gives this
+    #: reason (e.g. per-sample gradients through ``torch.func``, which need whole tensors).
+    #: A method whose support depends on its options may define it as a property.
+    fsdp_unsupported: str | None = None
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -329,6 +379,7 @@ class SharpnessAwareOptimizer(Optimizer):
         sync_ascent: bool = False,
         share_rng: bool = True,
         perturb_eps: float = 1e-12,
+        max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
         base_cls = resolve_base_optimizer(base_optimizer)
@@ -338,6 +389,10 @@ class SharpnessAwareOptimizer(Optimizer):
             )
         if not is_finite_nonnegative(perturb_eps):
             raise invalid_value("perturb_eps", perturb_eps, "a finite number >= 0")
+        if max_grad_norm is not None and not (
+            is_finite_nonnegative(max_grad_norm) and max_grad_norm > 0
+        ):
+            raise invalid_value("max_grad_norm", max_grad_norm, "None or a finite number > 0")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if "foreach" in base_kwargs:
@@ -357,6 +412,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self.sync_ascent = bool(sync_ascent)
         self.share_rng = bool(share_rng)
         self.perturb_eps = float(perturb_eps)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         #: Counters saved in ``state_dict()``: optimizer steps taken and steps skipped.
         self.samkit_state: dict[str, Any] = {"step": 0, "skipped_steps": 0, "epoch": None}
         self._reset_transient()
@@ -376,6 +432,13 @@ class SharpnessAwareOptimizer(Optimizer):
         #: Set by :meth:`run_pass`: the last backward pass ran inside DDP's ``no_sync()``.
         self._local_grads = False
         self._replica_group: Any = None
+        #: The model of the last pass's closure (a DDP module tells the replicas' group).
+        self._pass_model: Any = None
+        #: Process groups of the meshes of sharded (DTensor) parameters; None: not computed.
+        self._mesh_groups: list[Any] | None = None
+        #: The global norm of the update gradient before clipping (``max_grad_norm``), a 0-dim
+        #: tensor on the parameters' device; ``None`` until a step has clipped.
+        self.last_grad_norm: Tensor | None = None
         #: Between first_step() and second_step().
         self._manual_step = False
         #: The shared random state of the step in progress (``share_rng``).
@@ -424,6 +487,7 @@ class SharpnessAwareOptimizer(Optimizer):
             param_group.setdefault(key, value)
         # torch's own checks (tensors, leaves, duplicates) also run before it appends.
         self.base_optimizer.add_param_group(param_group)  # appends to the shared list
+        self._mesh_groups = None
 
     # ------------------------------------------------------------------ the step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -445,6 +509,7 @@ class SharpnessAwareOptimizer(Optimizer):
             )
         if self.needs_epoch:
             self.current_epoch()  # a clear error before any pass runs
+        self._check_sharding()
         self._begin_step()
         self._grad_scaler = getattr(closure, "grad_scaler", None)
         if isinstance(closure, BatchClosure):
@@ -523,6 +588,7 @@ class SharpnessAwareOptimizer(Optimizer):
         own sequence of passes need ``step(closure)``.
         """
         self._check_manual_steps_supported()
+        self._check_sharding()
         if self._perturbed or self._manual_step:
             raise RuntimeError(
                 f"{type(self).__name__}.first_step() called twice: the weights are already "
@@ -643,8 +709,9 @@ class SharpnessAwareOptimizer(Optimizer):
             bn: Any = frozen_bn_stats(self._bn_layers_of(model))
         else:
             bn = contextlib.nullcontext()
+        model_of_pass = getattr(closure, "model", None)
+        self._pass_model = model_of_pass
         if backward:
-            model_of_pass = getattr(closure, "model", None)
             self._local_grads = not sync and is_batch and hasattr(model_of_pass, "no_sync")
             if self._local_grads:
                 self._replica_group = getattr(model_of_pass, "process_group", None)
@@ -718,16 +785,50 @@ class SharpnessAwareOptimizer(Optimizer):
         """Raise (or skip the step) if any pass so far in this step was not finite.
 
         Called by :meth:`base_step`; one device synchronisation for all passes.
+
+        In several processes (a ``DistributedDataParallel`` model, or sharded parameters
+        under FSDP2) every process takes the same decision: the flags are combined over the
+        processes with one ``all_reduce`` of a single number, so a NaN in one process's loss,
+        or in a pass whose gradients stayed local (the ascent pass in ``no_sync()``), makes
+        every process raise or skip the same step. The DDP model is found through
+        ``model=`` or the closure (a :class:`~samkit.BatchClosure`); a plain closure over a
+        DDP model needs ``model=`` for this.
         """
         self._check_unchecked_grads()
         pending, self._pending_checks = self._pending_checks, []
-        if not pending:
+        if self.on_nonfinite == "ignore":
+            return
+        groups = self._agreement_groups()
+        if not pending and not groups:
             return
         flags = [f for _, _, fs in pending for f in fs]
-        device = next((f.device for f in flags if f.device.type != "cpu"), flags[0].device)
-        ok = torch.stack([f.to(device) for f in flags]).tolist()
-        if all(ok):
+        device = next((f.device for f in flags if f.device.type != "cpu"), None)
+        if device is None:
+            device = flags[0].device if flags else torch.device("cpu")
+        local = (
+            torch.stack([f.to(device) for f in flags])
+            if flags
+            else torch.ones(0, dtype=torch.bool, device=device)
+        )
+        if groups:
+            everyone = self._all_processes_ok(local, groups)
+            ok = torch.cat([local.to(everyone.dtype), everyone.to(local.device).view(1)]).tolist()
+            ok, everyone_ok = ok[:-1], bool(ok[-1])
+        else:
+            ok, everyone_ok = local.tolist(), True
+        if all(ok) and everyone_ok:
             return
+        scaler = self._grad_scaler
+        first_loss = pending[0][1] if pending else None
+        if self.on_nonfinite == "skip" or (scaler is not None and scaler.is_enabled()):
+            # With a GradScaler, overflowing scaled gradients are routine: skip the step.
+            raise _SkipStep(first_loss)
+        if all(ok):
+            raise NonFiniteError(
+                f"{type(self).__name__}: non-finite loss or gradient in another process of "
+                "the distributed group (every process stops at this step); the weights were "
+                "left unchanged. Pass on_nonfinite='skip' to skip such steps."
+            )
         k = 0
         name, loss = pending[-1][0], pending[-1][1]
         for name, loss, pass_flags in pending:  # noqa: B007 (the first failing one is reported)
@@ -740,15 +841,58 @@ class SharpnessAwareOptimizer(Optimizer):
             loss_text = f"{loss:g}"
         else:
             loss_text = "?"
-        scaler = self._grad_scaler
-        if self.on_nonfinite == "skip" or (scaler is not None and scaler.is_enabled()):
-            # With a GradScaler, overflowing scaled gradients are routine: skip the step.
-            raise _SkipStep(pending[0][1])
         raise NonFiniteError(
             f"{type(self).__name__}: non-finite loss or gradient in the {name} pass "
             f"(loss={loss_text}); the weights were left unchanged. Pass on_nonfinite='skip' "
             "to skip such steps."
         )
+
+    def _agreement_groups(self) -> list[Any]:
+        """The process groups whose members must take this step's decisions together.
+
+        The group of a multi-process DDP model (``model=`` or the last closure's model), and
+        every dimension's group of the device meshes of sharded (DTensor) parameters. Empty
+        in a single process.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return []
+        groups: list[Any] = []
+        for model in (self.model, self._pass_model):
+            if model is not None and hasattr(model, "no_sync"):
+                group = getattr(model, "process_group", None)
+                if group not in groups and dist.get_world_size(group) > 1:
+                    groups.append(group)
+        if self._mesh_groups is None:
+            self._mesh_groups = _mesh_groups(self.param_groups)
+        groups.extend(g for g in self._mesh_groups if g not in groups)
+        return groups
+
+    @staticmethod
+    def _all_processes_ok(local: Tensor, groups: list[Any]) -> Tensor:
+        """1 if every flag of every process in ``groups`` is true, else 0 (an int32 tensor)."""
+        import torch.distributed as dist
+
+        everyone = local.all().to(torch.int32).reshape(1)
+        for group in groups:
+            flag = everyone
+            if dist.get_backend(group) == "nccl" and flag.device.type != "cuda":
+                flag = flag.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+            everyone = flag.to(everyone.device)
+        return everyone[0]
+
+    def _check_sharding(self) -> None:
+        """Refuse sharded parameters for a method that sets :attr:`fsdp_unsupported`."""
+        reason = self.fsdp_unsupported
+        if reason is None:
+            return
+        if T.is_sharded([p for g in self.param_groups for p in g["params"]]):
+            raise TypeError(
+                f"{type(self).__name__} cannot run on sharded (DTensor) parameters such as "
+                f"those of an FSDP2 (fully_shard) model: {reason}"
+            )
 
     def collect(self) -> list[GroupParams]:
         """Per param group, the parameters that have a gradient (frozen ones are skipped)."""
@@ -887,12 +1031,46 @@ class SharpnessAwareOptimizer(Optimizer):
         """Apply the base optimizer with the gradients in ``.grad`` (at the clean weights)."""
         if self._perturbed:
             raise RuntimeError("base_step() called while the weights are perturbed")
-        self.verify_finite()
+        if self.max_grad_norm is None:
+            self.verify_finite()
+        else:
+            grads = self._update_gradients()
+            self.verify_finite()  # includes the finiteness of the update gradient's norm
+            self._clip(grads)
         self._base_optimizer_step()
         self.samkit_state["step"] += 1
         hooks, self._on_accept = self._on_accept, []
         for hook in hooks:
             hook()
+
+    def _update_gradients(self) -> list[Tensor]:
+        """The gradients the base step will apply, unscaled; their norm in last_grad_norm.
+
+        With a GradScaler the gradients are unscaled first (``scaler.unscale_`` on the base
+        optimizer; its ``step`` then does not unscale them again), so the norm and the clip
+        are those of the true gradient. The norm's finiteness joins this step's checks: it
+        is the check of the last pass's gradients when that is still due (one norm, not two).
+        """
+        scaler = self._grad_scaler
+        if scaler is not None and scaler.is_enabled():
+            scaler.unscale_(self.base_optimizer)
+        grads = [g for gp in self.collect() for g in gp.grads]
+        norm = T.global_norm(grads, self.foreach)
+        self.last_grad_norm = norm
+        if self._unchecked is not None:
+            self._check_unchecked_grads(norm)
+        elif self.on_nonfinite != "ignore":
+            self._pending_checks.append(("update gradient", None, [torch.isfinite(norm)]))
+        return grads
+
+    @torch.no_grad()
+    def _clip(self, grads: list[Tensor]) -> None:
+        """``g *= min(1, max_grad_norm / (‖g‖ + 1e-6))``, as ``clip_grad_norm_`` (no sync)."""
+        if not grads:
+            return
+        assert self.last_grad_norm is not None and self.max_grad_norm is not None
+        coef = torch.clamp(self.max_grad_norm / (self.last_grad_norm + 1e-6), max=1.0)
+        T.mul_(grads, coef, self.foreach)
 
     def _base_optimizer_step(self) -> None:
         """The wrapped optimizer's step (through the GradScaler if there is one).

@@ -188,7 +188,7 @@ class BilateralSAM(SharpnessAwareOptimizer):
             if g0_update is not g0:
                 norm_g0_update = T.global_norm(g0_update, self.foreach)
             if self.collect_stats:
-                dot = sum((u * g).sum() for u, g in zip(update, g0_update))
+                dot = T.dot(update, g0_update)  # global, also over FSDP2 shards
                 norm_u = T.global_norm(update, self.foreach)
                 stats["cos_update_g0"] = dot / (norm_u * norm_g0_update + eps)
             self.last_stats = stats

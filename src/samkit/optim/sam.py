@@ -34,8 +34,8 @@ class SAM(SharpnessAwareOptimizer):
         adaptive: ASAM's scale-invariant neighbourhood.
         eta: ASAM's offset in ``T = |w| + eta`` (only used when ``adaptive``).
         **kwargs: samkit's options of :class:`SharpnessAwareOptimizer` (``model``,
-            ``foreach``, ``on_nonfinite``, ``sync_ascent``, ``perturb_eps``) and the base
-            optimizer's arguments.
+            ``foreach``, ``on_nonfinite``, ``sync_ascent``, ``max_grad_norm``,
+            ``perturb_eps``) and the base optimizer's arguments.
 
     Example::
 
@@ -51,7 +51,9 @@ class SAM(SharpnessAwareOptimizer):
           original code); the perturbed pass leaves them untouched.
         * Under DDP the clean (ascent) pass runs in ``no_sync()``: each replica perturbs with
           its own gradient (m-sharpness with m = per-device batch), as in the original.
-          ``sync_ascent=True`` synchronises it.
+          ``sync_ascent=True`` synchronises it. Under FSDP2 it is always synchronised (FSDP2
+          reduce-scatters every backward pass), and the norm is that of the whole sharded
+          gradient.
 
     References:
         P. Foret, A. Kleiner, H. Mobahi, B. Neyshabur. Sharpness-Aware Minimization for

@@ -19,7 +19,7 @@ __all__ = ["ESAM", "selection_size", "top_increase"]
 def selection_size(fraction: float, n: int) -> int:
     """``⌈fraction·n⌉`` samples (at least 1, at most ``n``), robust to float rounding.
 
-    ``0.3 * 10`` is ``3.0000000000000004`` in floating point: rounding the product to 9
+    ``0.07 * 100`` is ``7.000000000000001`` in floating point: rounding the product to 9
     decimals first keeps exact products exact.
     """
     return max(1, min(n, math.ceil(round(fraction * n, 9))))
@@ -211,13 +211,12 @@ class ESAM(SharpnessAwareOptimizer):
 
         # Pass 1 at w, without the weight gradients of the tensors left out.
         sync = None if not left_out else False
-        switched = [p for p in left_out if p.requires_grad]
         try:
-            for p in switched:
+            for p in left_out:
                 p.requires_grad_(False)
             clean = self.run_pass(closure, "clean", sync=sync, per_sample=select)
         finally:
-            for p in switched:
+            for p in left_out:
                 p.requires_grad_(True)
         if left_out and self.sync_ascent:
             # The pass was local (see "Distributed" in the docstring): average the chosen

@@ -156,6 +156,7 @@ def test_step_cost_and_returned_loss_are_those_of_the_subset():
     assert (c.grad_evals, c.forward_evals) == (1.0, 1.0)  # two passes on half the batch
     assert samkit.get_optimizer_info("ausam").passes == c.forward_evals / 3 + 2 * c.grad_evals / 3
     assert torch.equal(subsets[0], subsets[1]) and len(subsets[0]) == 8
+    assert torch.equal(subsets[0], subsets[0].sort().values)  # batch order kept
     torch.testing.assert_close(loss, expected[subsets[0]].mean())
 
 

@@ -193,11 +193,11 @@ def test_sampling_follows_the_weights():
         return original(closure, name, **kw)
 
     opt.run_pass = spy
-    for _ in range(400):
+    for _ in range(250):
         opt.step(samkit.make_closure(m, loss_fn, x, y, indices=torch.tensor([0, 1])))
         opt.samkit_state["adlp"][:2] = torch.tensor([1.0, 4.0])  # keep the scores fixed
     share = sum(picks) / len(picks)
-    assert abs(share - 0.8) < 0.06  # 400 draws: std 0.02
+    assert abs(share - 0.8) < 0.075  # 250 draws: std 0.025
 
 
 # ----------------------------------------------------------------------------- state
@@ -315,51 +315,3 @@ def test_registry_entry_builds_the_class_defaults():
     assert info.cls is samkit.AUSAM and info.needs_batch_closure and not info.defaults
     group = samkit.create_optimizer("ausam", tiny_net().parameters(), lr=0.1).param_groups[0]
     assert (group["rho"], group["fraction"], group["max_ratio"]) == (0.05, 0.5, 4.0)
-
-
-# ----------------------------------------------------------------------------- DDP
-def _ddp_worker(rank, port, out_dir):
-    import os
-
-    import torch.distributed as dist
-
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    try:
-        x, y = dataset(48)
-        for sync in (False, True):
-            torch.manual_seed(0)
-            net = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
-            model = nn.parallel.DistributedDataParallel(net.double())
-            opt = samkit.AUSAM(model.parameters(), rho=0.1, lr=0.1, momentum=0.9, sync_ascent=sync)
-            sizes = []
-            for step in range(6):
-                # uneven shards: rank 0 gets 8 samples (subsets of 4), rank 1 gets 3 or 5 (2 or 3)
-                lo = (step % 4) * 10 + (0 if rank == 0 else 8)
-                idx = torch.arange(lo, lo + (8 if rank == 0 else 3 + step % 2 * 2))
-                c = samkit.make_closure(model, loss_fn, x[idx], y[idx], indices=idx)
-                opt.step(c)
-                sizes.append(c.grad_evals * len(idx) / 2)
-            params = [p.detach().clone() for p in model.parameters()]
-            torch.save({"params": params, "sizes": sizes}, f"{out_dir}/rank{rank}_{sync}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
-def test_ddp_uneven_subsets_keep_replicas_identical(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
-    for sync in (False, True):
-        r0, r1 = (torch.load(tmp_path / f"rank{r}_{sync}.pt", weights_only=True) for r in (0, 1))
-        assert r0["sizes"] != r1["sizes"]  # the replicas really sampled different sizes
-        for a, b in zip(r0["params"], r1["params"]):
-            assert torch.equal(a, b)

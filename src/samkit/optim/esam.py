@@ -171,8 +171,6 @@ class ESAM(SharpnessAwareOptimizer):
         **kwargs: Any,
     ) -> None:
         seed = check_seed(seed)
-        if not _is_fraction(gamma):
-            raise ValueError(f"Invalid gamma value: {gamma!r} (a number in (0, 1])")
         defaults = dict(
             rho=rho, beta=beta, gamma=gamma, adaptive=bool(adaptive), eta=eta, weight_scaling=None
         )

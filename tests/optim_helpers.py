@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from samkit import BatchClosure
+
 
 def tiny_net(seed: int = 0, bn: bool = False, dtype: torch.dtype = torch.float64) -> nn.Module:
     """A 2-layer MLP (optionally with BatchNorm) in float64 by default."""
@@ -22,6 +24,45 @@ def batches(n: int = 4, size: int = 8, seed: int = 1, dtype: torch.dtype = torch
         (torch.randn(size, 5, generator=g, dtype=dtype), torch.randint(0, 3, (size,), generator=g))
         for _ in range(n)
     ]
+
+
+class FaultyBatchClosure(BatchClosure):
+    """A :class:`~samkit.BatchClosure` whose ``at``-th pass misbehaves.
+
+    The counterpart of a hand-written faulty closure, for methods that need a BatchClosure
+    (sub-batches, per-sample losses, dataset indices): ``calls`` counts the passes;
+    ``fault="raise"`` raises ``exc("injected")`` at pass ``at``, ``"nan"`` multiplies that
+    pass's per-sample losses by NaN (NaN gradients too), ``"nan_loss"`` returns a NaN loss
+    with finite gradients, ``"inf_grad"`` keeps the loss finite and puts an inf in one
+    gradient entry.
+    """
+
+    def __init__(self, model, x, y, at=None, fault="raise", exc=KeyboardInterrupt, indices=None):
+        super().__init__(model, self._loss, x, y, indices=indices)
+        self.at, self.fault, self.exc = at, fault, exc
+        self.calls = 0
+        self._poison = False
+
+    def _loss(self, out, y):
+        loss = nn.functional.cross_entropy(out, y, reduction="none")
+        return loss * float("nan") if self._poison else loss
+
+    def evaluate(self, subset=None, **kwargs):
+        self.calls += 1
+        hit = self.calls == self.at
+        if hit and self.fault == "raise":
+            raise self.exc("injected")
+        self._poison = hit and self.fault == "nan"
+        try:
+            loss = super().evaluate(subset, **kwargs)
+        finally:
+            self._poison = False
+        if hit and self.fault == "nan_loss":
+            return loss * float("nan")
+        if hit and self.fault == "inf_grad" and kwargs.get("backward", True):
+            grad = next(p.grad for p in self.model.parameters() if p.grad is not None)
+            grad.view(-1)[0] = float("inf")
+        return loss
 
 
 def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,8 @@ import samkit
 from optim_helpers import batches, loss_fn, mean_loss, plain_closure, tiny_net
 
 METHODS = samkit.optim.list_optimizers(sharpness_aware=True)
+# methods that accept a hand-written closure (the others refuse one with a clear TypeError)
+PLAIN_CLOSURE = [m for m in METHODS if not samkit.get_optimizer_info(m).needs_batch_closure]
 
 
 def make(name, model, **kw):
@@ -244,7 +246,10 @@ def test_a_copy_is_a_working_identical_optimizer(name, how):
     assert opt2.param_groups[0]["params"][0] is next(model2.parameters())
     same_state(opt2.base_optimizer.state, opt.base_optimizer.state)  # AdamW's moments
     same_state(opt2.state, opt.state)
-    assert opt2.samkit_state == opt.samkit_state
+    assert opt2.samkit_state.keys() == opt.samkit_state.keys()
+    for k, v in opt.samkit_state.items():  # counters, and tensors such as a generator's state
+        w = opt2.samkit_state[k]
+        assert torch.equal(v, w) if torch.is_tensor(v) else v == w, k
     train(opt, model, data[2:])
     train(opt2, model2, data[2:])
     assert same_params(model, model2)
@@ -437,7 +442,7 @@ def test_manual_steps_leave_the_random_state_alone():
 
 
 # ----------------------------------------------------------------------------- misuse
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", PLAIN_CLOSURE)
 def test_a_closure_without_backward_is_a_clear_error(name):
     model = tiny_net()
     opt = make(name, model, momentum=0.9)
@@ -454,7 +459,7 @@ def test_a_closure_without_backward_is_a_clear_error(name):
     assert opt.samkit_state["step"] == 0 and not opt.is_perturbed
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", PLAIN_CLOSURE)
 def test_a_closure_returning_none_is_a_clear_error(name):
     model = tiny_net()
     opt = make(name, model, momentum=0.9)

@@ -101,6 +101,8 @@ def test_every_method_restores_weights_when_a_later_pass_fails(name):
         loss.backward()
         return loss
 
+    if samkit.get_optimizer_info(name).needs_batch_closure:
+        closure = _FailingBatch(model, x, y, calls)
     try:
         opt.step(closure)
     except RuntimeError as e:
@@ -110,3 +112,17 @@ def test_every_method_restores_weights_when_a_later_pass_fails(name):
         return
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert not opt.is_perturbed
+
+
+class _FailingBatch(samkit.BatchClosure):
+    """A BatchClosure whose second pass raises (for methods that need one)."""
+
+    def __init__(self, model, x, y, calls):
+        super().__init__(model, loss_fn, x, y, indices=torch.arange(len(y)))
+        self.calls = calls
+
+    def evaluate(self, *args, **kwargs):
+        self.calls["n"] += 1
+        if self.calls["n"] == 2:
+            raise RuntimeError("injected failure")
+        return super().evaluate(*args, **kwargs)

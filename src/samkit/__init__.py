@@ -6,6 +6,8 @@ The optimizers and their protocol are re-exported here; measurements live in
 
 from samkit.optim import (
     ASAM,
+    AUSAM,
+    ESAM,
     SAM,
     BatchClosure,
     BilateralSAM,
@@ -25,6 +27,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ASAM",
+    "AUSAM",
+    "ESAM",
     "SAM",
     "BatchClosure",
     "BilateralSAM",

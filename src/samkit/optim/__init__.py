@@ -1,5 +1,6 @@
 """Sharpness-aware optimizers: a shared base, one module per method family, a registry."""
 
+from samkit.optim.ausam import AUSAM
 from samkit.optim.base import (
     BASE_OPTIMIZERS,
     NonFiniteError,
@@ -9,6 +10,7 @@ from samkit.optim.base import (
 from samkit.optim.batchnorm import frozen_bn_stats
 from samkit.optim.bsam import BilateralSAM
 from samkit.optim.closure import BatchClosure, make_closure
+from samkit.optim.esam import ESAM
 from samkit.optim.fsam import FriendlySAM
 from samkit.optim.registry import (
     OptimizerInfo,
@@ -22,6 +24,8 @@ from samkit.optim.sam import ASAM, SAM
 
 __all__ = [
     "ASAM",
+    "AUSAM",
+    "ESAM",
     "BASE_OPTIMIZERS",
     "BatchClosure",
     "BilateralSAM",

@@ -869,6 +869,39 @@ class SharpnessAwareOptimizer(Optimizer):
         groups.extend(g for g in self._mesh_groups if g not in groups)
         return groups
 
+    def agree(self, values: Tensor, model: Any = None, replicas: bool = True) -> Tensor:
+        """``values`` as the first process has them, in every process that must agree.
+
+        For random draws that decide which tensors a synchronised pass computes (ESAM's
+        weight mask): under FSDP2 every pass is synchronised, so the processes sharing a
+        sharded parameter's mesh always take the first one's draw; under DDP the processes
+        of ``model``'s group (or of ``model=``) do too when ``replicas`` is true (a method
+        passes ``replicas=self.sync_ascent``: local ascent passes may differ). One
+        ``broadcast`` per process group; a single process returns ``values`` unchanged.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return values
+        groups: list[Any] = []
+        if replicas:
+            for m in (model, self.model):
+                if m is not None and hasattr(m, "no_sync"):
+                    group = getattr(m, "process_group", None)
+                    if group not in groups and dist.get_world_size(group) > 1:
+                        groups.append(group)
+        if self._mesh_groups is None:
+            self._mesh_groups = _mesh_groups(self.param_groups)
+        groups.extend(g for g in self._mesh_groups if g not in groups)
+        out = values
+        for group in groups:
+            buf = out
+            if dist.get_backend(group) == "nccl" and buf.device.type != "cuda":
+                buf = buf.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.broadcast(buf, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+            out = buf.to(values.device)
+        return out
+
     @staticmethod
     def _all_processes_ok(local: Tensor, groups: list[Any]) -> Tensor:
         """1 if every flag of every process in ``groups`` is true, else 0 (an int32 tensor)."""

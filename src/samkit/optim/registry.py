@@ -13,8 +13,10 @@ from typing import Any
 
 from torch.optim import Optimizer
 
+from samkit.optim.ausam import AUSAM
 from samkit.optim.base import BASE_OPTIMIZERS, SharpnessAwareOptimizer, resolve_base_optimizer
 from samkit.optim.bsam import BilateralSAM
+from samkit.optim.esam import ESAM
 from samkit.optim.fsam import FriendlySAM
 from samkit.optim.sam import ASAM, SAM
 
@@ -189,5 +191,31 @@ register(
         description="Bilateral SAM: SAM's max point plus a min point along -g, three passes",
         passes=3.0,
         reference="Deng et al., Bilateral Sharpness-Aware Minimization for Flatter Minima, 2024",
+    )
+)
+register(
+    OptimizerInfo(
+        name="esam",
+        cls=ESAM,
+        description="ESAM: SAM perturbing a random beta of the tensors, descending on the "
+        "gamma of the batch whose loss rose most",
+        # Measured by benchmarks/method_cost.py (BatchClosure counts, forward = 1/3 and
+        # backward = 2/3 of a pass): forwards 1 + 1 + gamma, backwards 1 + gamma at gamma 0.5.
+        passes=1.83,
+        needs_batch_closure=True,
+        reference="Du et al., Efficient Sharpness-aware Minimization, ICLR 2022",
+    )
+)
+register(
+    OptimizerInfo(
+        name="ausam",
+        cls=AUSAM,
+        description="AUSAM: SAM's two passes on a subset of each batch sampled by each "
+        "sample's average loss rise under the perturbation",
+        # Measured by benchmarks/method_cost.py: two passes on half of the batch.
+        passes=1.0,
+        needs_batch_closure=True,
+        reference="Deng, Pang, Zhang, Asymptotic Unbiased Sample Sampling to Speed Up SAM, "
+        "AAAI 2025",
     )
 )

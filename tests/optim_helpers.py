@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from samkit.optim.closure import BatchClosure
+
 
 def tiny_net(seed: int = 0, bn: bool = False, dtype: torch.dtype = torch.float64) -> nn.Module:
     """A 2-layer MLP (optionally with BatchNorm) in float64 by default."""
@@ -64,3 +66,33 @@ def sgd_momentum_reference(lr: float, momentum: float, weight_decay: float):
                 p.sub_(lr * d)
 
     return step
+
+
+class FaultyBatchClosure(BatchClosure):
+    """A :class:`~samkit.BatchClosure` whose ``at``-th pass raises or returns NaN.
+
+    The counterpart of a hand-written faulty closure, for methods that need a BatchClosure
+    (sub-batches, per-sample losses): ``calls`` counts the passes, ``fault="raise"`` raises
+    ``exc("injected")`` at pass ``at``, ``fault="nan"`` multiplies that pass's loss by NaN.
+    """
+
+    def __init__(self, model, x, y, at=None, fault="raise", exc=KeyboardInterrupt):
+        super().__init__(model, self._loss, x, y)
+        self.at, self.fault, self.exc = at, fault, exc
+        self.calls = 0
+        self._poison = False
+
+    def _loss(self, out, y):
+        loss = nn.functional.cross_entropy(out, y, reduction="none")
+        return loss * float("nan") if self._poison else loss
+
+    def evaluate(self, subset=None, **kwargs):
+        self.calls += 1
+        hit = self.calls == self.at
+        if hit and self.fault == "raise":
+            raise self.exc("injected")
+        self._poison = hit and self.fault == "nan"
+        try:
+            return super().evaluate(subset, **kwargs)
+        finally:
+            self._poison = False

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import samkit
-from optim_helpers import batches, mean_loss, tiny_net
+from optim_helpers import FaultyBatchClosure, batches, mean_loss, tiny_net
 
 METHODS = samkit.optim.list_optimizers(sharpness_aware=True)
 
@@ -49,19 +49,26 @@ class Faulty:
         return loss
 
 
+def _faulty(name, opt, model, x, y, at=None, fault="raise"):
+    """A standard faulty closure, or a faulty BatchClosure for methods that need one."""
+    if samkit.get_optimizer_info(name).needs_batch_closure:
+        return FaultyBatchClosure(model, x, y, at=at, fault=fault)
+    return Faulty(opt, model, x, y, at=at, fault=fault)
+
+
 def _warm(name):
     """A model and optimizer a few steps in (past warm-up steps such as F-SAM's first)."""
     model = tiny_net(bn=True)
     opt = make(name, model)
     for x, y in batches(3, size=16):
-        opt.step(Faulty(opt, model, x, y))
+        opt.step(_faulty(name, opt, model, x, y))
     return model, opt
 
 
 def _passes(name):
     model, opt = _warm(name)
     x, y = batches(1, size=16, seed=9)[0]
-    c = Faulty(opt, model, x, y)
+    c = _faulty(name, opt, model, x, y)
     opt.step(c)
     return c.calls
 
@@ -102,7 +109,7 @@ def test_exception_in_any_pass_leaves_everything_as_before(name, at):
     opt_state = copy.deepcopy(opt.state_dict())
     autocast_before = torch.is_autocast_enabled("cpu")
     with pytest.raises(KeyboardInterrupt):
-        opt.step(Faulty(opt, model, x, y, at=at))
+        opt.step(_faulty(name, opt, model, x, y, at=at))
     _assert_same(model, snap, buffers=at == 1)
     assert not opt.is_perturbed
     assert torch.is_autocast_enabled("cpu") == autocast_before
@@ -119,7 +126,7 @@ def test_nan_in_any_pass_raises_naming_method_and_pass(name, at):
     x, y = batches(1, size=16, seed=5)[0]
     snap = _snapshot(model)
     with pytest.raises(samkit.NonFiniteError, match=rf"{type(opt).__name__}: non-finite .* pass"):
-        opt.step(Faulty(opt, model, x, y, at=at, fault="nan"))
+        opt.step(_faulty(name, opt, model, x, y, at=at, fault="nan"))
     _assert_same(model, snap, buffers=False)
 
 
@@ -129,13 +136,13 @@ def test_nan_in_any_pass_is_skipped_on_request(name, at):
     opt.on_nonfinite = "skip"
     x, y = batches(1, size=16, seed=5)[0]
     snap = _snapshot(model)
-    opt.step(Faulty(opt, model, x, y, at=at, fault="nan"))
+    opt.step(_faulty(name, opt, model, x, y, at=at, fault="nan"))
     _assert_same(model, snap, buffers=False)
     assert opt.skipped_steps == 1
     # and training goes on: the next clean steps update the weights, with finite values
     for _ in range(2):
         before = [p.detach().clone() for p in model.parameters()]
-        opt.step(Faulty(opt, model, x, y))
+        opt.step(_faulty(name, opt, model, x, y))
         assert opt.skipped_steps == 1
         assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -157,6 +164,8 @@ def test_zero_gradients_never_produce_nan(name):
         loss.backward()
         return loss
 
+    if samkit.get_optimizer_info(name).needs_batch_closure:
+        zero_loss_closure = samkit.make_closure(model, lambda out, t: (out * 0.0).sum(1), x, y)
     for _ in range(3):
         opt.step(zero_loss_closure)
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -6,10 +6,13 @@ The optimizers and their protocol are re-exported here; measurements live in
 
 from samkit.optim import (
     ASAM,
+    GSAM,
     SAM,
     BatchClosure,
     BilateralSAM,
     FriendlySAM,
+    LookSAM,
+    MicroBatchSAM,
     NonFiniteError,
     OptimizerInfo,
     SharpnessAwareOptimizer,
@@ -29,6 +32,9 @@ __all__ = [
     "BatchClosure",
     "BilateralSAM",
     "FriendlySAM",
+    "GSAM",
+    "LookSAM",
+    "MicroBatchSAM",
     "NonFiniteError",
     "OptimizerInfo",
     "SharpnessAwareOptimizer",

@@ -15,6 +15,9 @@ from torch.optim import Optimizer
 from samkit.optim.base import BASE_OPTIMIZERS, SharpnessAwareOptimizer, resolve_base_optimizer
 from samkit.optim.bsam import BilateralSAM
 from samkit.optim.fsam import FriendlySAM
+from samkit.optim.gsam import GSAM
+from samkit.optim.looksam import LookSAM
+from samkit.optim.msam import MicroBatchSAM
 from samkit.optim.sam import ASAM, SAM
 
 __all__ = ["OptimizerInfo", "register", "create_optimizer", "list_optimizers", "get_optimizer_info"]
@@ -157,5 +160,34 @@ register(
         defaults={"rho": 0.05, "ratio": "one"},
         passes=3.0,
         reference="Deng et al., Bilateral Sharpness-Aware Minimization for Flatter Minima, 2024",
+    )
+)
+register(
+    OptimizerInfo(
+        name="looksam",
+        cls=LookSAM,
+        description="LookSAM: SAM every k steps, reusing its orthogonal part in between (1+1/k passes)",
+        passes=1.2,  # 1 + 1/k with the class default k=5
+        reference="Liu et al., Towards Efficient and Scalable Sharpness-Aware Minimization, CVPR 2022",
+    )
+)
+register(
+    OptimizerInfo(
+        name="gsam",
+        cls=GSAM,
+        description="GSAM: SAM's gradient minus alpha times the clean gradient's orthogonal part",
+        passes=2.0,
+        reference="Zhuang et al., Surrogate Gap Minimization Improves Sharpness-Aware Training, "
+        "ICLR 2022",
+    )
+)
+register(
+    OptimizerInfo(
+        name="msam",
+        cls=MicroBatchSAM,
+        description="mSAM: SAM on each of M micro-batches with its own perturbation, averaged",
+        passes=2.0,
+        needs_batch_closure=True,
+        reference="Behdin et al., mSAM: Micro-Batch-Averaged Sharpness-Aware Minimization, 2023",
     )
 )

@@ -54,7 +54,8 @@ class GSAM(SharpnessAwareOptimizer):
 
     Cost: two passes (forward + backward each) per step, as SAM; besides SAM's work, one
     copy of the clean gradient (one buffer per parameter, freed after the step), one inner
-    product and two norms over the parameters.
+    product, and two in-place operations on the gradients (the update is computed as
+    :math:`(1 + \alpha\,g\cdot g_p/(\lVert g_p\rVert+\epsilon)^2)\,g_p - \alpha\,g`).
 
     Distributed data parallel: the clean pass runs in ``no_sync()`` unless
     ``sync_ascent=True``, so each replica perturbs with its own gradient (as in SAM); the
@@ -98,7 +99,8 @@ class GSAM(SharpnessAwareOptimizer):
           schedules that end at lr 0 (the PyTorch CIFAR example).
         * :math:`\hat g_p` carries ``perturb_eps`` in its norm; the official PyTorch code
           writes the same projection as ``cos·‖g‖·g_p/(‖g_p‖+eps)`` with
-          ``cos = g·g_p/(‖g‖‖g_p‖+eps)``: equal up to the eps terms.
+          ``cos = g·g_p/(‖g‖‖g_p‖+eps)``: equal up to the eps terms. samkit evaluates
+          :math:`d` in the equivalent form above, in place.
         * Under DDP the official PyTorch code runs *both* passes in ``no_sync()``,
           decomposes per replica and then all-reduces the final direction (with a SUM, i.e.
           a world-size-times larger gradient, in its versions up to March 2022; later
@@ -187,15 +189,16 @@ class GSAM(SharpnessAwareOptimizer):
                 g_p = [_grad_or_zeros(p) for p in params]
                 norm_p = T.global_norm(g_p, self.foreach)
                 self._check_unchecked_grads(norm_p)  # the finiteness check reuses this norm
-                unit = T.scaled(g_p, 1.0 / (norm_p + self.perturb_eps), self.foreach)
-                g_perp = T.scaled(unit, -global_dot(g, unit), self.foreach)
-                T.add_(g_perp, g, foreach=self.foreach)  # g_perp = g - (g·ĝ_p) ĝ_p
+                # d = g_p - alpha·(g - (g·ĝ_p)·ĝ_p) = (1 + alpha·c)·g_p - alpha·g, in place in
+                # .grad, with c = g·g_p / (‖g_p‖ + eps)²: no temporary the size of the model.
+                c = global_dot(g, g_p) / (norm_p + self.perturb_eps) ** 2
                 offset = 0
                 for gp, alpha in zip(groups, alphas):
                     sl = slice(offset, offset + len(gp.params))
                     offset += len(gp.params)
                     if alpha != 0.0 and gp.params:
-                        T.add_(g_p[sl], g_perp[sl], alpha=-alpha, foreach=self.foreach)
+                        _mul_(g_p[sl], 1.0 + alpha * c, self.foreach)
+                        T.add_(g_p[sl], g[sl], alpha=-alpha, foreach=self.foreach)
         self.base_step()
         return loss
 
@@ -207,6 +210,16 @@ class GSAM(SharpnessAwareOptimizer):
 
     def second_step(self, zero_grad: bool = False) -> None:
         self.first_step(zero_grad)
+
+
+def _mul_(tensors: list[Tensor], factor: Tensor, foreach: bool) -> None:
+    """In place ``t *= factor`` with a 0-dim tensor ``factor`` (no host synchronisation)."""
+    if not foreach:
+        for t in tensors:
+            t.mul_(factor.to(t.device, t.dtype))
+        return
+    for bucket in T.Buckets(tensors).split(tensors):
+        torch._foreach_mul_(bucket, factor.to(bucket[0].device, bucket[0].dtype))
 
 
 def _grad_or_zeros(p: Tensor) -> Tensor:

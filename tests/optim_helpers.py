@@ -69,11 +69,13 @@ def sgd_momentum_reference(lr: float, momentum: float, weight_decay: float):
 
 
 class FaultyBatchClosure(BatchClosure):
-    """A :class:`~samkit.BatchClosure` whose ``at``-th pass raises or returns NaN.
+    """A :class:`~samkit.BatchClosure` whose ``at``-th pass misbehaves.
 
     The counterpart of a hand-written faulty closure, for methods that need a BatchClosure
-    (sub-batches, per-sample losses): ``calls`` counts the passes, ``fault="raise"`` raises
-    ``exc("injected")`` at pass ``at``, ``fault="nan"`` multiplies that pass's loss by NaN.
+    (sub-batches, per-sample losses): ``calls`` counts the passes; ``fault="raise"`` raises
+    ``exc("injected")`` at pass ``at``, ``"nan"`` multiplies that pass's loss by NaN (NaN
+    gradients too), ``"nan_loss"`` returns a NaN loss with finite gradients, ``"inf_grad"``
+    keeps the loss finite and puts an inf in one gradient entry.
     """
 
     def __init__(self, model, x, y, at=None, fault="raise", exc=KeyboardInterrupt):
@@ -93,6 +95,12 @@ class FaultyBatchClosure(BatchClosure):
             raise self.exc("injected")
         self._poison = hit and self.fault == "nan"
         try:
-            return super().evaluate(subset, **kwargs)
+            loss = super().evaluate(subset, **kwargs)
         finally:
             self._poison = False
+        if hit and self.fault == "nan_loss":
+            return loss * float("nan")
+        if hit and self.fault == "inf_grad" and kwargs.get("backward", True):
+            grad = next(p.grad for p in self.model.parameters() if p.grad is not None)
+            grad.view(-1)[0] = float("inf")
+        return loss

@@ -202,14 +202,14 @@ class GSAM(SharpnessAwareOptimizer):
         self.base_step()
         return loss
 
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError(
             "GSAM needs the clean and the perturbed gradient together: use "
             "optimizer.step(closure) (first_step/second_step are not available)"
         )
 
-    def second_step(self, zero_grad: bool = False) -> None:
-        self.first_step(zero_grad)
+    def second_step(self, *args: Any, **kwargs: Any) -> None:
+        self.first_step()
 
 
 def _mul_(tensors: list[Tensor], factor: Tensor, foreach: bool) -> None:

@@ -214,14 +214,14 @@ class LookSAM(SharpnessAwareOptimizer):
         return loss
 
     # ------------------------------------------------------------------ manual steps
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError(
             "LookSAM decides at every step whether a second pass is needed: use "
             "optimizer.step(closure) (first_step/second_step are not available)"
         )
 
-    def second_step(self, zero_grad: bool = False) -> None:
-        self.first_step(zero_grad)
+    def second_step(self, *args: Any, **kwargs: Any) -> None:
+        self.first_step()
 
 
 def _grad_or_zeros(p: Tensor) -> Tensor:

@@ -158,11 +158,15 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
                 weight = len(idx) / n
                 if j:
                     stats.reset()  # every clean pass starts from the step's statistics
-                loss_j = self.run_pass(closure, f"clean (micro-batch {j})", subset=idx)
+                loss_j = self.run_pass(closure, f"clean micro-batch {j + 1}", subset=idx)
                 stats.add(weight)
                 self.perturb()  # ε_j from this micro-batch's own gradient
                 self.run_pass(
-                    closure, f"perturbed (micro-batch {j})", perturbed=True, sync=False, subset=idx
+                    closure,
+                    f"perturbed micro-batch {j + 1}",
+                    perturbed=True,
+                    sync=False,
+                    subset=idx,
                 )
                 self.restore()
                 self._accumulate(acc, weight)
@@ -193,14 +197,14 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
         if known:
             T.add_(known, grads, alpha=weight, foreach=self.foreach)
 
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError(
             "MicroBatchSAM runs its passes on micro-batches of the batch: use "
             "optimizer.step(samkit.make_closure(...)) (first_step/second_step are not available)"
         )
 
-    def second_step(self, zero_grad: bool = False) -> None:
-        self.first_step(zero_grad)
+    def second_step(self, *args: Any, **kwargs: Any) -> None:
+        self.first_step()
 
 
 class _RunningStatsAverage:

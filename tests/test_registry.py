@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import samkit
-from optim_helpers import batches, loss_fn, tiny_net
+from optim_helpers import FaultyBatchClosure, batches, loss_fn, tiny_net
 
 ALL = samkit.list_optimizers()
 SHARPNESS_AWARE = samkit.optim.list_optimizers(sharpness_aware=True)
@@ -102,27 +102,15 @@ def test_every_method_restores_weights_when_a_later_pass_fails(name):
         return loss
 
     if samkit.get_optimizer_info(name).needs_batch_closure:
-        closure = _FailingBatch(model, x, y, calls)
+        closure = FaultyBatchClosure(
+            model, x, y, at=2, exc=RuntimeError, indices=torch.arange(len(y))
+        )
     try:
         opt.step(closure)
     except RuntimeError as e:
         assert "injected" in str(e)
     else:  # a one-pass step (e.g. a lookahead method's cheap step) never reached pass 2
-        assert calls["n"] == 1
+        assert getattr(closure, "calls", calls["n"]) == 1
         return
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert not opt.is_perturbed
-
-
-class _FailingBatch(samkit.BatchClosure):
-    """A BatchClosure whose second pass raises (for methods that need one)."""
-
-    def __init__(self, model, x, y, calls):
-        super().__init__(model, loss_fn, x, y, indices=torch.arange(len(y)))
-        self.calls = calls
-
-    def evaluate(self, *args, **kwargs):
-        self.calls["n"] += 1
-        if self.calls["n"] == 2:
-            raise RuntimeError("injected failure")
-        return super().evaluate(*args, **kwargs)

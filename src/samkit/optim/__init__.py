@@ -12,6 +12,9 @@ from samkit.optim.bsam import BilateralSAM
 from samkit.optim.closure import BatchClosure, make_closure
 from samkit.optim.esam import ESAM
 from samkit.optim.fsam import FriendlySAM
+from samkit.optim.gsam import GSAM
+from samkit.optim.looksam import LookSAM
+from samkit.optim.msam import MicroBatchSAM
 from samkit.optim.registry import (
     OptimizerInfo,
     create_optimizer,
@@ -30,6 +33,9 @@ __all__ = [
     "BatchClosure",
     "BilateralSAM",
     "FriendlySAM",
+    "GSAM",
+    "LookSAM",
+    "MicroBatchSAM",
     "NonFiniteError",
     "OptimizerInfo",
     "SAM",

@@ -18,6 +18,9 @@ from samkit.optim.base import BASE_OPTIMIZERS, SharpnessAwareOptimizer, resolve_
 from samkit.optim.bsam import BilateralSAM
 from samkit.optim.esam import ESAM
 from samkit.optim.fsam import FriendlySAM
+from samkit.optim.gsam import GSAM
+from samkit.optim.looksam import LookSAM
+from samkit.optim.msam import MicroBatchSAM
 from samkit.optim.sam import ASAM, SAM
 
 __all__ = ["OptimizerInfo", "register", "create_optimizer", "list_optimizers", "get_optimizer_info"]
@@ -208,6 +211,15 @@ register(
 )
 register(
     OptimizerInfo(
+        name="looksam",
+        cls=LookSAM,
+        description="LookSAM: SAM every k steps, reusing its orthogonal part in between (1+1/k passes)",
+        passes=1.2,  # 1 + 1/k with the class default k=5
+        reference="Liu et al., Towards Efficient and Scalable Sharpness-Aware Minimization, CVPR 2022",
+    )
+)
+register(
+    OptimizerInfo(
         name="ausam",
         cls=AUSAM,
         description="AUSAM: SAM's two passes on a subset of each batch sampled by each "
@@ -217,5 +229,25 @@ register(
         needs_batch_closure=True,
         reference="Deng, Pang, Zhang, Asymptotic Unbiased Sample Sampling to Speed Up SAM, "
         "AAAI 2025",
+    )
+)
+register(
+    OptimizerInfo(
+        name="gsam",
+        cls=GSAM,
+        description="GSAM: SAM's gradient minus alpha times the clean gradient's orthogonal part",
+        passes=2.0,
+        reference="Zhuang et al., Surrogate Gap Minimization Improves Sharpness-Aware Training, "
+        "ICLR 2022",
+    )
+)
+register(
+    OptimizerInfo(
+        name="msam",
+        cls=MicroBatchSAM,
+        description="mSAM: SAM on each of M micro-batches with its own perturbation, averaged",
+        passes=2.0,
+        needs_batch_closure=True,
+        reference="Behdin et al., mSAM: Micro-Batch-Averaged Sharpness-Aware Minimization, 2023",
     )
 )

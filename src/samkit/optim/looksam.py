@@ -1,0 +1,227 @@
+"""LookSAM (Liu et al., CVPR 2022): SAM's extra pass only every k steps."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from samkit.optim import _tensors as T
+from samkit.optim.base import SharpnessAwareOptimizer, is_finite_nonnegative
+
+__all__ = ["LookSAM"]
+
+
+class LookSAM(SharpnessAwareOptimizer):
+    r"""LookSAM: compute SAM's gradient every ``k`` steps, reuse its sharpness part in between.
+
+    SAM's gradient :math:`g_s = \nabla L_B(w+\varepsilon)` differs from the clean gradient
+    :math:`g = \nabla L_B(w)` mostly by a component orthogonal to :math:`g`, and the paper
+    observes that this component changes slowly. LookSAM pays for SAM's second pass only on
+    *refresh* steps (optimizer steps :math:`0, k, 2k, \dots`), caches that component
+    :math:`g_v`, and adds it back, rescaled, on the other (*reuse*) steps, which run a single
+    pass. With :math:`\hat g = g/(\lVert g\rVert + \epsilon)`:
+
+    .. math::
+
+        \text{refresh } (t \bmod k = 0):\quad
+        \varepsilon &= \rho\,\hat g, \qquad g_s = \nabla L_B(w_t + \varepsilon), \qquad
+        g_v = g_s - (g_s\cdot\hat g)\,\hat g, \qquad
+        w_{t+1} = \mathrm{base\_step}(w_t, g_s) \\
+        \text{reuse (otherwise)}:\quad
+        u &= g + \alpha\,\frac{\lVert g\rVert}{\lVert g_v\rVert + \epsilon}\,g_v, \qquad
+        w_{t+1} = \mathrm{base\_step}(w_t, u)
+
+    :math:`(g_s\cdot\hat g)\,\hat g = \lVert g_s\rVert\cos\theta\;\hat g` is the projection of
+    :math:`g_s` on :math:`g` (the paper's form). Inner products and norms are *global*, over
+    every parameter that has a gradient (the model as one vector, as in the paper's
+    Algorithm 1), and :math:`\alpha` is per param group. On a reuse step the added component
+    has length :math:`\alpha\lVert g\rVert`: the cached :math:`g_v` gives the direction only.
+
+    Cost: refresh steps run two passes (forward + backward each), reuse steps one, so
+    ``1 + 1/k`` passes per step on average (1.2 for ``k=5``; a pass counts forward as 1/3 and
+    backward as 2/3). Memory: one buffer per parameter (``state[p]["g_v"]``), plus, during a
+    refresh step, a copy of the clean gradient.
+
+    The cached :math:`g_v` is part of ``state_dict()`` (a resumed run continues exactly, and
+    the refresh schedule follows the optimizer's step counter, also saved). It is replaced
+    only when a refresh step is *accepted*: if a refresh step fails or is skipped
+    (``on_nonfinite="skip"``), the old :math:`g_v` stays and, since the step counter did not
+    advance, the next step is a refresh step again. Parameters without a cached
+    :math:`g_v` (added after the last refresh, or without a gradient then) are updated with
+    their plain gradient on reuse steps.
+
+    Distributed data parallel: the reuse step's single pass is synchronised (its gradient is
+    the update). On a refresh step the clean pass runs in ``no_sync()`` unless
+    ``sync_ascent=True``, so each replica perturbs with its own gradient (as in SAM); the
+    perturbed pass is synchronised, and the clean gradient that builds :math:`g_v` is
+    averaged over the replicas first, so every replica caches the same :math:`g_v`. No random
+    draws.
+
+    Args:
+        params: parameters, named parameters or param groups; groups may set their own
+            ``rho`` and ``alpha`` (``k`` must be the same in every group: one pass serves
+            the whole model).
+        base_optimizer: a ``torch.optim.Optimizer`` class or a name (``"sgd"``, ...); its
+            arguments (``lr``, ``momentum``, ``weight_decay``, ...) pass through ``**kwargs``.
+        rho: radius of SAM's perturbation on refresh steps (default 0.1, the paper's value).
+        k: a refresh every ``k`` optimizer steps (default 5, the paper's value); ``k=1`` is
+            SAM.
+        alpha: weight of the reused component, relative to ``‖g‖`` (default 0.7, the
+            paper's value).
+        **kwargs: samkit's options of :class:`~samkit.SharpnessAwareOptimizer` (``model``,
+            ``foreach``, ``on_nonfinite``, ``sync_ascent``, ...) and the base optimizer's
+            arguments.
+
+    Example::
+
+        opt = samkit.LookSAM(model.parameters(), "sgd", rho=0.1, k=5, alpha=0.7,
+                             lr=0.05, momentum=0.9)
+        for x, y in loader:
+            loss = opt.step(samkit.make_closure(model, loss_fn, x, y))
+
+    Differences from the paper / public code:
+        * The first step (step 0) is a refresh step: there is no :math:`g_v` to reuse yet
+          (the paper's Algorithm 1 counts steps from 1 and refreshes when ``t mod k = 0``).
+        * :math:`\epsilon` (``perturb_eps``, 1e-12) is added to the norms in
+          :math:`\hat g` and in the reuse scale, so zero gradients give a zero correction.
+        * No layer-wise variant: the paper's Look-LayerSAM (per-layer radii for large-batch
+          training) is not implemented.
+        * There is no official code. The two public PyTorch versions known to us restore
+          weights saved at the last refresh step on reuse steps (so the model keeps jumping
+          back), compute the decomposition per tensor, and one runs two passes on every
+          step; samkit runs one pass on reuse steps and never moves the weights outside a
+          refresh step.
+        * ``first_step`` / ``second_step`` are not available: whether a step needs a second
+          pass is LookSAM's decision, so use ``step(closure)``.
+
+    References:
+        Y. Liu, S. Mai, X. Chen, C.-J. Hsieh, Y. You. Towards Efficient and Scalable
+        Sharpness-Aware Minimization. CVPR 2022. https://arxiv.org/abs/2203.02714
+    """
+
+    method_name = "looksam"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: Any = "sgd",
+        rho: float = 0.1,
+        k: int = 5,
+        alpha: float = 0.7,
+        **kwargs: Any,
+    ) -> None:
+        defaults = dict(rho=rho, k=k, alpha=alpha)
+        super().__init__(params, base_optimizer, defaults, **kwargs)
+
+    def validate_group(self, group: dict[str, Any]) -> None:
+        super().validate_group(group)
+        k = group.get("k")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"Invalid k value: {k!r} (an integer >= 1)")
+        alpha = group.get("alpha")
+        if not is_finite_nonnegative(alpha):
+            raise ValueError(f"Invalid alpha value: {alpha}")
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def k(self) -> int:
+        """The refresh period, common to every param group."""
+        ks = {int(group["k"]) for group in self.param_groups}
+        if len(ks) != 1:
+            raise ValueError(
+                f"Invalid k value: LookSAM needs the same k in every param group (one pass "
+                f"serves the whole model), got {sorted(ks)}"
+            )
+        return ks.pop()
+
+    def refresh_due(self) -> bool:
+        """Whether the next step computes SAM's gradient and refreshes the cached ``g_v``.
+
+        True on optimizer steps ``0, k, 2k, ...`` (accepted steps, ``samkit_state["step"]``)
+        and whenever nothing is cached yet.
+        """
+        if self.samkit_state["step"] % self.k == 0:
+            return True
+        state = self.state
+        return not any(
+            p in state and "g_v" in state[p] for group in self.param_groups for p in group["params"]
+        )
+
+    # ------------------------------------------------------------------ the step
+    def sharpness_step(self, closure: Callable[[], Any]) -> Any:
+        if self.refresh_due():
+            return self._refresh_step(closure)
+        return self._reuse_step(closure)
+
+    def _refresh_step(self, closure: Callable[[], Any]) -> Any:
+        """SAM's two passes; the update is ``g_s``; ``g_v`` is cached once accepted."""
+        loss = self.run_pass(closure, "clean")
+        groups = self.collect()
+        params = [p for gp in groups for p in gp.params]
+        # A copy: the next pass may reuse the gradient buffers (DDP bucket views).
+        g = [t.detach().clone() for gp in groups for t in gp.grads]
+        self.perturb()  # ε from this replica's own g (SAM's m-sharpness under DDP)
+        # g builds g_v, which enters later updates: the replicas' mean (no-op without DDP).
+        self.all_reduce_mean_(g)
+        self.run_pass(closure, "perturbed", perturbed=True)
+        self.restore()
+        with torch.no_grad():
+            g_s = [_grad_or_zeros(p) for p in params]
+            norm_g = T.global_norm(g, self.foreach)
+            unit = T.scaled(g, 1.0 / (norm_g + self.perturb_eps), self.foreach)
+            g_v = T.scaled(unit, -T.dot(g_s, unit), self.foreach)
+            T.add_(g_v, g_s, foreach=self.foreach)  # g_v = g_s - (g_s·ĝ) ĝ
+
+        def store() -> None:
+            for p, v in zip(params, g_v):
+                self.state[p]["g_v"] = v
+
+        self.on_accept(store)
+        self.base_step()  # with g_s, as SAM
+        return loss
+
+    def _reuse_step(self, closure: Callable[[], Any]) -> Any:
+        """One synchronised pass; the update is ``g + alpha·‖g‖/‖g_v‖·g_v``."""
+        loss = self.run_pass(closure, "clean", sync=True)
+        groups = self.collect()
+        with torch.no_grad():
+            norm_g = T.global_norm([t for gp in groups for t in gp.grads], self.foreach)
+            self._check_unchecked_grads(norm_g)  # the finiteness check reuses this norm
+            per_group: list[tuple[float, list[Tensor], list[Tensor]]] = []
+            cached: list[Tensor] = []
+            for gp in groups:
+                grads, g_vs = [], []
+                for p, grad in zip(gp.params, gp.grads):
+                    v = self.state[p].get("g_v") if p in self.state else None
+                    if v is not None:
+                        grads.append(grad)
+                        g_vs.append(v)
+                cached.extend(g_vs)
+                per_group.append((float(gp.group["alpha"]), grads, g_vs))
+            if cached:
+                norm_v = T.global_norm(cached, self.foreach)
+                ratio = norm_g / (norm_v + self.perturb_eps)
+                for alpha, grads, g_vs in per_group:
+                    if alpha == 0.0 or not grads:
+                        continue
+                    T.add_(grads, T.scaled(g_vs, alpha * ratio, self.foreach), foreach=self.foreach)
+        self.base_step()
+        return loss
+
+    # ------------------------------------------------------------------ manual steps
+    def first_step(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(
+            "LookSAM decides at every step whether a second pass is needed: use "
+            "optimizer.step(closure) (first_step/second_step are not available)"
+        )
+
+    def second_step(self, *args: Any, **kwargs: Any) -> None:
+        self.first_step()
+
+
+def _grad_or_zeros(p: Tensor) -> Tensor:
+    return p.grad.detach() if p.grad is not None else torch.zeros_like(p)

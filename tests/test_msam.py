@@ -1,0 +1,251 @@
+"""mSAM against a naive float64 reference, its reduction to SAM, BatchNorm rule, cost, state."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import samkit
+from optim_helpers import FaultyBatchClosure, batches, loss_fn, tiny_net
+
+LR, MOM, WD = 0.1, 0.9, 5e-3
+EPS = 1e-12
+
+net = tiny_net
+
+
+def data(n: int = 12, size: int = 10, seed: int = 1):
+    return batches(n, size=size, seed=seed)
+
+
+def norm(ts):
+    return torch.sqrt(sum((t**2).sum() for t in ts))
+
+
+def grads(model, x, y):
+    return list(torch.autograd.grad(nn.functional.cross_entropy(model(x), y), model.parameters()))
+
+
+def naive_msam(model, batches, rho, m):
+    """mSAM: contiguous micro-batches (tensor_split), sample-weighted mean of the g'_j, SGD."""
+    params = list(model.parameters())
+    bufs = None
+    for x, y in batches:
+        n = len(y)
+        w = [p.detach().clone() for p in params]
+        total = [torch.zeros_like(p) for p in params]
+        for idx in torch.arange(n).tensor_split(m):
+            xj, yj = x[idx], y[idx]
+            g = grads(model, xj, yj)
+            with torch.no_grad():
+                for p, gi in zip(params, g):
+                    p.add_(rho * gi / (norm(g) + EPS))
+            g_p = grads(model, xj, yj)
+            with torch.no_grad():
+                for p, wi in zip(params, w):
+                    p.copy_(wi)
+            total = [t + len(idx) / n * gp for t, gp in zip(total, g_p)]
+        with torch.no_grad():
+            steps = [t + WD * p for t, p in zip(total, params)]
+            bufs = steps if bufs is None else [MOM * b + s for b, s in zip(bufs, steps)]
+            for p, b in zip(params, bufs):
+                p.sub_(LR * b)
+
+
+def run(opt, model, batches, lossf=loss_fn):
+    closures = [samkit.make_closure(model, lossf, x, y) for x, y in batches]
+    losses = [opt.step(c) for c in closures]
+    return losses, closures
+
+
+def same(m1, m2):
+    return all(
+        torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values())
+    )
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_msam_equals_naive_reference_float64(foreach):
+    batches = data(12, size=10)  # 10 samples in 3 micro-batches of 4, 3, 3
+    m_ref, m = net(), net()
+    naive_msam(m_ref, batches, rho=0.2, m=3)
+    opt = samkit.MicroBatchSAM(
+        m.parameters(), rho=0.2, micro_batches=3, lr=LR, momentum=MOM, weight_decay=WD,
+        foreach=foreach,
+    )  # fmt: skip
+    run(opt, m, batches)
+    for p, q in zip(m.parameters(), m_ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_returned_loss_is_the_clean_batch_loss():
+    ((x, y),) = data(1, size=10)
+    m = net()
+    with torch.no_grad():
+        expected = float(nn.functional.cross_entropy(m(x), y))
+    opt = samkit.MicroBatchSAM(m.parameters(), micro_batches=3, lr=LR)
+    losses, _ = run(opt, m, [(x, y)])
+    assert float(losses[0]) == pytest.approx(expected, rel=1e-13)
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_one_micro_batch_is_exactly_sam(bn):
+    batches = data(5, size=12)
+    m1, m2 = net(bn=bn), net(bn=bn)
+    kw = dict(rho=0.1, lr=LR, momentum=MOM, weight_decay=WD)
+    run(samkit.MicroBatchSAM(m1.parameters(), micro_batches=1, **kw), m1, batches)
+    run(samkit.SAM(m2.parameters(), **kw), m2, batches)
+    assert same(m1, m2)  # weights and BatchNorm statistics, bit for bit
+
+
+def test_adaptive_one_micro_batch_is_exactly_asam():
+    batches = data(4)
+    m1, m2 = net(), net()
+    kw = dict(rho=0.5, eta=0.01, lr=LR, momentum=MOM)
+    run(samkit.MicroBatchSAM(m1.parameters(), micro_batches=1, adaptive=True, **kw), m1, batches)
+    run(samkit.ASAM(m2.parameters(), **kw), m2, batches)
+    assert same(m1, m2)
+
+
+def test_more_micro_batches_than_samples_splits_into_single_samples():
+    batches = data(3, size=3)
+    m1, m2 = net(), net()
+    kw = dict(rho=0.1, lr=LR, momentum=MOM)
+    run(samkit.MicroBatchSAM(m1.parameters(), micro_batches=8, **kw), m1, batches)
+    run(samkit.MicroBatchSAM(m2.parameters(), micro_batches=3, **kw), m2, batches)
+    assert same(m1, m2)
+
+
+@pytest.mark.parametrize("m", [2, 4, 5])
+def test_cost_is_two_passes_per_step(m):
+    model = net()
+    opt = samkit.MicroBatchSAM(model.parameters(), micro_batches=m, lr=0.05)
+    _, closures = run(opt, model, data(3, size=10))
+    for c in closures:
+        assert c.passes == 2 * m
+        assert c.grad_evals == pytest.approx(2.0) and c.forward_evals == pytest.approx(2.0)
+
+
+def test_batchnorm_gets_one_update_with_the_weighted_mean_of_micro_batch_statistics():
+    ((x, y),) = data(1, size=10)
+    model = net(bn=True)
+    bn = model[1]
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    r_mean, r_var = bn.running_mean.clone(), bn.running_var.clone()
+    with torch.no_grad():
+        h = model[0](x)  # BatchNorm's input at the clean weights
+    mean = torch.zeros_like(r_mean)
+    var = torch.zeros_like(r_var)
+    for idx in torch.arange(10).tensor_split(3):
+        mean += len(idx) / 10 * h[idx].mean(0)
+        var += len(idx) / 10 * h[idx].var(0, unbiased=True)
+    mom = bn.momentum
+    opt = samkit.MicroBatchSAM(model.parameters(), micro_batches=3, lr=0.05, model=model)
+    run(opt, model, [(x, y)])
+    assert int(bn.num_batches_tracked) == 1
+    torch.testing.assert_close(bn.running_mean, (1 - mom) * r_mean + mom * mean)
+    torch.testing.assert_close(bn.running_var, (1 - mom) * r_var + mom * var)
+
+
+def test_cumulative_batchnorm_average_is_handled_too():
+    ((x, y),) = data(1, size=9)
+    model = net(bn=True)
+    model[1].momentum = None  # cumulative moving average: factor 1/num_batches_tracked
+    with torch.no_grad():
+        h = model[0](x)
+    opt = samkit.MicroBatchSAM(model.parameters(), micro_batches=3, lr=0.05)
+    run(opt, model, [(x, y)])
+    expected = sum(h[idx].mean(0) for idx in torch.arange(9).tensor_split(3)) / 3
+    torch.testing.assert_close(model[1].running_mean, expected)  # 1 batch: r = its statistic
+
+
+@pytest.mark.parametrize("at", [2, 3, 5])
+def test_failure_mid_step_leaves_batchnorm_statistics_as_before(at):
+    ((x, y),) = data(1, size=12)
+    model = net(bn=True)
+    opt = samkit.MicroBatchSAM(model.parameters(), micro_batches=3, lr=0.05)
+    run(opt, model, data(2, size=12))
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="injected"):
+        opt.step(FaultyBatchClosure(model, x, y, at=at, exc=RuntimeError))
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+def test_plain_closure_is_a_clear_type_error():
+    model = net()
+    opt = samkit.MicroBatchSAM(model.parameters(), lr=0.05)
+    ((x, y),) = data(1)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(TypeError, match="samkit.make_closure"):
+        opt.step(closure)
+
+
+def test_resume_continues_exactly():
+    batches = data(6)
+    kw = dict(rho=0.1, micro_batches=3, lr=LR, momentum=MOM, weight_decay=WD)
+    m = net(bn=True)
+    opt = samkit.MicroBatchSAM(m.parameters(), **kw)
+    run(opt, m, batches[:3])
+    buf = io.BytesIO()
+    torch.save({"model": m.state_dict(), "opt": opt.state_dict()}, buf)
+    run(opt, m, batches[3:])
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    m2 = net(seed=5, bn=True)
+    m2.load_state_dict(ck["model"])
+    opt2 = samkit.MicroBatchSAM(m2.parameters(), **kw)
+    opt2.load_state_dict(ck["opt"])
+    run(opt2, m2, batches[3:])
+    assert same(m, m2)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"micro_batches": 0}, "Invalid micro_batches value: 0"),
+        ({"micro_batches": 2.0}, "Invalid micro_batches value: 2.0"),
+        ({"micro_batches": None}, "Invalid micro_batches value: None"),
+        ({"rho": -1.0}, "Invalid rho value: -1.0"),
+        ({"eta": float("nan")}, "Invalid eta value: nan"),
+    ],
+)
+def test_invalid_hyperparameters(kw, message):
+    with pytest.raises(ValueError, match=message):
+        samkit.MicroBatchSAM(net().parameters(), lr=0.1, **kw)
+
+
+def test_micro_batches_must_agree_across_groups():
+    m = net()
+    groups = [
+        {"params": list(m[0].parameters()), "micro_batches": 2},
+        {"params": list(m[2].parameters())},
+    ]
+    opt = samkit.MicroBatchSAM(groups, lr=0.1)
+    ((x, y),) = data(1)
+    with pytest.raises(ValueError, match=r"same micro_batches in every param group.*\[2, 4\]"):
+        opt.step(samkit.make_closure(m, loss_fn, x, y))
+
+
+def test_manual_first_step_is_refused():
+    opt = samkit.MicroBatchSAM(net().parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="step\\("):
+        opt.first_step()
+
+
+def test_registry_entry():
+    info = samkit.get_optimizer_info("msam")
+    assert info.cls is samkit.MicroBatchSAM and info.passes == 2 and info.needs_batch_closure
+    assert not info.defaults
+    opt = samkit.create_optimizer("msam", net().parameters(), lr=0.1)
+    group = opt.param_groups[0]
+    assert (group["rho"], group["micro_batches"]) == (0.05, 4)

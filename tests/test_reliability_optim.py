@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+from inspect import signature
 
 import pytest
 import torch
@@ -25,12 +26,14 @@ METHODS = samkit.optim.list_optimizers(sharpness_aware=True)
 
 
 def make(name, model, **kw):
-    return samkit.create_optimizer(
+    opt = samkit.create_optimizer(
         name, model.parameters(), model=model, lr=0.05, momentum=0.9, weight_decay=1e-3, **kw
     )
+    opt.set_epoch(0)  # the epoch signal, as samkit train gives it (ignored by most methods)
+    return opt
 
 
-class Faulty:
+class FaultyPlain:
     """A standard closure that raises, or returns NaN, at its ``at``-th call."""
 
     def __init__(self, opt, model, x, y, at=None, fault="raise"):
@@ -47,6 +50,34 @@ class Faulty:
             loss = loss * float("nan")
         loss.backward()
         return loss
+
+
+class FaultyBatch(samkit.BatchClosure):
+    """The same faults in the passes of a BatchClosure (for methods that need one)."""
+
+    def __init__(self, opt, model, x, y, at=None, fault="raise"):
+        super().__init__(model, self._loss, x, y, indices=torch.arange(len(y)))
+        self.at, self.fault, self.calls = at, fault, 0
+
+    def _loss(self, out, y):
+        loss = nn.functional.cross_entropy(out, y, reduction="none")
+        if self.calls == self.at and self.fault == "nan":
+            loss = loss * float("nan")
+        return loss
+
+    def evaluate(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at and self.fault == "raise":
+            raise KeyboardInterrupt("injected")
+        return super().evaluate(*args, **kwargs)
+
+
+def Faulty(opt, model, x, y, at=None, fault="raise"):  # noqa: N802 (a closure factory)
+    """A closure of the kind the method needs: a plain one unless it needs a BatchClosure."""
+    (info,) = [i for i in map(samkit.get_optimizer_info, METHODS) if i.cls is type(opt)]
+    needs_batch = info.needs_batch_closure
+    kind = FaultyBatch if needs_batch else FaultyPlain
+    return kind(opt, model, x, y, at=at, fault=fault)
 
 
 def _warm(name):
@@ -143,6 +174,37 @@ def test_nan_in_any_pass_is_skipped_on_request(name, at):
         assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v))
 
 
+@pytest.mark.parametrize("name,at", CASES)
+def test_skipped_step_leaves_the_method_state_untouched(name, at):
+    """A step skipped for a NaN in any pass changes no method state (buffers, banks, averaged
+    models, masks, counters other than the skip count): everything is as before the step."""
+    model, opt = _warm(name)
+    opt.on_nonfinite = "skip"
+    x, y = batches(1, size=16, seed=5)[0]
+    before = copy.deepcopy(opt.state_dict())
+    opt.step(Faulty(opt, model, x, y, at=at, fault="nan"))
+    after = opt.state_dict()
+    assert after["samkit"]["skipped_steps"] == before["samkit"]["skipped_steps"] + 1
+    after["samkit"]["skipped_steps"] = before["samkit"]["skipped_steps"]
+    _assert_nested_equal(after, before)
+
+
+def _assert_nested_equal(a, b, path="state_dict"):
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        assert torch.is_tensor(a) and torch.is_tensor(b), path
+        assert a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (path, set(a) ^ set(b))
+        for k in a:
+            _assert_nested_equal(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (u, v) in enumerate(zip(a, b)):
+            _assert_nested_equal(u, v, f"{path}[{i}]")
+    else:
+        assert a == b, (path, a, b)
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_zero_gradients_never_produce_nan(name):
     model = tiny_net()
@@ -157,8 +219,14 @@ def test_zero_gradients_never_produce_nan(name):
         loss.backward()
         return loss
 
+    if samkit.get_optimizer_info(name).needs_batch_closure:
+        zero = samkit.make_closure(
+            model, lambda out, t: (out * 0.0).sum(-1), x, y, indices=torch.arange(len(y))
+        )
+    else:
+        zero = zero_loss_closure
     for _ in range(3):
-        opt.step(zero_loss_closure)
+        opt.step(zero)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -214,14 +282,17 @@ def test_step_is_the_base_optimizer_on_the_methods_gradient(
     groups = (
         [{"params": params[::2]}, {"params": params[1::2], "rho": rho / 2}] if split else params
     )
-    opt = samkit.create_optimizer(name, groups, lr=lr, momentum=momentum, rho=rho)
+    radius = {"rho": rho} if "rho" in _arguments(name) else {}  # (SAF and MESA have none)
+    opt = samkit.create_optimizer(name, groups, lr=lr, momentum=momentum, **radius)
+    opt.set_epoch(0)
     seen = _record_base_step(opt)
     g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+    for step in range(steps):
         x = torch.randn(8, 3, generator=g, dtype=torch.float64)
         y = torch.randint(0, 2, (8,), generator=g)
+        idx = torch.arange(8 * step, 8 * step + 8)
         before = [p.detach().clone() for p in net.parameters()]
-        opt.step(samkit.make_closure(net, nn.functional.cross_entropy, x, y))
+        opt.step(samkit.make_closure(net, nn.functional.cross_entropy, x, y, indices=idx))
         ordered = [p for grp in opt.param_groups for p in grp["params"]]
         index = {id(p): i for i, p in enumerate(ordered)}
         # the base step happened at the clean weights ...
@@ -244,6 +315,12 @@ def test_step_is_the_base_optimizer_on_the_methods_gradient(
         for p in ordered:
             assert torch.isfinite(p).all()
             torch.testing.assert_close(p.detach(), replay[index[id(p)]].detach(), rtol=0, atol=0)
+
+
+def _arguments(name):
+    """Every constructor argument of a method's class and its parents."""
+    cls = samkit.get_optimizer_info(name).cls
+    return {a for k in cls.__mro__ if "__init__" in k.__dict__ for a in signature(k).parameters}
 
 
 def _offsets(groups):

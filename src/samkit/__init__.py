@@ -6,7 +6,10 @@ The optimizers and their protocol are re-exported here; measurements live in
 
 from samkit.optim import (
     ASAM,
+    MESA,
+    SAF,
     SAM,
+    SSAM,
     BatchClosure,
     BilateralSAM,
     FriendlySAM,
@@ -25,7 +28,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ASAM",
+    "MESA",
+    "SAF",
     "SAM",
+    "SSAM",
     "BatchClosure",
     "BilateralSAM",
     "FriendlySAM",

@@ -15,7 +15,9 @@ from torch.optim import Optimizer
 from samkit.optim.base import BASE_OPTIMIZERS, SharpnessAwareOptimizer, resolve_base_optimizer
 from samkit.optim.bsam import BilateralSAM
 from samkit.optim.fsam import FriendlySAM
+from samkit.optim.saf import MESA, SAF
 from samkit.optim.sam import ASAM, SAM
+from samkit.optim.ssam import SSAM
 
 __all__ = ["OptimizerInfo", "register", "create_optimizer", "list_optimizers", "get_optimizer_info"]
 
@@ -157,5 +159,35 @@ register(
         defaults={"rho": 0.05, "ratio": "one"},
         passes=3.0,
         reference="Deng et al., Bilateral Sharpness-Aware Minimization for Flatter Minima, 2024",
+    )
+)
+register(
+    OptimizerInfo(
+        name="saf",
+        cls=SAF,
+        description="SAF: one pass + KL to each sample's logits from `horizon` epochs ago (bank)",
+        passes=1.0,
+        needs_batch_closure=True,  # dataset indices
+        reference="Du et al., Sharpness-Aware Training for Free, NeurIPS 2022",
+    )
+)
+register(
+    OptimizerInfo(
+        name="mesa",
+        cls=MESA,
+        description="MESA: one pass + KL to the outputs of an EMA of the weights (+1 forward)",
+        passes=4.0 / 3.0,  # forward = 1/3 of a pass: the averaged model's forward
+        needs_batch_closure=True,  # the batch's inputs for the averaged model
+        reference="Du et al., Sharpness-Aware Training for Free, NeurIPS 2022",
+    )
+)
+register(
+    OptimizerInfo(
+        name="ssam",
+        cls=SSAM,
+        description="Sparse SAM: SAM's perturbation on a Fisher (or dynamic) mask of coordinates",
+        passes=2.0,
+        needs_batch_closure=True,  # per-sample gradients of the Fisher mask
+        reference="Mi et al., Make Sharpness-Aware Minimization Stronger, NeurIPS 2022",
     )
 )

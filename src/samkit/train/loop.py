@@ -455,6 +455,8 @@ def train(
         model.train()
         for epoch in range(start_epoch + 1, last_epoch + 1):
             t0 = time.perf_counter()
+            if is_sharpness_aware(opt):  # the epoch signal, counted from 0 (SAF, SSAM, ...)
+                opt.set_epoch(epoch - 1)
             # Running sums stay on the device: no host sync per step.
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
             correct = torch.zeros((), device=device, dtype=torch.long)

@@ -311,3 +311,92 @@ def test_registry_entry_builds_the_paper_defaults():
         3,
     )
     assert opt.needs_epoch
+
+
+# ----------------------------------------------------------------------------- DDP
+# One 2-process gloo run for the three methods with long-lived state (SAF's bank, MESA's
+# average, SSAM's masks): each replica trains on its half of every batch.
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        results = {}
+        for name, kw in _DDP_RUNS.items():
+            model = nn.parallel.DistributedDataParallel(tiny_net(bn=name == "mesa"))
+            opt = samkit.create_optimizer(
+                name.split("-")[0], model.parameters(), lr=LR, momentum=MOM, **kw
+            )
+            x, y = dataset()
+            for e, batches_ in enumerate(epochs_of(3)):
+                opt.set_epoch(e)
+                for idx in batches_:
+                    half = idx[rank * 4 : rank * 4 + 4]
+                    opt.step(samkit.make_closure(model, loss_fn, x[half], y[half], indices=half))
+            results[name] = {
+                "params": [p.detach() for p in model.parameters()],
+                "state": opt.state_dict(),
+            }
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+_DDP_RUNS = {
+    "saf": dict(start_epoch=1, horizon=1),
+    "mesa": dict(start_epoch=1, decay=0.5),
+    "ssam": dict(num_samples=4),
+    "ssam-dynamic": dict(mode="dynamic", epochs=3),
+}
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("ddp_state")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.slow  # two spawned processes (a few seconds on an idle machine)
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_ddp_replicas_keep_identical_banks_averages_and_masks(ddp_runs):
+    r0, r1 = ddp_runs
+    for name in _DDP_RUNS:
+        for a, b in zip(r0[name]["params"], r1[name]["params"]):
+            assert torch.equal(a, b), name
+    bank0, bank1 = r0["saf"]["state"]["saf_bank"], r1["saf"]["state"]["saf_bank"]
+    assert bank0["size"] == N and torch.equal(bank0["values"], bank1["values"])
+    assert torch.equal(bank0["epochs"], bank1["epochs"])
+    assert set(bank0["epochs"].flatten().tolist()) == {1, 2}  # every sample, both epochs kept
+    ema0, ema1 = r0["mesa"]["state"]["mesa_ema"], r1["mesa"]["state"]["mesa_ema"]
+    assert all(torch.equal(ema0[k], ema1[k]) for k in ema0)  # BatchNorm statistics included
+    for name in ("ssam", "ssam-dynamic"):
+        s0, s1 = r0[name]["state"]["state"], r1[name]["state"]["state"]
+        assert s0.keys() == s1.keys() and all("mask" in s0[k] for k in s0)
+        assert all(torch.equal(s0[k]["mask"], s1[k]["mask"]) for k in s0)
+
+
+@pytest.mark.slow  # two spawned processes (a few seconds on an idle machine)
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_ddp_saf_equals_single_process_saf_on_the_whole_batch(ddp_runs):
+    x, y = dataset()
+    m = tiny_net()
+    opt = samkit.SAF(m.parameters(), lr=LR, momentum=MOM, **_DDP_RUNS["saf"])
+    train(opt, m, epochs_of(3), x, y)
+    for a, b in zip(ddp_runs[0]["saf"]["params"], m.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-13)
+    bank = ddp_runs[0]["saf"]["state"]["saf_bank"]
+    assert torch.equal(bank["epochs"], opt.bank.epochs[:N])
+    torch.testing.assert_close(bank["values"], opt.bank.values[:N], rtol=1e-12, atol=1e-13)

@@ -172,6 +172,21 @@ def test_bank_grows_with_the_largest_index_and_keeps_the_logits_dtype():
     assert torch.equal(opt2.bank.values[:4, 0], before.half())
 
 
+def test_an_announced_bank_size_is_allocated_once():
+    m = tiny_net()
+    opt = make(m, start_epoch=1, horizon=1, bank_rows=30)
+    x, y = dataset()
+    opt.set_epoch(0)
+    opt.step(samkit.make_closure(m, loss_fn, x[:4], y[:4], indices=torch.tensor([0, 1, 2, 3])))
+    assert opt.bank.values.shape[0] == 30 and opt.bank.size == 4
+    opt.step(samkit.make_closure(m, loss_fn, x[:4], y[:4], indices=torch.tensor([29, 4, 5, 6])))
+    assert opt.bank.values.shape[0] == 30 and opt.bank.size == 30
+    opt.step(samkit.make_closure(m, loss_fn, x[:4], y[:4], indices=torch.tensor([30, 4, 5, 6])))
+    assert opt.bank.values.shape[0] > 30 and opt.bank.size == 31  # still grows when needed
+    with pytest.raises(ValueError, match="Invalid bank_rows value: 0"):
+        make(m, bank_rows=0)
+
+
 def test_nothing_is_recorded_before_it_can_be_read():
     x, y = dataset()
     m = tiny_net()

@@ -144,10 +144,17 @@ class _LogitBank:
     size. ``dtype`` ``None`` keeps the logits' dtype; ``device`` ``None`` the logits' device.
     """
 
-    def __init__(self, slots: int, dtype: torch.dtype | None, device: torch.device | None):
+    def __init__(
+        self,
+        slots: int,
+        dtype: torch.dtype | None,
+        device: torch.device | None,
+        rows: int | None = None,
+    ):
         self.slots = slots
         self.dtype = dtype
         self.device = device
+        self.rows = rows  # rows to allocate at the first write (e.g. the dataset's size)
         self.values: Tensor | None = None  # [capacity, slots, C]
         self.epochs: Tensor | None = None  # [capacity, slots] int32
         self.size = 0  # 1 + the largest index written
@@ -194,7 +201,10 @@ class _LogitBank:
         needed = largest + 1
         capacity = 0 if self.values is None else self.values.shape[0]
         if needed > capacity:
-            new = max(needed, capacity + max(capacity // 4, _GROWTH_ROWS))
+            if capacity == 0 and self.rows is not None and self.rows >= needed:
+                new = self.rows  # the announced size: one allocation, no growth copies
+            else:
+                new = max(needed, capacity + max(capacity // 4, _GROWTH_ROWS))
             values = torch.zeros(new, self.slots, classes, dtype=self.dtype, device=self.device)
             epochs = torch.full((new, self.slots), -1, dtype=torch.int32, device=self.device)
             if self.values is not None and self.epochs is not None:
@@ -293,6 +303,10 @@ class SAF(_TrajectoryLoss):
         horizon: :math:`\tilde E`, how many epochs back the reference logits are (default 3).
         bank_dtype: dtype of the bank (default ``None``: the logits' dtype).
         bank_device: where the bank lives (default ``None``: the logits' device).
+        bank_rows: rows to allocate at the bank's first write, e.g. ``len(dataset)``
+            (default ``None``: grow with the largest index seen). Growing copies the bank
+            into a larger one, so while it grows both exist; announcing the size avoids that
+            transient (the bank still grows if a larger index appears).
         **kwargs: samkit's options of :class:`~samkit.SharpnessAwareOptimizer` and the base
             optimizer's arguments.
 
@@ -340,16 +354,21 @@ class SAF(_TrajectoryLoss):
         horizon: int = 3,
         bank_dtype: torch.dtype | None = None,
         bank_device: str | torch.device | None = None,
+        bank_rows: int | None = None,
         **kwargs: Any,
     ) -> None:
         if bank_dtype is not None and not (
             isinstance(bank_dtype, torch.dtype) and bank_dtype.is_floating_point
         ):
             raise TypeError(f"Invalid bank_dtype value: {bank_dtype!r} (a floating torch.dtype)")
+        if bank_rows is not None and (
+            isinstance(bank_rows, bool) or not isinstance(bank_rows, int) or bank_rows < 1
+        ):
+            raise ValueError(f"Invalid bank_rows value: {bank_rows!r} (an integer >= 1)")
         defaults = dict(lmbda=lmbda, tau=tau, start_epoch=start_epoch, horizon=horizon)
         super().__init__(params, base_optimizer, defaults, **kwargs)
         device = None if bank_device is None else torch.device(bank_device)
-        self._bank = _LogitBank(int(self._setting("horizon")) + 1, bank_dtype, device)
+        self._bank = _LogitBank(int(self._setting("horizon")) + 1, bank_dtype, device, bank_rows)
 
     @property
     def bank(self) -> _LogitBank:

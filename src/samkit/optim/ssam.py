@@ -83,7 +83,8 @@ class SSAM(SharpnessAwareOptimizer):
         params: parameters, named parameters or param groups; groups may set their own
             ``rho`` and ``sparsity``; the other options must be the same in every group.
         base_optimizer: a ``torch.optim.Optimizer`` class or a name (``"sgd"``, ...).
-        rho: radius (default 0.1, the official runs' value).
+        rho: radius (default 0.1; the official argparse default is 0.05, the authors'
+            CIFAR-100 command lines use 0.2).
         sparsity: fraction :math:`s` of coordinates *not* perturbed, in ``[0, 1]``
             (default 0.5).
         mode: ``"fisher"`` (SSAM-F, default) or ``"dynamic"`` (SSAM-D).

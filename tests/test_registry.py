@@ -22,9 +22,13 @@ def make(name, model, **kw):
     )
 
 
-def run(model, opt, data):
+def run(model, opt, data, first=0):
+    """Steps on ``data`` as the training loop takes them: dataset indices with every batch,
+    and the epoch signal (here a new epoch every 2 steps) for every samkit optimizer."""
     losses = []
-    for i, (x, y) in enumerate(data):
+    for i, (x, y) in enumerate(data, start=first):
+        if samkit.optim.is_sharpness_aware(opt):
+            opt.set_epoch(i // 2)
         idx = torch.arange(i * len(y), (i + 1) * len(y))
         losses.append(opt.step(samkit.make_closure(model, loss_fn, x, y, indices=idx)))
     return losses
@@ -62,14 +66,14 @@ def test_every_method_resumes_exactly_from_state_dict(name):
     run(model, opt, data[:3])
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    run(model, opt, data[3:])
+    run(model, opt, data[3:], first=3)
     buf.seek(0)
     ck = torch.load(buf, weights_only=True)
     model2 = tiny_net(seed=7, bn=True)
     model2.load_state_dict(ck["model"])
     opt2 = make(name, model2)
     opt2.load_state_dict(ck["opt"])
-    run(model2, opt2, data[3:])
+    run(model2, opt2, data[3:], first=3)
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)
 

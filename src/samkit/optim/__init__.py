@@ -23,7 +23,9 @@ from samkit.optim.registry import (
     list_optimizers,
     register,
 )
+from samkit.optim.saf import MESA, SAF
 from samkit.optim.sam import ASAM, SAM
+from samkit.optim.ssam import SSAM
 
 __all__ = [
     "ASAM",
@@ -36,9 +38,12 @@ __all__ = [
     "GSAM",
     "LookSAM",
     "MicroBatchSAM",
+    "MESA",
     "NonFiniteError",
     "OptimizerInfo",
+    "SAF",
     "SAM",
+    "SSAM",
     "SharpnessAwareOptimizer",
     "create_optimizer",
     "frozen_bn_stats",

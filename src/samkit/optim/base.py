@@ -957,6 +957,7 @@ class SharpnessAwareOptimizer(Optimizer):
         *,
         radius: str | Callable[[dict[str, Any]], float] = "rho",
         sign: float = 1.0,
+        norm_of: list[list[Tensor]] | None = None,
     ) -> Tensor:
         """Save the weights and move them to ``w + sign·ε``.
 
@@ -965,6 +966,10 @@ class SharpnessAwareOptimizer(Optimizer):
         elsewhere. ``d`` is ``directions`` or :meth:`ascent_direction`; the norm is global over
         every group; ``r_g`` is the group's ``radius`` entry (or ``radius(group)``). Returns the
         norm ‖d‖ (or ‖T d‖) as a 0-dim tensor.
+
+        ``norm_of`` (per group, parallel to ``directions``) normalises by the norm of other
+        tensors than the directions: ``ε = r_g · d / (‖n‖ + eps)``. Sparse SAM uses it to
+        perturb along the masked gradient scaled by the norm of the whole gradient.
         """
         if self._perturbed:
             raise RuntimeError("the weights are already perturbed: call restore() first")
@@ -975,23 +980,29 @@ class SharpnessAwareOptimizer(Optimizer):
         # Flatten over groups: td = T ⊙ d (T = 1 outside adaptive weight tensors).
         params: list[Tensor] = []
         t_dirs: list[Tensor] = []
+        t_norms: list[Tensor] = []  # the tensors whose norm normalises (T ⊙ norm_of)
         t_scales: list[Tensor | None] = []
         radii: list[float] = []
-        for gp, d in zip(groups, directions):
+        norm_src = directions if norm_of is None else norm_of
+        for gp, d, n in zip(groups, directions, norm_src):
             if not gp.params:
                 continue
             r = float(radius(gp.group) if callable(radius) else gp.group[radius])
             if gp.group.get("adaptive", False):
                 t = self._asam_scales(gp)
                 t_dirs.extend(di if ti is None else ti * di for ti, di in zip(t, d))
+                if norm_of is not None:
+                    t_norms.extend(ni if ti is None else ti * ni for ti, ni in zip(t, n))
                 t_scales.extend(t)
             else:
                 t_dirs.extend(d)
+                if norm_of is not None:
+                    t_norms.extend(n)
                 t_scales.extend([None] * len(d))
             params.extend(gp.params)
             radii.extend([sign * r] * len(gp.params))
         plan, buffers = self._plan_for(params)
-        norm = T.global_norm(t_dirs, self.foreach, plan)
+        norm = T.global_norm(t_dirs if norm_of is None else t_norms, self.foreach, plan)
         if from_grads:  # d is derived from the gradients: a NaN/inf there shows in ‖d‖
             self._check_unchecked_grads(norm)
         if not params:

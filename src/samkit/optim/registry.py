@@ -21,7 +21,9 @@ from samkit.optim.fsam import FriendlySAM
 from samkit.optim.gsam import GSAM
 from samkit.optim.looksam import LookSAM
 from samkit.optim.msam import MicroBatchSAM
+from samkit.optim.saf import MESA, SAF
 from samkit.optim.sam import ASAM, SAM
+from samkit.optim.ssam import SSAM
 
 __all__ = ["OptimizerInfo", "register", "create_optimizer", "list_optimizers", "get_optimizer_info"]
 
@@ -233,6 +235,16 @@ register(
 )
 register(
     OptimizerInfo(
+        name="saf",
+        cls=SAF,
+        description="SAF: one pass + KL to each sample's logits from `horizon` epochs ago (bank)",
+        passes=1.0,
+        needs_batch_closure=True,  # dataset indices
+        reference="Du et al., Sharpness-Aware Training for Free, NeurIPS 2022",
+    )
+)
+register(
+    OptimizerInfo(
         name="gsam",
         cls=GSAM,
         description="GSAM: SAM's gradient minus alpha times the clean gradient's orthogonal part",
@@ -243,11 +255,31 @@ register(
 )
 register(
     OptimizerInfo(
+        name="mesa",
+        cls=MESA,
+        description="MESA: one pass + KL to the outputs of an EMA of the weights (+1 forward)",
+        passes=4.0 / 3.0,  # forward = 1/3 of a pass: the averaged model's forward
+        needs_batch_closure=True,  # the batch's inputs for the averaged model
+        reference="Du et al., Sharpness-Aware Training for Free, NeurIPS 2022",
+    )
+)
+register(
+    OptimizerInfo(
         name="msam",
         cls=MicroBatchSAM,
         description="mSAM: SAM on each of M micro-batches with its own perturbation, averaged",
         passes=2.0,
         needs_batch_closure=True,
         reference="Behdin et al., mSAM: Micro-Batch-Averaged Sharpness-Aware Minimization, 2023",
+    )
+)
+register(
+    OptimizerInfo(
+        name="ssam",
+        cls=SSAM,
+        description="Sparse SAM: SAM's perturbation on a Fisher (or dynamic) mask of coordinates",
+        passes=2.0,
+        needs_batch_closure=True,  # per-sample gradients of the Fisher mask
+        reference="Mi et al., Make Sharpness-Aware Minimization Stronger, NeurIPS 2022",
     )
 )

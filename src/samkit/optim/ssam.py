@@ -1,0 +1,585 @@
+"""Sparse SAM, SSAM-F and SSAM-D (Mi et al., NeurIPS 2022)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from samkit.optim._replicas import Replicas, replicas_of
+from samkit.optim.base import SharpnessAwareOptimizer, is_finite_nonnegative
+from samkit.optim.closure import BatchClosure
+
+__all__ = ["SSAM", "per_sample_squared_gradients"]
+
+MODES = ("fisher", "dynamic")
+SCORES = ("gradient", "weight", "random")
+
+#: Per-sample gradients are computed in chunks whose gradients hold at most this many values.
+_CHUNK_VALUES = 1 << 25
+
+
+class SSAM(SharpnessAwareOptimizer):
+    r"""Sparse SAM: SAM's perturbation on a sparse, periodically refreshed set of coordinates.
+
+    One step, with :math:`g = \nabla L_B(w)` the clean gradient and :math:`m \in \{0,1\}^d`
+    the mask:
+
+    .. math::
+
+        \varepsilon = \rho\,\frac{g \odot m}{\lVert g\rVert + \epsilon}, \qquad
+        g' = \nabla L_B(w + \varepsilon), \qquad w \leftarrow \mathrm{base\_step}(w, g').
+
+    The norm is that of the *whole* gradient (as in the official code), so the masked
+    coordinates move exactly as in SAM and the others stay. The mask keeps
+    :math:`k = d - \mathrm{round}(d \cdot s)` coordinates (``sparsity`` :math:`s`), chosen
+    globally over all parameters of a param group (over the whole model with one group).
+    ``sparsity=0`` is SAM exactly.
+
+    **SSAM-F** (``mode="fisher"``): the mask keeps the :math:`k` coordinates with the largest
+    empirical Fisher information :math:`F_j = \sum_{n \le N} (\partial_j \ell_n)^2` over
+    ``num_samples`` samples :math:`N`. It is refreshed every ``update_freq`` epochs, at the
+    first step of epochs :math:`e` with :math:`e \bmod \text{update\_freq} = 0`. The samples
+    are the first samples of that step's batch (and of the following steps' batches when
+    ``num_samples`` exceeds the batch size; the old mask stays in use until the new one is
+    complete). Per-sample gradients come from ``torch.func`` (``functional_call`` +
+    ``vmap(grad(...))``), in chunks, with the model in eval mode (no dropout, BatchNorm
+    running statistics; nothing in the model changes). Until the first mask exists the step is
+    plain SGD with the clean gradient (one pass): with ``num_samples`` at most the batch size
+    this never happens, since the first step computes its mask before its passes.
+
+    **SSAM-D** (``mode="dynamic"``): starts from a random mask; every ``update_freq``
+    epochs (at the first step of the epoch, epoch 0 included) it drops the
+    :math:`\lfloor n_\text{live}\, r_e\rfloor` live coordinates with the lowest
+    ``drop_score`` (default :math:`|g|`) and regrows as many coordinates that were dead,
+    those with the highest ``grow_score`` (default random), so the number of live
+    coordinates stays :math:`k`. The drop rate follows
+    :math:`r_e = \text{drop\_rate}\cdot(1 + \cos(\pi e / \text{epochs}))/2`. Random draws
+    come from a generator seeded by ``(seed, epoch, group)``, so they are reproducible and
+    need no saved generator state.
+
+    **State.** The mask is a ``bool`` tensor per parameter (``state[p]["mask"]``, one byte
+    per coordinate, part of :meth:`state_dict` and restored as ``bool``), so a resumed run
+    continues with the same mask; a Fisher sum being accumulated over several steps is saved
+    too (``state[p]["fisher"]``). Masks and sums change only when a step is accepted.
+
+    **Cost.** SAM's two passes plus, per refresh, ``num_samples`` per-sample gradients (SSAM-F;
+    counted in the closure's ``grad_evals``/``forward_evals`` as ``num_samples`` samples of
+    forward and backward) or a top-k over the coordinates (SSAM-D). Nothing is saved per step
+    by the sparsity: the perturbed pass is a dense pass (the paper's speed-up needs sparse
+    kernels).
+
+    **DDP.** The clean (ascent) pass is local by default, as in SAM. The mask is identical on
+    every replica: SSAM-F sums the Fisher scores and sample counts over the replicas (each
+    replica scores its own samples), SSAM-D scores with the replicas' mean gradient, random
+    draws are seeded identically, and in both modes the finished mask is broadcast from the
+    first replica, so it is the same bit for bit.
+
+    Args:
+        params: parameters, named parameters or param groups; groups may set their own
+            ``rho`` and ``sparsity``; the other options must be the same in every group.
+        base_optimizer: a ``torch.optim.Optimizer`` class or a name (``"sgd"``, ...).
+        rho: radius (default 0.1; the official argparse default is 0.05, the authors'
+            CIFAR-100 command lines use 0.2).
+        sparsity: fraction :math:`s` of coordinates *not* perturbed, in ``[0, 1]``
+            (default 0.5).
+        mode: ``"fisher"`` (SSAM-F, default) or ``"dynamic"`` (SSAM-D).
+        num_samples: samples of the Fisher information (SSAM-F; default 128).
+        update_freq: refresh the mask every this many epochs (default 1).
+        drop_rate: initial drop rate of SSAM-D (default 0.5).
+        drop_score: SSAM-D's score to keep live coordinates: ``"gradient"`` (|g|, default),
+            ``"weight"`` (|w|) or ``"random"``.
+        grow_score: SSAM-D's score to regrow dead coordinates: ``"random"`` (default),
+            ``"gradient"`` or ``"weight"``.
+        epochs: length of the run in epochs, for SSAM-D's drop-rate schedule (required with
+            ``mode="dynamic"``).
+        seed: seed of SSAM-D's random draws (default ``None``: 0).
+        **kwargs: samkit's options of :class:`~samkit.SharpnessAwareOptimizer` and the base
+            optimizer's arguments.
+
+    Example::
+
+        opt = samkit.SSAM(model.parameters(), "sgd", rho=0.1, sparsity=0.5, lr=0.05,
+                          momentum=0.9)
+        for epoch in range(epochs):
+            opt.set_epoch(epoch)
+            for x, y in loader:
+                loss = opt.step(samkit.make_closure(model, loss_fn, x, y))
+
+    Differences from the paper / official code:
+        * The official SSAM-F computes the Fisher with a separate batch-size-1 loader over
+          the training set, with the model in train mode, and refreshes the mask *after* the
+          first step of a refresh epoch, so the run's first step has an all-zero mask (an
+          SGD step, with two passes). samkit scores the first samples of the batches it is
+          given, in eval mode, before the step's passes: the first step already uses its
+          mask. When a mask needs more samples than a batch holds, the steps before the
+          first mask are SGD steps with one pass.
+        * The official SSAM-D refreshes after the perturbation of the refresh step (the new
+          mask takes effect at the next step); samkit refreshes before the perturbation. Its
+          kept/regrown counts round separately (the live count may drift by one); samkit
+          keeps exactly :math:`k` live coordinates.
+        * Per-group sparsity (top-k within each param group); the official code has one
+          global value.
+        * The norm in :math:`\varepsilon` has ``perturb_eps`` 1e-12 (official: 1e-7).
+
+    References:
+        P. Mi, L. Shen, T. Ren, Y. Zhou, X. Sun, R. Ji, D. Tao. Make Sharpness-Aware
+        Minimization Stronger: A Sparsified Perturbation Approach. NeurIPS 2022.
+        https://arxiv.org/abs/2210.05177 ; official code:
+        https://github.com/Mi-Peng/Sparse-Sharpness-Aware-Minimization
+    """
+
+    method_name = "ssam"
+    needs_epoch = True
+    #: Options of the mask schedule: one value for the whole model.
+    _shared = (
+        "mode",
+        "num_samples",
+        "update_freq",
+        "drop_rate",
+        "drop_score",
+        "grow_score",
+        "epochs",
+    )
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: Any = "sgd",
+        rho: float = 0.1,
+        sparsity: float = 0.5,
+        mode: str = "fisher",
+        num_samples: int = 128,
+        update_freq: int = 1,
+        drop_rate: float = 0.5,
+        drop_score: str = "gradient",
+        grow_score: str = "random",
+        epochs: int | None = None,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"Invalid seed value: {seed!r} (an integer >= 0)")
+        defaults = dict(
+            rho=rho,
+            sparsity=sparsity,
+            mode=mode,
+            num_samples=num_samples,
+            update_freq=update_freq,
+            drop_rate=drop_rate,
+            drop_score=drop_score,
+            grow_score=grow_score,
+            epochs=epochs,
+        )
+        super().__init__(params, base_optimizer, defaults, **kwargs)
+        self.samkit_state.update(
+            ssam_seed=0 if seed is None else seed,
+            ssam_mask_epoch=None,  # epoch of the last completed refresh
+            ssam_fisher_count=0,  # samples in the Fisher sum being accumulated
+        )
+
+    # ------------------------------------------------------------------ hyperparameters
+    def validate_group(self, group: dict[str, Any]) -> None:
+        super().validate_group(group)
+        s = group.get("sparsity")
+        if not (is_finite_nonnegative(s) and s <= 1.0):
+            raise ValueError(f"Invalid sparsity value: {s!r} (in [0, 1])")
+        mode = group.get("mode")
+        if mode not in MODES:
+            raise ValueError(f"Invalid mode value: {mode!r} (use 'fisher' or 'dynamic')")
+        for key in ("num_samples", "update_freq"):
+            v = group.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"Invalid {key} value: {v!r} (an integer >= 1)")
+        r = group.get("drop_rate")
+        if not (is_finite_nonnegative(r) and r <= 1.0):
+            raise ValueError(f"Invalid drop_rate value: {r!r} (in [0, 1])")
+        for key in ("drop_score", "grow_score"):
+            if group.get(key) not in SCORES:
+                raise ValueError(
+                    f"Invalid {key} value: {group.get(key)!r} (use one of {', '.join(SCORES)})"
+                )
+        epochs = group.get("epochs")
+        if epochs is not None and (
+            isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1
+        ):
+            raise ValueError(f"Invalid epochs value: {epochs!r} (an integer >= 1)")
+        if mode == "dynamic" and epochs is None:
+            raise ValueError(
+                "Invalid epochs value: None: SSAM mode='dynamic' needs epochs= (the length of "
+                "the run, for its drop-rate schedule)"
+            )
+        first = self.param_groups[0] if self.param_groups else group
+        for key in self._shared:
+            if group.get(key) != first.get(key):
+                raise ValueError(
+                    f"Invalid {key} value: {group.get(key)!r} in a param group: SSAM's mask "
+                    f"schedule is global, so {key} must be the same in every group (the first "
+                    f"group has {first.get(key)!r})"
+                )
+
+    def _setting(self, key: str) -> Any:
+        return self.param_groups[0][key]
+
+    # ------------------------------------------------------------------ masks
+    def _mask_params(self) -> list[list[Tensor]]:
+        """Per group, the parameters a mask covers (those that require a gradient)."""
+        return [[p for p in g["params"] if p.requires_grad] for g in self.param_groups]
+
+    def _current_masks(self) -> dict[Tensor, Tensor] | None:
+        masks = {p: st["mask"] for p, st in self.state.items() if "mask" in st}
+        return masks or None
+
+    def _refresh_due(self, epoch: int) -> bool:
+        if self.samkit_state.get("ssam_fisher_count", 0) > 0:
+            return True  # a Fisher sum is being completed
+        return (
+            epoch % int(self._setting("update_freq")) == 0
+            and self.samkit_state.get("ssam_mask_epoch") != epoch
+        )
+
+    @property
+    def masks(self) -> dict[Tensor, Tensor]:
+        """The current mask of every parameter (``bool``, shaped like the parameter)."""
+        return self._current_masks() or {}
+
+    def density(self) -> float:
+        """Fraction of the covered coordinates that are perturbed (``1 - sparsity``)."""
+        masks = self.masks
+        total = sum(m.numel() for m in masks.values())
+        return sum(int(m.sum()) for m in masks.values()) / total if total else float("nan")
+
+    # ------------------------------------------------------------------ the step
+    def sharpness_step(self, closure: Callable[[], Any]) -> Any:
+        epoch = self.current_epoch()
+        mode = self._setting("mode")
+        replicas = replicas_of(closure)
+        refresh = self._refresh_due(epoch)
+        masks = self._current_masks()
+        fresh = False  # SSAM-D's initial masks, drawn in this step
+
+        if mode == "fisher" and refresh:
+            new = self._fisher_refresh(closure, epoch, replicas)  # committed on accept
+            if new is not None:
+                masks = new
+        elif mode == "dynamic" and masks is None:
+            masks, fresh = self._random_masks(replicas), True
+        if masks is None:  # SSAM-F before its first mask: a plain (synchronised) SGD step
+            loss = self.run_pass(closure, "clean", sync=True)
+            self.base_step()
+            return loss
+
+        loss = self.run_pass(closure, "clean")
+        groups = self.collect()
+        if mode == "dynamic" and refresh:
+            masks = self._drop_and_regrow(groups, masks, epoch, replicas)
+            self._commit_masks(masks, epoch)
+        elif fresh:
+            self._commit_masks(masks, None)
+
+        directions: list[list[Tensor]] = []
+        for gp in groups:
+            if gp.group["sparsity"] == 0.0:  # all coordinates live: g ⊙ 1 = g
+                directions.append(gp.grads)
+                continue
+            m = [masks.get(p) for p in gp.params]
+            directions.append(_masked(gp.grads, m, self.foreach))
+        self.perturb(directions, norm_of=[gp.grads for gp in groups])
+        self.run_pass(closure, "perturbed", perturbed=True)
+        self.restore()
+        self.base_step()
+        return loss
+
+    def _commit_masks(self, new: dict[Tensor, Tensor], epoch: int | None) -> None:
+        def commit() -> None:
+            for p, m in new.items():
+                self.state[p]["mask"] = m
+            if epoch is not None:
+                self.samkit_state["ssam_mask_epoch"] = epoch
+
+        self.on_accept(commit)
+
+    def _fisher_refresh(
+        self, closure: Any, epoch: int, replicas: Replicas | None
+    ) -> dict[Tensor, Tensor] | None:
+        """Score this batch's samples; the new masks once ``num_samples`` are scored."""
+        covered = self._mask_params()
+        if all(g["sparsity"] in (0.0, 1.0) for g in self.param_groups):
+            masks = self._top_k(covered, [[torch.zeros_like(p) for p in ps] for ps in covered])
+            self._commit_masks(masks, epoch)
+            return masks
+        if not isinstance(closure, BatchClosure):
+            raise TypeError(
+                "SSAM (mode='fisher') scores coordinates with per-sample gradients and needs "
+                "the batch: build the closure with samkit.make_closure(model, loss_fn, inputs, "
+                "targets), or use mode='dynamic'"
+            )
+        needed = int(self._setting("num_samples"))
+        count = int(self.samkit_state.get("ssam_fisher_count", 0))
+        k = min(needed - count, closure.batch_size)
+        flat_params = [p for ps in covered for p in ps]
+        model = self.model if self.model is not None else closure.model
+        module = model.module if hasattr(model, "no_sync") else model
+        scores = per_sample_squared_gradients(
+            module, closure.loss_fn, closure.inputs, closure.targets, flat_params, k
+        )
+        closure.forward_evals += k / closure.batch_size
+        closure.grad_evals += k / closure.batch_size
+        scored = k
+        if replicas is not None:  # sum the replicas' scores and sample counts
+            flat = torch.cat([s.reshape(-1) for s in scores] + [scores[0].new_tensor([k])])
+            replicas.all_reduce_sum_(flat)
+            scored = int(flat[-1])
+            scores = _unflatten(flat[:-1], scores)
+        if self.on_nonfinite != "ignore":
+            total = torch.stack([s.sum() for s in scores]).sum()
+            self._record_finite("fisher", total, False)
+        sums = [
+            s if "fisher" not in self.state[p] else self.state[p]["fisher"] + s
+            for p, s in zip(flat_params, scores)
+        ]
+        if count + scored < needed:
+
+            def keep_accumulating() -> None:
+                for p, s in zip(flat_params, sums):
+                    self.state[p]["fisher"] = s
+                self.samkit_state["ssam_fisher_count"] = count + scored
+
+            self.on_accept(keep_accumulating)
+            return None
+        per_group, i = [], 0
+        for ps in covered:
+            per_group.append(sums[i : i + len(ps)])
+            i += len(ps)
+        masks = self._top_k(covered, per_group)
+        if replicas is not None:
+            _broadcast_masks(masks, replicas)
+
+        def finish() -> None:
+            for p in flat_params:
+                self.state[p].pop("fisher", None)
+            self.samkit_state["ssam_fisher_count"] = 0
+
+        self.on_accept(finish)
+        self._commit_masks(masks, epoch)
+        return masks
+
+    def _top_k(
+        self, covered: list[list[Tensor]], scores: list[list[Tensor]]
+    ) -> dict[Tensor, Tensor]:
+        """Per group, the masks keeping the ``d - round(d·s)`` highest-scoring coordinates."""
+        masks: dict[Tensor, Tensor] = {}
+        for group, params, sc in zip(self.param_groups, covered, scores):
+            if not params:
+                continue
+            flat = torch.cat([s.reshape(-1).float() for s in sc])
+            keep = _kept(flat.numel(), group["sparsity"])
+            chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+            if keep == flat.numel():
+                chosen.fill_(True)
+            elif keep > 0:
+                chosen[torch.topk(flat, keep, sorted=False).indices] = True
+            masks.update(zip(params, _split(chosen, params)))
+        return masks
+
+    def _generator_seed(self, epoch: int, group: int, purpose: int) -> int:
+        seed = int(self.samkit_state.get("ssam_seed", 0))
+        return (seed * 1_000_003 + (epoch + 1) * 10_007 + group * 101 + purpose) % (1 << 63)
+
+    def _random_scores(self, params: list[Tensor], epoch: int, group: int, purpose: int):
+        gen = torch.Generator().manual_seed(self._generator_seed(epoch, group, purpose))
+        n = sum(p.numel() for p in params)
+        return torch.rand(n, generator=gen).to(params[0].device)
+
+    def _random_masks(self, replicas: Replicas | None) -> dict[Tensor, Tensor]:
+        """SSAM-D's initial masks: ``k`` coordinates drawn uniformly per group."""
+        covered = self._mask_params()
+        scores = [
+            [self._random_scores(ps, -1, gi, 0)] if ps else [] for gi, ps in enumerate(covered)
+        ]
+        masks = self._top_k(covered, scores)
+        if replicas is not None:
+            _broadcast_masks(masks, replicas)
+        return masks
+
+    @torch.no_grad()
+    def _drop_and_regrow(
+        self,
+        groups: list[Any],
+        masks: dict[Tensor, Tensor],
+        epoch: int,
+        replicas: Replicas | None,
+    ) -> dict[Tensor, Tensor]:
+        grads = {p: g for gp in groups for p, g in zip(gp.params, gp.grads)}
+        needs_grad = "gradient" in (self._setting("drop_score"), self._setting("grow_score"))
+        if needs_grad and self.local_gradients:  # score with the replicas' mean gradient
+            mean = [g.clone() for g in grads.values()]
+            self.all_reduce_mean_(mean)
+            grads = dict(zip(grads, mean))
+        rate = float(self._setting("drop_rate"))
+        total = int(self._setting("epochs"))
+        rate *= (1.0 + math.cos(math.pi * min(epoch, total) / total)) / 2.0
+        new: dict[Tensor, Tensor] = {}
+        for gi, params in enumerate(self._mask_params()):
+            if not params:
+                continue
+            live = torch.cat([masks[p].reshape(-1) for p in params])
+            n_live = int(live.sum())
+            n_drop = min(int(n_live * rate), live.numel() - n_live)
+            if n_drop == 0:
+                new.update((p, masks[p]) for p in params)
+                continue
+            keep_score = self._scores("drop_score", params, grads, epoch, gi, 1)
+            grow_score = self._scores("grow_score", params, grads, epoch, gi, 2)
+            lowest = torch.tensor(-math.inf, device=live.device)
+            kept = torch.topk(torch.where(live, keep_score, lowest), n_live - n_drop).indices
+            grown = torch.topk(torch.where(live, lowest, grow_score), n_drop).indices
+            chosen = torch.zeros_like(live)
+            chosen[kept] = True
+            chosen[grown] = True
+            new.update(zip(params, _split(chosen, params)))
+        if replicas is not None:
+            _broadcast_masks(new, replicas)
+        return new
+
+    def _scores(self, key, params, grads, epoch, group, purpose) -> Tensor:
+        kind = self._setting(key)
+        if kind == "random":
+            return self._random_scores(params, epoch, group, purpose)
+        if kind == "weight":
+            parts = [p.detach().abs().reshape(-1).float() for p in params]
+        else:
+            parts = [
+                grads[p].abs().reshape(-1).float()
+                if p in grads
+                else torch.zeros(p.numel(), device=p.device)
+                for p in params
+            ]
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------ manual steps / state
+    def first_step(self, zero_grad: bool = False) -> None:
+        raise RuntimeError(
+            "SSAM refreshes its mask inside step(): call optimizer.step(closure) "
+            "(closure = samkit.make_closure(model, loss_fn, inputs, targets))"
+        )
+
+    second_step = first_step  # type: ignore[assignment]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts every saved tensor to its parameter's dtype: masks come back as bool.
+        for st in self.state.values():
+            if "mask" in st:
+                st["mask"] = st["mask"].to(torch.bool)
+
+
+def _kept(n: int, sparsity: float) -> int:
+    return n - min(n, int(round(n * sparsity)))
+
+
+def _split(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
+    out, i = [], 0
+    for p in params:
+        out.append(flat[i : i + p.numel()].view(p.shape).to(p.device))
+        i += p.numel()
+    return out
+
+
+def _unflatten(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    out, i = [], 0
+    for t in like:
+        out.append(flat[i : i + t.numel()].view_as(t))
+        i += t.numel()
+    return out
+
+
+def _broadcast_masks(masks: dict[Tensor, Tensor], replicas: Replicas) -> None:
+    """Make ``masks`` the first replica's, bit for bit (in place)."""
+    if not masks:
+        return
+    params = list(masks)
+    flat = torch.cat([masks[p].reshape(-1) for p in params]).to(torch.uint8)
+    replicas.broadcast_(flat)
+    for p, m in zip(params, _split(flat.to(torch.bool), params)):
+        masks[p] = m
+
+
+def _masked(grads: list[Tensor], masks: list[Tensor | None], foreach: bool) -> list[Tensor]:
+    """``g ⊙ m`` per tensor (``m`` None: the whole tensor)."""
+    pairs = [(i, g, m) for i, (g, m) in enumerate(zip(grads, masks)) if m is not None]
+    out = list(grads)
+    if not pairs:
+        return out
+    if foreach:
+        from samkit.optim import _tensors as T
+
+        idx = [i for i, _, _ in pairs]
+        gs = [g for _, g, _ in pairs]
+        ms = [m for _, _, m in pairs]
+        plan = T.Buckets(gs)
+        for index, g_bucket, m_bucket in zip(plan.index, plan.split(gs), plan.split(ms)):
+            for k, r in zip(index, torch._foreach_mul(g_bucket, m_bucket)):
+                out[idx[k]] = r
+    else:
+        for i, g, m in pairs:
+            out[i] = g * m
+    return out
+
+
+def per_sample_squared_gradients(
+    module: nn.Module,
+    loss_fn: Callable[[Any, Tensor], Tensor],
+    inputs: Any,
+    targets: Tensor,
+    params: list[Tensor],
+    k: int,
+) -> list[Tensor]:
+    r""":math:`\sum_{n<k} (\nabla_p \ell(x_n, y_n))^2` for each of ``params``.
+
+    ``ℓ(x_n, y_n) = loss_fn(module(x_n[None]), y_n[None]).sum()`` on the first ``k`` samples,
+    computed with ``torch.func`` (``vmap`` over ``grad`` of a ``functional_call``) in chunks,
+    with ``module`` in eval mode (restored afterwards). Parameters that are not ``module``'s
+    get zeros. Returns float tensors shaped like ``params`` (float64 stays float64).
+    """
+    from torch.func import functional_call, grad, vmap
+
+    names = {p: n for n, p in module.named_parameters()}
+    wanted = {names[p]: p.detach() for p in params if p in names}
+    acc = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
+    if not wanted or k <= 0:
+        return acc
+
+    def sample_loss(weights: dict[str, Tensor], x: Any, y: Tensor) -> Tensor:
+        x1 = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, x)
+        out = functional_call(module, weights, (x1,), strict=False)
+        return loss_fn(out, y.unsqueeze(0)).sum()
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    size = sum(p.numel() for p in wanted.values())
+    chunk = max(1, min(k, _CHUNK_VALUES // max(size, 1)))
+    position = {names[p]: i for i, p in enumerate(params) if p in names}
+    modes = [m.training for m in module.modules()]
+    module.eval()
+    try:
+        for lo in range(0, k, chunk):
+            hi = min(k, lo + chunk)
+            xs = tree_map(lambda t, a=lo, b=hi: t[a:b] if isinstance(t, Tensor) else t, inputs)
+            gs = per_sample(wanted, xs, targets[lo:hi])
+            for name, g in gs.items():
+                a = acc[position[name]]
+                a.add_(g.to(a.dtype).square().sum(0))
+    except (RuntimeError, TypeError, NotImplementedError) as e:
+        raise RuntimeError(
+            "SSAM (mode='fisher') computes per-sample gradients with torch.func "
+            "(functional_call + vmap(grad)), which this model or loss_fn does not support: "
+            f"{e}. Use mode='dynamic' instead."
+        ) from e
+    finally:
+        for m, training in zip(module.modules(), modes):
+            m.training = training
+    return acc

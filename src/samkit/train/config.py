@@ -40,6 +40,7 @@ RESUMABLE_KEYS = frozenset(
         "resume",
         "out",
         "device",
+        "compile",
         "data_dir",
         "track_sharpness",
         "sharpness_samples",
@@ -91,6 +92,8 @@ class TrainConfig:
             later — for time-limited jobs; ``None`` runs to ``epochs``.
         limit_train, limit_test: keep only the first N samples of a split (quick runs).
         deterministic: ``torch.use_deterministic_algorithms`` during the run.
+        compile: run the model's forward and backward passes through ``torch.compile``
+            (the model only; the optimizer step stays eager).
     """
 
     dataset: str = "mnist1d"
@@ -124,6 +127,7 @@ class TrainConfig:
     limit_train: int | None = None
     limit_test: int | None = None
     deterministic: bool = True
+    compile: bool = False
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -160,7 +164,7 @@ class TrainConfig:
         for name in ("data_dir", "model", "out"):
             if not isinstance(getattr(self, name), (str, type(None))):
                 raise bad(name, getattr(self, name), "must be a string or null")
-        for name in ("resume", "deterministic", "augment"):
+        for name in ("resume", "deterministic", "augment", "compile"):
             v = getattr(self, name)
             if not isinstance(v, bool) and not (name == "augment" and v is None):
                 raise bad(name, v, "must be true or false")

@@ -108,7 +108,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("run")
     g.add_argument("--epochs", default=S, type=int, help=f"(default {d.epochs})")
-    g.add_argument("--batch-size", default=S, type=int, help=f"(default {d.batch_size})")
+    g.add_argument("--batch-size", default=S, type=int,
+                   help=f"samples per step (default {d.batch_size}); under torchrun the global "
+                        "batch, split evenly between the processes")  # fmt: skip
     g.add_argument("--seed", default=S, type=int, help=f"(default {d.seed})")
     g.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", default=S, choices=AMP_MODES, help="autocast dtype (default off)")

@@ -68,7 +68,8 @@ class TrainConfig:
         opt_args: further keyword arguments of the optimizer (method hyperparameters).
         lr, momentum, weight_decay: base optimizer settings (``momentum`` is passed only to
             optimizers that accept it).
-        epochs, batch_size: length of the run and samples per step.
+        epochs, batch_size: length of the run and samples per step (under torchrun, the
+            global batch: each of N processes takes ``batch_size / N`` samples).
         schedule: ``cosine`` (per step, to 0), ``constant`` or ``step`` (×0.1 at 50% and 75%
             of the steps).
         label_smoothing: of the training loss (the test loss is plain cross-entropy).

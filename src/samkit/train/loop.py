@@ -13,6 +13,10 @@ A run is four phases, each in its own module:
 
 ``resume=True`` continues bit-exactly from the checkpoint: model, optimizer (with the base
 optimizer's state), scheduler, gradient scaler, every RNG.
+
+Under torchrun every process runs :func:`train`; what differs is confined to the loaders, the
+DDP wrapper, the sums of the metrics, the checkpoint's per-process states and who writes and
+prints (:mod:`samkit.train.distributed`).
 """
 
 from __future__ import annotations

@@ -120,12 +120,17 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("run")
     g.add_argument("--epochs", default=S, type=int, help=f"(default {d.epochs})")
-    g.add_argument("--batch-size", default=S, type=int, help=f"(default {d.batch_size})")
+    g.add_argument("--batch-size", default=S, type=int,
+                   help=f"samples per step (default {d.batch_size}); under torchrun the global "
+                        "batch, split evenly between the processes")  # fmt: skip
     g.add_argument("--seed", default=S, type=int, help=f"(default {d.seed})")
     g.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", default=S, choices=AMP_MODES, help="autocast dtype (default off)")
     g.add_argument("--accumulation-steps", default=S, type=int, metavar="K",
                    help="split every pass into K micro-batches (default 1)")  # fmt: skip
+    g.add_argument("--compile", default=S, action=argparse.BooleanOptionalAction,
+                   help="run the model through torch.compile (the model only; the optimizer "
+                        "step stays eager; first steps are slower while it compiles)")  # fmt: skip
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: 1 for mnist1d/digits on CPU, "
                         "else torch's choice)")  # fmt: skip
@@ -212,16 +217,92 @@ _TINY_DATASETS = ("mnist1d", "digits")
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    """``samkit train``; under torchrun, also decides which process reports what."""
+    from samkit.train.distributed import launch_from_env
+
+    launch = launch_from_env()
+    if not launch.distributed:
+        return _train(args, launch)
+    import signal
+
+    def stopped(_signum: int, _frame: Any) -> None:
+        raise _Stopped()
+
+    signal.signal(signal.SIGTERM, stopped)  # torchrun stops the others when one fails
+    try:
+        return _train(args, launch)
+    except BaseException as e:
+        _exit_one_of_many(e, launch)
+
+
+class _Stopped(BaseException):  # like KeyboardInterrupt: not caught by `except Exception`
+    """This process was sent SIGTERM (by torchrun, after another process failed)."""
+
+
+def _exit_one_of_many(error: BaseException, launch: Any) -> NoReturn:
+    """How one process of a torchrun launch ends after ``error``: one line each, no hang.
+
+    An error every process raised alike (a setting, a damaged checkpoint; marked
+    ``samkit_agreed``) is printed once, by rank 0. An error of this process alone is printed
+    with its rank. A process stopped because another one failed says so in one line. A bug
+    keeps its traceback.
+    """
+    from samkit.optim import NonFiniteError
+    from samkit.train import CheckpointError, ConfigError, RunWriteError, UnsafePickleError
+    from samkit.train.distributed import PeerFailure
+
+    where = f"rank {launch.rank} of {launch.world_size}"
+    if isinstance(error, SystemExit):  # already reported (by rank 0 only, see _train)
+        raise error
+    if getattr(error, "samkit_agreed", False):
+        if launch.is_main and not isinstance(error, PeerFailure):
+            raise error  # main() reports it as for one process
+        if launch.is_main:
+            _fail(str(error), code=1)
+        sys.exit(2 if isinstance(error, (ConfigError, CheckpointError)) else 1)
+    if isinstance(error, RunWriteError):
+        _fail(f"{where}: {error.strerror}")
+    if isinstance(error, (UsageError, ConfigError, CheckpointError, UnsafePickleError)):
+        _fail(f"{where}: {error}")
+    if isinstance(error, NonFiniteError):
+        _fail(f"{where}: training diverged: {error}", code=1)
+    if isinstance(error, KeyboardInterrupt):
+        _fail(f"{where}: interrupted", code=130)
+    if isinstance(error, _Stopped):
+        _fail(f"{where}: stopped by the launcher (another process failed, or the job was "
+              "cancelled)", code=143)  # fmt: skip
+    if _lost_a_peer(error):
+        _fail(f"{where}: stopped: another process of this run failed (its message is above)")
+    raise error
+
+
+def _lost_a_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another process went away."""
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    )
+
+
+def _train(args: argparse.Namespace, launch: Any) -> int:
     import torch
 
     from samkit.optim import NonFiniteError
     from samkit.train import train
     from samkit.train.progress import count
 
-    config = _train_config_from_args(args)
+    try:  # every process reads the same flags, files and checkpoint: the same errors
+        config = _train_config_from_args(args)
+        if args.threads is not None and args.threads < 1:
+            raise UsageError(f"invalid --threads: {args.threads} (must be >= 1)")
+    except Exception as e:
+        e.samkit_agreed = True  # type: ignore[attr-defined]
+        raise
     threads = args.threads
-    if threads is not None and threads < 1:
-        raise UsageError(f"invalid --threads: {threads} (must be >= 1)")
     if threads is None and config.dataset in _TINY_DATASETS and config.device in ("auto", "cpu"):
         # The embedded models are tiny: intra-op threads cost more in synchronisation than
         # they save (the default recipe took 23 s with 1 thread, 313 s with 2 on a busy
@@ -234,10 +315,16 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         summary = train(config, progress=bar, log=log)
     except NonFiniteError as e:
+        if launch.distributed:
+            raise  # reported with its rank
         _fail(f"training diverged: {e}", code=1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # every process gets Ctrl-C: rank 0 says it
+        if not launch.is_main:
+            sys.exit(130)
         hint = " (continue with --resume)" if config.out else ""
         _fail(f"interrupted{hint}", code=130)
+    if not launch.is_main:
+        return 0
     line = (
         f"test accuracy {100 * summary['test_acc']:.2f}% "
         f"(best {100 * summary['best_test_acc']:.2f}% at epoch {summary['best_epoch']}) | "

@@ -7,8 +7,11 @@ the same run. :meth:`Run.checkpoint` and :meth:`Run.restore` are inverses: toget
 everything the next epoch depends on (weights, optimizer and base-optimizer state, schedule,
 gradient scaler, every RNG, the metrics so far), which is what makes a resumed run bit-exact.
 
-Distributed training changes one thing here: the training loader (a sampler that gives each
-rank its share of every batch).
+Distributed training changes three things here: the loaders (each process takes its share of
+every training batch and of the test set), the model the steps run through
+(``DistributedDataParallel``), and the checkpoint (the random state of every process, and the
+optimizer state of every process whose state differs from rank 0's). ``compile`` changes one:
+the steps and the evaluation run through ``torch.compile(model)``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import contextlib
 import dataclasses
 import math
 import os
+import platform
 import random
+import shutil
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,6 +47,7 @@ from samkit.train.data import (
     augment_batch,
     load_dataset,
 )
+from samkit.train.distributed import Launch, Processes
 from samkit.train.models import create_model
 
 __all__ = [
@@ -50,6 +56,8 @@ __all__ = [
     "build_dataset",
     "build_run",
     "check_resumable",
+    "compile_model",
+    "compile_unavailable",
     "deterministic",
     "optimizer_kwargs",
     "resolve_config",
@@ -134,11 +142,13 @@ def _sharpness_api() -> Any:
     return sharpness
 
 
-def check_resumable(config: TrainConfig, ckpt: dict[str, Any], where: Any) -> None:
+def check_resumable(
+    config: TrainConfig, ckpt: dict[str, Any], where: Any, launch: Launch | None = None
+) -> None:
     """ConfigError unless ``config`` continues the run saved in ``ckpt`` (from ``where``).
 
-    A resumed run must be the same computation: only ``RESUMABLE_KEYS`` may change, and it
-    must have epochs left to run.
+    A resumed run must be the same computation: only ``RESUMABLE_KEYS`` may change, it must
+    run on as many processes (``launch``) as the saved one, and it must have epochs left.
     """
     saved = ckpt["config"]
     for key, value in config.to_dict().items():
@@ -147,6 +157,14 @@ def check_resumable(config: TrainConfig, ckpt: dict[str, Any], where: Any) -> No
                 f"--resume: setting {key!r} is {value!r} but the checkpoint in {where} was "
                 f"trained with {saved.get(key)!r}"
             )
+    saved_world = int(ckpt.get("world_size", 1))
+    world = launch.world_size if launch is not None else 1
+    if saved_world != world:
+        raise ConfigError(
+            f"--resume: the run in {where} was trained by {_processes(saved_world)} and this "
+            f"command runs {_processes(world)}: resume it with the same count (each process's "
+            "share of the batch and its own ascent gradient are part of the computation)"
+        )
     done = int(ckpt["epoch"])
     if done >= config.epochs:
         raise ConfigError(
@@ -162,6 +180,10 @@ def check_resumable(config: TrainConfig, ckpt: dict[str, Any], where: Any) -> No
 
 def _epochs(n: int) -> str:
     return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
+def _processes(n: int) -> str:
+    return "1 process" if n == 1 else f"{n} processes"
 
 
 # ----------------------------------------------------------------------------- the run
@@ -221,7 +243,10 @@ class Run:
     loader_gen: torch.Generator  # shuffling
     aug_gen: torch.Generator  # augmentation
     sharpness_batches: list[tuple[torch.Tensor, torch.Tensor]]
-    model: nn.Module
+    model: nn.Module  # the plain module: its state_dict, the sharpness measurements
+    net: nn.Module  # what the training steps run: model, compiled and/or wrapped in DDP
+    eval_net: nn.Module  # what the evaluation runs: model, or compiled
+    procs: Processes
     opt: torch.optim.Optimizer
     opt_info: OptimizerInfo
     opt_settings: dict[str, Any]  # the optimizer's resolved settings, registry defaults included
@@ -252,29 +277,50 @@ class Run:
         """fp16 with a plain torch optimizer: ``closure(); scaler.step(opt)`` (no closure)."""
         return self.scaler is not None and not is_sharpness_aware(self.opt)
 
+    def wrap_for_processes(self) -> None:
+        """Under several processes, put ``DistributedDataParallel`` around the model the
+        steps run (around the compiled module with ``compile``: ``no_sync`` stays DDP's).
+        A collective: every process calls it once, after building its run."""
+        self.net = self.procs.wrap(self.net)
+
     def checkpoint(self, state: RunState, versions: dict[str, Any]) -> dict[str, Any]:
-        """Everything the next epoch depends on, as plain tensors and containers."""
-        return {
+        """Everything the next epoch depends on, as plain tensors and containers.
+
+        Under several processes every process must call it (it gathers their random
+        states and the optimizer states that differ from rank 0's, e.g. an EMA of each
+        process's own ascent gradient); only rank 0's return value is complete.
+        """
+        optimizer = self.opt.state_dict()
+        rng = get_rng_state(loader=self.loader_gen, augment=self.aug_gen)
+        payload = {
             "epoch": state.epoch,
             "config": self.config.to_dict(),
             "dataset_info": self.data.info.to_dict(),
             "model_name": self.config.model,
             "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": get_rng_state(loader=self.loader_gen, augment=self.aug_gen),
+            "rng": rng,
             "history": state.history,
             "totals": dict(state.totals),
             "versions": versions,
         }
+        if self.procs.distributed:
+            payload["world_size"] = self.procs.world_size
+            payload["rng_ranks"] = self.procs.gather(rng)
+            payload["optimizer_ranks"] = self.procs.gather_differing(optimizer)
+        return payload
 
     def restore(self, ckpt: dict[str, Any]) -> RunState:
         """Load a :meth:`checkpoint` into this run; returns where the run stands."""
+        rank = self.procs.rank
+        own_optimizer = (ckpt.get("optimizer_ranks") or [None] * (rank + 1))[rank]
+        own_rng = (ckpt.get("rng_ranks") or [ckpt["rng"]] * (rank + 1))[rank]
         self.model.load_state_dict(ckpt["model"])
-        self.opt.load_state_dict(ckpt["optimizer"])
+        self.opt.load_state_dict(own_optimizer if own_optimizer is not None else ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"], loader=self.loader_gen, augment=self.aug_gen)
+        set_rng_state(own_rng, loader=self.loader_gen, augment=self.aug_gen)
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         totals = _new_totals()
@@ -282,13 +328,16 @@ class Run:
         return RunState(epoch=int(ckpt["epoch"]), history=list(ckpt["history"]), totals=totals)
 
 
-def build_run(config: TrainConfig, device: torch.device) -> Run:
+def build_run(config: TrainConfig, device: torch.device, procs: Processes | None = None) -> Run:
     """Seed every RNG, then build the run's data, model and optimizer in a fixed order.
 
-    ``config`` is resolved (:func:`resolve_config`). Raises :class:`ConfigError` for data
-    that cannot be loaded, a model that does not fit the data, or settings the optimizer
-    rejects.
+    ``config`` is resolved (:func:`resolve_config`); ``procs``: the run's processes (default
+    one). Every process builds the same run: the same data, initial weights and random
+    streams; only the loaders' shares and the DDP wrapper differ. Raises
+    :class:`ConfigError` for data that cannot be loaded, a model that does not fit the data,
+    or settings the optimizer rejects.
     """
+    procs = procs if procs is not None else Processes(Launch(), device)
     _seed_everything(config.seed)
 
     # Data: stored tensors on the device; batches are prepared (and augmented) on the fly.
@@ -315,9 +364,11 @@ def build_run(config: TrainConfig, device: torch.device) -> Run:
         shuffle=True,
         generator=loader_gen,
         transform=train_transform,
+        shard=(procs.rank, procs.world_size),
     )
+    lo, hi = procs.shard(info.num_test)  # the test set is split; its sums are added up
     test_loader = InMemoryLoader(
-        data.x_test, data.y_test, max(config.batch_size, 512), transform=data.prepare
+        data.x_test[lo:hi], data.y_test[lo:hi], max(config.batch_size, 512), transform=data.prepare
     )
     # Sharpness is measured on a fixed subset of the (possibly noisy) training set:
     # its first `sharpness_samples` samples, without augmentation.
@@ -344,6 +395,7 @@ def build_run(config: TrainConfig, device: torch.device) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         opt, _lr_factor(config.schedule, config.epochs * len(train_loader))
     )
+    eval_net = compile_model(model) if config.compile else model
     return Run(
         config=config,
         device=device,
@@ -354,6 +406,9 @@ def build_run(config: TrainConfig, device: torch.device) -> Run:
         aug_gen=aug_gen,
         sharpness_batches=sharpness_batches,
         model=model,
+        net=eval_net,  # wrap_for_processes() puts DDP around it
+        eval_net=eval_net,
+        procs=procs,
         opt=opt,
         opt_info=opt_info,
         opt_settings={**opt_info.defaults, **opt_kwargs},
@@ -364,3 +419,31 @@ def build_run(config: TrainConfig, device: torch.device) -> Run:
         # Per-sample losses: some methods (ESAM, AUSAM) select samples by their loss.
         loss_fn=nn.CrossEntropyLoss(reduction="none", label_smoothing=config.label_smoothing),
     )
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot run on ``device`` here (``None`` if it can): dynamo must
+    support this Python, and on a CPU inductor needs a C++ compiler."""
+    compile_fn = getattr(torch, "compile", None)
+    if compile_fn is None:
+        return f"torch {torch.__version__} has no torch.compile"
+    try:
+        import torch._dynamo as dynamo
+
+        if not dynamo.is_dynamo_supported():
+            return f"torch.compile does not support Python {platform.python_version()} here"
+    except ImportError as e:  # pragma: no cover - part of torch
+        return f"torch.compile is unavailable: {e}"
+    compilers = ("g++", "c++", "clang++")
+    if device.type == "cpu" and not (os.environ.get("CXX") or any(map(shutil.which, compilers))):
+        return "torch.compile needs a C++ compiler on a CPU (none found: g++, c++, clang++)"
+    return None
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """``torch.compile(model)`` with shapes allowed to vary after the first recompile (a last,
+    smaller batch, or a pass on part of the batch, compiles one general graph more)."""
+    return torch.compile(model, dynamic=None)

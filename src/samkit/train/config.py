@@ -42,6 +42,7 @@ RESUMABLE_KEYS = frozenset(
         "resume",
         "out",
         "device",
+        "compile",
         "data_dir",
         "track_sharpness",
         "sharpness_samples",
@@ -70,7 +71,8 @@ class TrainConfig:
             optimizer settings); a name the optimizer does not take is refused.
         lr, momentum, weight_decay: base optimizer settings (``momentum`` is passed only to
             optimizers that accept it).
-        epochs, batch_size: length of the run and samples per step.
+        epochs, batch_size: length of the run and samples per step (under torchrun, the
+            global batch: each of N processes takes ``batch_size / N`` samples).
         schedule: ``cosine`` (per step, to 0), ``constant`` or ``step`` (×0.1 at 50% and 75%
             of the steps).
         label_smoothing: of the training loss (the test loss is plain cross-entropy).
@@ -96,6 +98,8 @@ class TrainConfig:
         deterministic: ``torch.use_deterministic_algorithms`` during the run.
         recipe: the recipe(s) the settings came from (``samkit train --recipe``), recorded
             for the reader of ``config.json``; the loop does not read it.
+        compile: run the model's forward and backward passes through ``torch.compile``
+            (the model only; the optimizer step stays eager).
     """
 
     dataset: str = "mnist1d"
@@ -130,6 +134,7 @@ class TrainConfig:
     limit_test: int | None = None
     deterministic: bool = True
     recipe: str | None = None
+    compile: bool = False
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -166,7 +171,7 @@ class TrainConfig:
         for name in ("data_dir", "model", "out", "recipe"):
             if not isinstance(getattr(self, name), (str, type(None))):
                 raise bad(name, getattr(self, name), "must be a string or null")
-        for name in ("resume", "deterministic", "augment"):
+        for name in ("resume", "deterministic", "augment", "compile"):
             v = getattr(self, name)
             if not isinstance(v, bool) and not (name == "augment" and v is None):
                 raise bad(name, v, "must be true or false")

@@ -467,9 +467,18 @@ class InMemoryLoader:
             ``generator`` (a seeded CPU ``torch.Generator``); otherwise keep the order.
         transform: applied to each batch of inputs (e.g. augmentation + normalisation).
 
+        shard: ``(rank, world_size)`` under several processes: every process draws the same
+            permutation and builds the same *global* batch of ``batch_size`` samples
+            (``transform`` included, so augmentation draws the same random numbers as one
+            process would), then keeps its contiguous share of ``batch_size / world_size``
+            samples. A last, smaller batch is cut to a multiple of ``world_size`` (at most
+            ``world_size - 1`` samples of an epoch left out; a batch cut to nothing is
+            dropped). ``batch_size`` must be divisible by ``world_size``.
+
     ``idx`` holds the dataset indices of the batch's samples (``LongTensor``, on the data's
     device). The generator's state after a pass fully determines the next pass, which is
-    what makes resumed runs exact.
+    what makes resumed runs exact, and the shares of all processes together are the batch
+    one process would train on.
     """
 
     def __init__(
@@ -482,9 +491,18 @@ class InMemoryLoader:
         generator: torch.Generator | None = None,
         transform: Callable[[Tensor], Tensor] | None = None,
         drop_last: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"Invalid batch_size value: {batch_size}")
+        rank, world = shard
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"Invalid shard value: {shard} (rank, world_size)")
+        if batch_size % world:
+            raise ValueError(
+                f"Invalid batch_size value: {batch_size} (not divisible by the {world} "
+                "processes that share each batch)"
+            )
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
         if shuffle and generator is None:
@@ -495,10 +513,17 @@ class InMemoryLoader:
         self.generator = generator
         self.transform = transform
         self.drop_last = drop_last
+        self.shard = (rank, world)
 
-    def __len__(self) -> int:
+    def _global_batches(self) -> int:
         n = self.x.shape[0]
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __len__(self) -> int:
+        full = self._global_batches()
+        world = self.shard[1]
+        last = self.x.shape[0] - (full - 1) * self.batch_size  # samples in the last batch
+        return full - 1 if full and last < world else full  # a last batch cut to nothing
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         n = self.x.shape[0]
@@ -507,9 +532,16 @@ class InMemoryLoader:
         else:
             order = torch.arange(n)
         order = order.to(self.x.device)
-        for k in range(len(self)):
+        rank, world = self.shard
+        for k in range(self._global_batches()):
             idx = order[k * self.batch_size : (k + 1) * self.batch_size]
             xb = self.x[idx]
             if self.transform is not None:
-                xb = self.transform(xb)
+                xb = self.transform(xb)  # on the global batch: the same draws on every rank
+            if world > 1:
+                per = idx.shape[0] // world
+                if per == 0:
+                    continue
+                mine = slice(rank * per, (rank + 1) * per)
+                xb, idx = xb[mine], idx[mine]
             yield xb, self.y[idx], idx

@@ -7,7 +7,10 @@ same two lines, so this never looks at the method's name::
     loss = opt.step(closure)
 
 Distributed training changes two places here: the sums of :func:`train_epoch` and
-:func:`evaluate` (reduced across ranks before they are divided).
+:func:`evaluate` are added over the processes before they are divided (sums and counts, never
+a mean of means), and at the end of an epoch every process takes rank 0's BatchNorm
+statistics, so all of them evaluate (and rank 0 saves) the same model. The running figures a
+progress bar shows during an epoch are rank 0's own share.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import nn
 import samkit
 from samkit.train.build import Run, _sharpness_api
 from samkit.train.data import InMemoryLoader
+from samkit.train.distributed import Processes
 
 __all__ = ["evaluate", "measure_sharpness", "run_epoch", "train_epoch"]
 
@@ -41,8 +45,8 @@ def _correct(closure: samkit.BatchClosure, y: torch.Tensor) -> torch.Tensor | No
 def train_epoch(run: Run, on_step: StepCallback | None = None) -> dict[str, Any]:
     """One pass over the training data; returns ``train_loss``, ``train_acc`` (against the
     labels trained on), ``lr`` (of the epoch's last step) and ``grad_evals_epoch``."""
-    model, opt, scaler = run.model, run.opt, run.scaler
-    model.train()
+    net, opt, scaler = run.net, run.opt, run.scaler
+    net.train()
     # Running sums stay on the device: no host sync per step.
     loss_sum = torch.zeros((), device=run.device, dtype=torch.float64)
     correct = torch.zeros((), device=run.device, dtype=torch.long)
@@ -56,7 +60,7 @@ def train_epoch(run: Run, on_step: StepCallback | None = None) -> dict[str, Any]
     for x, y, idx in run.train_loader:
         # x: [B, *input_shape], y: [B], idx: [B] dataset indices (some methods use them)
         closure = samkit.make_closure(
-            model,
+            net,
             run.loss_fn,
             x,
             y,
@@ -86,9 +90,12 @@ def train_epoch(run: Run, on_step: StepCallback | None = None) -> dict[str, Any]
         grad_evals += closure.grad_evals
         if on_step is not None:
             on_step(running)
+    loss_total, seen, correct_total, counted = run.procs.sum(
+        [float(loss_sum), seen, int(correct), counted]
+    )
     return {
-        "train_loss": float(loss_sum) / seen if seen else float("nan"),
-        "train_acc": int(correct) / counted if counted else None,
+        "train_loss": loss_total / seen if seen else float("nan"),
+        "train_acc": correct_total / counted if counted else None,
         "lr": lr,
         "grad_evals_epoch": grad_evals,
     }
@@ -96,9 +103,13 @@ def train_epoch(run: Run, on_step: StepCallback | None = None) -> dict[str, Any]
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: InMemoryLoader, autocast: Callable[[], Any]
+    model: nn.Module,
+    loader: InMemoryLoader,
+    autocast: Callable[[], Any],
+    procs: Processes | None = None,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over a loader, in eval mode (BN running stats)."""
+    """Mean cross-entropy and accuracy over a loader, in eval mode (BN running stats);
+    with ``procs``, over the union of every process's loader."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -111,7 +122,10 @@ def evaluate(
         correct += int((logits.argmax(1) == y).sum())
         n += y.shape[0]
     model.train(was_training)
-    return float(loss_sum) / n, correct / n
+    total, correct, n = (
+        procs.sum([float(loss_sum), correct, n]) if procs else (loss_sum, correct, n)
+    )
+    return float(total) / n, correct / n
 
 
 def measure_sharpness(
@@ -152,7 +166,8 @@ def run_epoch(
     if set_epoch is not None:
         set_epoch(epoch - 1)
     stats = train_epoch(run, on_step)
-    test_loss, test_acc = evaluate(run.model, run.test_loader, run.autocast)
+    run.procs.broadcast_buffers(run.model)
+    test_loss, test_acc = evaluate(run.eval_net, run.test_loader, run.autocast, run.procs)
     seconds = time.perf_counter() - t0
 
     totals["grad_evals"] += stats["grad_evals_epoch"]

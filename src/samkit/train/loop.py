@@ -13,6 +13,10 @@ A run is four phases, each in its own module:
 
 ``resume=True`` continues bit-exactly from the checkpoint: model, optimizer (with the base
 optimizer's state), scheduler, gradient scaler, every RNG.
+
+Under torchrun every process runs :func:`train`; what differs is confined to the loaders, the
+DDP wrapper, the sums of the metrics, the checkpoint's per-process states and who writes and
+prints (:mod:`samkit.train.distributed`).
 """
 
 from __future__ import annotations
@@ -28,11 +32,19 @@ from samkit.train.build import (
     build_dataset,
     build_run,
     check_resumable,
+    compile_unavailable,
     deterministic,
     optimizer_kwargs,
     resolve_config,
 )
 from samkit.train.config import ConfigError, TrainConfig
+from samkit.train.distributed import (
+    Launch,
+    check_launch,
+    device_for,
+    launch_from_env,
+    processes,
+)
 from samkit.train.env import TrainWarning, amp_warning, resolve_device
 from samkit.train.epoch import run_epoch
 from samkit.train.progress import EpochDisplay, header_lines
@@ -57,35 +69,32 @@ def train(
     Returns a dict with ``test_acc`` (a fraction in [0, 1]), ``best_test_acc``,
     ``train_time_s``, ``epochs``, ``grad_evals``, ``final_train_loss`` and more.
 
+    Launched by torchrun (``WORLD_SIZE`` > 1 in the environment) or inside a process group
+    the caller joined, every process calls this with the same config: it trains with DDP,
+    ``batch_size`` is the global batch, and only rank 0 logs and writes ``out``
+    (:mod:`samkit.train.distributed`). Every process returns the same summary.
+
     Raises :class:`ConfigError` for invalid settings (before any training),
     :class:`~samkit.train.CheckpointError` for a damaged checkpoint on resume and
     :class:`~samkit.train.rundir.RunWriteError` when a result file cannot be written.
     Warns (:class:`~samkit.train.env.TrainWarning`) about settings that work but are slow.
     """
     wall_start = time.perf_counter()
-    say: Log = log if log is not None else (lambda _msg: None)
-    config = resolve_config(config)
-    try:
-        device = resolve_device(config.device)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    config, launch, device = _where(config)
+    say: Log = log if log is not None and launch.is_main else (lambda _msg: None)
     slow = amp_warning(config.amp, device)
-    if slow:
+    if slow and launch.is_main:
         warnings.warn(slow, TrainWarning, stacklevel=2)
 
-    rundir = RunDirectory(config.out, epochs=config.epochs)
-    rundir.prepare(resume=config.resume)
-    ckpt = None
-    if config.resume:
-        ckpt = rundir.read_checkpoint()
-        check_resumable(config, ckpt, rundir.path)
-
-    with deterministic(config.deterministic):
-        run = build_run(config, device)
-        state = run.restore(ckpt) if ckpt is not None else RunState()
+    rundir = RunDirectory(config.out, epochs=config.epochs, write=launch.is_main)
+    with processes(launch, device) as procs, deterministic(config.deterministic):
+        # Setup errors stop every process with the same message (agree), not one of them.
+        ckpt = procs.agree(lambda: _open_rundir(rundir, config, launch))
+        run, state = procs.agree(lambda: _build(config, device, procs, ckpt))
+        run.wrap_for_processes()  # DDP (a collective: after every process built its run)
         resumed_at = state.epoch if ckpt is not None else None
         record = run_record(run, resumed_from=resumed_at)
-        rundir.start(record, state.history)
+        procs.agree(lambda: rundir.start(record, state.history))
         for line in header_lines(run, record, resumed_at):
             say(line)
 
@@ -93,7 +102,10 @@ def train(
         if config.stop_after_epoch is not None:
             last_epoch = min(last_epoch, config.stop_after_epoch)
         display = EpochDisplay(
-            bar=progress, log=say, epochs=config.epochs, steps_per_epoch=run.steps_per_epoch
+            bar=progress and launch.is_main,
+            log=say,
+            epochs=config.epochs,
+            steps_per_epoch=run.steps_per_epoch,
         )
         for epoch in range(state.epoch + 1, last_epoch + 1):
             display.start(epoch)
@@ -106,9 +118,44 @@ def train(
             if (every and epoch % every == 0) or epoch == last_epoch:
                 rundir.save_checkpoint(run.checkpoint(state, record["versions"]))
 
-    summary = _summary(run, state, out=rundir.path, wall_start=wall_start)
-    rundir.write_summary(summary)
+        summary = _summary(run, state, out=rundir.path, wall_start=wall_start)
+        rundir.write_summary(summary)
     return summary
+
+
+def _where(config: TrainConfig) -> tuple[TrainConfig, Launch, Any]:
+    """The resolved config, this process's place in the launch, its device. The errors
+    raised here are the same on every process (``samkit_agreed``: reported once)."""
+    try:
+        config = resolve_config(config)
+        launch = launch_from_env()
+        check_launch(launch, config.batch_size, config.device)
+        try:
+            device = resolve_device(device_for(launch, config.device))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        why_not = compile_unavailable(device) if config.compile else None
+        if why_not:
+            raise ConfigError(f"--compile: {why_not}")
+    except ConfigError as e:
+        e.samkit_agreed = True  # type: ignore[attr-defined]
+        raise
+    return config, launch, device
+
+
+def _build(config: TrainConfig, device: Any, procs: Any, ckpt: dict | None) -> tuple[Run, RunState]:
+    run = build_run(config, device, procs)
+    return run, (run.restore(ckpt) if ckpt is not None else RunState())
+
+
+def _open_rundir(rundir: RunDirectory, config: TrainConfig, launch: Launch) -> dict | None:
+    """Prepare ``out`` (rank 0) and read the checkpoint to resume from (every process)."""
+    rundir.prepare(resume=config.resume)
+    if not config.resume:
+        return None
+    ckpt = rundir.read_checkpoint()
+    check_resumable(config, ckpt, rundir.path, launch)
+    return ckpt
 
 
 def _summary(run: Run, state: RunState, out: Any, wall_start: float) -> dict[str, Any]:

@@ -36,9 +36,15 @@ def header_lines(run: Any, record: dict[str, Any], resumed_at: int | None) -> tu
         f"({run.num_params:,} params) | {count(config.epochs, 'epoch')} x "
         f"{count(run.steps_per_epoch, 'step')} | seed {config.seed}"
     )
-    hw, ver = record["hardware"], record["versions"]
+    hw, ver, dist = record["hardware"], record["versions"], record.get("distributed")
+    processes = (
+        f" x {dist['world_size']} processes ({dist['backend']}, DDP, batch "
+        f"{dist['batch_per_process']} each)"
+        if dist
+        else ""
+    )
     where = (
-        f"  {hw['device']} | {hw['cpu']} ({count(hw['cpu_cores'], 'core')})"
+        f"  {hw['device']}{processes} | {hw['cpu']} ({count(hw['cpu_cores'], 'core')})"
         + (f" | {hw['gpu']}" if hw["gpu"] else "")
         + f" | torch {ver['torch']} | samkit {ver['samkit']}"
         + (f" | resumed at epoch {resumed_at}" if resumed_at is not None else "")

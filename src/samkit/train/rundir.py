@@ -60,6 +60,16 @@ def run_record(run: Run, resumed_from: int | None) -> dict[str, Any]:
         "dataset": {**info.to_dict(), "label_noise_flipped": run.data.label_noise_flipped},
         "model": {"name": run.config.model, "params": run.num_params},
         "steps_per_epoch": run.steps_per_epoch,
+        "world_size": run.procs.world_size,
+        "distributed": (
+            {
+                "world_size": run.procs.world_size,
+                "backend": run.procs.backend,
+                "batch_per_process": run.config.batch_size // run.procs.world_size,
+            }
+            if run.procs.distributed
+            else None
+        ),
         "versions": versions_info(),
         "hardware": hardware_info(run.device),
         "resumed_from_epoch": resumed_from,

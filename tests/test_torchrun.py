@@ -90,7 +90,7 @@ def test_two_processes_with_synchronised_ascent_equal_one_process(tmp_path):
     gradient averaged too (sync_ascent), the run is one process's run up to float rounding
     (an MLP: no BatchNorm, which would see each process's half)."""
     settings = ["--model", "mlp", "--limit-train", "200", "--epochs", "2"]
-    settings += ["--opt-arg", "sync_ascent=true"]
+    settings += ["--rho", "0.1", "--opt-arg", "sync_ascent=true"]
     res = _ok(_launch("-m", "samkit", "train", *TINY, *settings, "--out", str(tmp_path / "two")))
     # Rank 0 alone prints: one header, one line per epoch, one final line.
     assert res.stdout.count("samkit train |") == 1
@@ -104,7 +104,7 @@ def test_two_processes_with_synchronised_ascent_equal_one_process(tmp_path):
     train(
         TrainConfig(
             dataset="digits", model="mlp", limit_train=200, limit_test=91, batch_size=40,
-            epochs=2, opt_args={"sync_ascent": True}, out=str(one),
+            epochs=2, rho=0.1, opt_args={"sync_ascent": True}, out=str(one),
         ),
         log=None,
     )  # fmt: skip
@@ -123,7 +123,8 @@ def resumed(tmp_path_factory):
     """F-SAM on digits with BatchNorm and label noise, 2 processes: 3 epochs in one go, and
     1 epoch then --resume. 210 samples in batches of 40: a last batch of 10 (5 each)."""
     root = tmp_path_factory.mktemp("torchrun")
-    args = [*TINY, "--optimizer", "fsam", "--label-noise", "0.2", "--limit-train", "210"]
+    args = [*TINY, "--optimizer", "fsam", "--rho", "0.1", "--label-noise", "0.2"]
+    args += ["--limit-train", "210"]
     args += ["--epochs", "3"]
     full, part = root / "full", root / "part"
     _ok(_launch("-m", "samkit", "train", *args, "--out", str(full), runner="torchrun"))
@@ -165,8 +166,8 @@ def test_each_process_ascends_on_its_own_half_by_default(resumed, tmp_path):
     torch.set_num_threads(1)
     one = tmp_path / "one"
     train(
-        TrainConfig(dataset="digits", optimizer="fsam", label_noise=0.2, limit_train=210,
-                    limit_test=91, batch_size=40, epochs=3, out=str(one)),
+        TrainConfig(dataset="digits", optimizer="fsam", rho=0.1, label_noise=0.2,
+                    limit_train=210, limit_test=91, batch_size=40, epochs=3, out=str(one)),
         log=None,
     )  # fmt: skip
     a, b = read_checkpoint(full)["model"], read_checkpoint(one)["model"]

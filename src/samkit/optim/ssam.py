@@ -73,6 +73,9 @@ class SSAM(SharpnessAwareOptimizer):
     by the sparsity: the perturbed pass is a dense pass (the paper's speed-up needs sparse
     kernels).
 
+    **FSDP2.** Not supported: a step on sharded (``DTensor``) parameters raises a
+    ``TypeError`` (:attr:`fsdp_unsupported` gives the reason, for both modes).
+
     **DDP.** The clean (ascent) pass is local by default, as in SAM. The mask is identical on
     every replica: SSAM-F sums the Fisher scores and sample counts over the replicas (each
     replica scores its own samples), SSAM-D scores with the replicas' mean gradient, random
@@ -135,6 +138,14 @@ class SSAM(SharpnessAwareOptimizer):
 
     method_name = "ssam"
     needs_epoch = True
+    fsdp_unsupported = (
+        "SSAM's mask keeps the k best-scoring coordinates of each param group over the whole "
+        "model. mode='fisher' scores them with per-sample gradients through torch.func "
+        "(vmap over a functional_call), which needs whole parameters and cannot run through "
+        "FSDP2's gather and reduce-scatter hooks; mode='dynamic' ranks |g| and random scores "
+        "of every coordinate, which on shards would need the whole score vector on one "
+        "process (a full gather) or a distributed top-k, which samkit does not implement"
+    )
     #: Options of the mask schedule: one value for the whole model.
     _shared = (
         "mode",

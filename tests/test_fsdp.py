@@ -194,6 +194,8 @@ def _method_runs(name: str, rank: int, part: slice, entry: dict) -> None:
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, saved)
     _train(opt, model, part, start=RESUME_STEP)
     entry["fsdp"] = gather_full(model)
+    if hasattr(opt, "density"):  # SSAM: the fraction of the whole model's coordinates
+        entry["density"] = opt.density()
     saved.seek(0)
     checkpoint = torch.load(saved, weights_only=False)
     model = _sharded_net()
@@ -274,6 +276,14 @@ def test_whole_batch_methods_on_fsdp2_equal_a_single_process_on_the_whole_batch(
     reference, _ = _single_process(name)
     _close(entry["fsdp"], reference)
     assert any(not torch.equal(a, b) for a, b in zip(reference, _net().parameters()))
+
+
+def test_ssam_dynamic_masks_on_shards_keep_k_of_the_whole_models_coordinates(fsdp):
+    d = sum(p.numel() for p in _net().parameters())
+    sparsity = samkit.SSAM(_net().parameters(), lr=0.1).param_groups[0]["sparsity"]
+    for rank in range(WORLD):
+        entry = _entry(fsdp[rank], "ssam-dynamic")
+        assert entry["density"] == (d - round(d * sparsity)) / d  # not this process's count
 
 
 @pytest.mark.parametrize("name", METHODS)

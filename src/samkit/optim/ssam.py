@@ -273,7 +273,12 @@ class SSAM(SharpnessAwareOptimizer):
         """Fraction of the covered coordinates that are perturbed (``1 - sparsity``)."""
         masks = self.masks
         total = sum(m.numel() for m in masks.values())
-        return sum(int(m.sum()) for m in masks.values()) / total if total else float("nan")
+        if not total:
+            return float("nan")
+        if T.is_sharded(list(masks.values())):  # sum the shards' counts: one all-reduce
+            ms = [m.double() for m in masks.values()]
+            return float(T.dot(ms, ms)) / total
+        return sum(int(m.sum()) for m in masks.values()) / total
 
     # ------------------------------------------------------------------ the step
     def sharpness_step(self, closure: Callable[[], Any]) -> Any:

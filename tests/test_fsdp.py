@@ -51,7 +51,10 @@ pytestmark = [
 WORLD = 2
 STEPS = 5
 BATCH = 8  # the whole batch; each process takes its half
-METHODS = samkit.list_optimizers(sharpness_aware=True) + [SubsetSAM.method_name]
+#: Runs of a registered method with options, where only some of its modes run on shards:
+#: label -> (method, options). SSAM's default mode refuses (per-sample gradients).
+OPTION_RUNS = {"ssam-dynamic": ("ssam", {"mode": "dynamic", "epochs": 10})}
+METHODS = samkit.list_optimizers(sharpness_aware=True) + [SubsetSAM.method_name] + list(OPTION_RUNS)
 REGISTERED = samkit.list_optimizers(sharpness_aware=True)
 #: Extra runs: (label, method, options, manual steps).
 VARIANTS = [
@@ -86,6 +89,8 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
 
 def _build(name: str, model: nn.Module, **options) -> samkit.SharpnessAwareOptimizer:
     """The method's class at its defaults (not the registry's tuned values)."""
+    name, extra = OPTION_RUNS.get(name, (name, {}))
+    options = {**extra, **options}
     cls = method_class(name)
     return cls(model.parameters(), "sgd", lr=0.1, momentum=0.9, weight_decay=1e-3, **options)
 
@@ -189,6 +194,8 @@ def _method_runs(name: str, rank: int, part: slice, entry: dict) -> None:
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, saved)
     _train(opt, model, part, start=RESUME_STEP)
     entry["fsdp"] = gather_full(model)
+    if hasattr(opt, "density"):  # SSAM: the fraction of the whole model's coordinates
+        entry["density"] = opt.density()
     saved.seek(0)
     checkpoint = torch.load(saved, weights_only=False)
     model = _sharded_net()
@@ -253,18 +260,30 @@ def test_every_method_on_fsdp2_equals_ddp_with_synchronised_ascent(fsdp, name):
 
 
 @pytest.mark.parametrize(
-    "name", [n for n in REGISTERED if not samkit.get_optimizer_info(n).needs_batch_closure]
+    "name",
+    [n for n in REGISTERED if not samkit.get_optimizer_info(n).needs_batch_closure]
+    + ["ssam-dynamic"],
 )
 def test_whole_batch_methods_on_fsdp2_equal_a_single_process_on_the_whole_batch(fsdp, name):
     # Methods that need a BatchClosure choose sub-batches or samples on each process's own
     # part of the batch (ESAM's top-k, AUSAM's sample, mSAM's micro-batches): sharding does
-    # not change that, and the test above compares them with DDP.
+    # not change that, and the test above compares them with DDP. SSAM-D's mask comes from
+    # the whole batch's gradient and seeded draws: its selection over shards is the top-k of
+    # the whole model's.
     entry = _entry(fsdp[0], name)
     if "refused" in entry:
         pytest.skip(f"{name} refuses sharded parameters")
     reference, _ = _single_process(name)
     _close(entry["fsdp"], reference)
     assert any(not torch.equal(a, b) for a, b in zip(reference, _net().parameters()))
+
+
+def test_ssam_dynamic_masks_on_shards_keep_k_of_the_whole_models_coordinates(fsdp):
+    d = sum(p.numel() for p in _net().parameters())
+    sparsity = samkit.SSAM(_net().parameters(), lr=0.1).param_groups[0]["sparsity"]
+    for rank in range(WORLD):
+        entry = _entry(fsdp[rank], "ssam-dynamic")
+        assert entry["density"] == (d - round(d * sparsity)) / d  # not this process's count
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -289,7 +308,7 @@ def test_a_nonfinite_loss_on_one_process_skips_the_step_on_every_process(fsdp, n
 @pytest.mark.parametrize("name", METHODS)
 def test_methods_that_cannot_shard_refuse_clearly(fsdp, name):
     entry = _entry(fsdp[0], name)
-    reason = method_class(name).fsdp_unsupported
+    reason = method_class(OPTION_RUNS.get(name, (name,))[0]).fsdp_unsupported
     if "refused" not in entry:
         assert not isinstance(reason, str), f"{name} declares fsdp_unsupported but ran"
         return

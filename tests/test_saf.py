@@ -357,9 +357,47 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
                 "params": [p.detach() for p in model.parameters()],
                 "state": opt.state_dict(),
             }
+        results["mesa-fsdp"], results["mesa-ddp-own-bn"] = _mesa_sharded(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _mesa_sharded(rank: int):
+    """MESA with BatchNorm on FSDP2 and, as its reference, on DDP without buffer broadcasts.
+
+    FSDP2 leaves each process's BatchNorm statistics its own (DDP broadcasts the first
+    replica's by default): the reference DDP run does the same (``broadcast_buffers=False``).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    x, y = dataset()
+    out = []
+    for sharded in (True, False):
+        net = tiny_net(bn=True)
+        if sharded:
+            fully_shard(net[0])  # 7 rows over 2 processes: 4 + 3
+            model = fully_shard(net)  # the root keeps the BatchNorm and the last layer
+        else:
+            model = nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
+        opt = samkit.MESA(model.parameters(), lr=LR, momentum=MOM, **_DDP_RUNS["mesa"])
+        for e, batches_ in enumerate(epochs_of(3)):
+            opt.set_epoch(e)
+            for idx in batches_:
+                half = idx[rank * 4 : rank * 4 + 4]
+                opt.step(samkit.make_closure(model, loss_fn, x[half], y[half]))
+
+        def whole(t):
+            return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
+
+        out.append(
+            {
+                "params": [whole(p) for p in net.parameters()],
+                "ema": {k: whole(v) for k, v in opt.state_dict()["mesa_ema"].items()},
+                "no_ema_model": opt.ema_model is None,
+            }
+        )
+    return out
 
 
 _DDP_RUNS = {
@@ -401,6 +439,27 @@ def test_ddp_replicas_keep_identical_banks_averages_and_masks(ddp_runs):
         s0, s1 = r0[name]["state"]["state"], r1[name]["state"]["state"]
         assert s0.keys() == s1.keys() and all("mask" in s0[k] for k in s0)
         assert all(torch.equal(s0[k]["mask"], s1[k]["mask"]) for k in s0)
+
+
+@pytest.mark.slow  # two spawned processes (a few seconds on an idle machine)
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_fsdp2_mesa_with_batchnorm_equals_ddp(ddp_runs):
+    # The average is swapped into the sharded model for its forward (with the averaged
+    # BatchNorm statistics) and its BatchNorm statistics are averaged over the mesh.
+    for run in ddp_runs:
+        fsdp, ddp = run["mesa-fsdp"], run["mesa-ddp-own-bn"]
+        assert fsdp["no_ema_model"] and not ddp["no_ema_model"]  # no copy of a sharded model
+        for a, b in zip(fsdp["params"], ddp["params"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        assert list(fsdp["ema"]) == list(ddp["ema"])
+        for key in ddp["ema"]:
+            torch.testing.assert_close(fsdp["ema"][key], ddp["ema"][key], rtol=1e-10, atol=1e-10)
+            assert torch.equal(fsdp["ema"][key], ddp_runs[0]["mesa-fsdp"]["ema"][key]), key
+    assert not torch.equal(ddp["ema"]["1.running_mean"], torch.zeros(7))
+    # The averaged statistics differ from those of DDP's default buffer broadcasts, so the
+    # comparison above sees them.
+    other = ddp_runs[0]["mesa"]["state"]["mesa_ema"]["1.running_mean"]
+    assert not torch.allclose(ddp["ema"]["1.running_mean"], other, rtol=1e-6, atol=0)
 
 
 @pytest.mark.slow  # two spawned processes (a few seconds on an idle machine)

@@ -409,3 +409,34 @@ def test_registry_entry_builds_the_paper_defaults():
         1,
     )
     assert (g["drop_rate"], g["drop_score"], g["grow_score"]) == (0.5, "gradient", "random")
+
+
+# ----------------------------------------------------------------------------- FSDP2 pieces
+# (The 2-process FSDP2 runs of SSAM-D and SSAM-F's refusal are in tests/test_fsdp.py.)
+def test_radix_selection_of_the_sharded_mask_equals_topk():
+    from samkit.optim.ssam import _select_top
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(1000, generator=g) * torch.logspace(-30, 30, 1000)
+    scores[::97] = -math.inf  # the dead (or live) coordinates of a drop-and-regrow
+    scores[5] = -0.0
+    for k in (0, 1, 7, 500, 989, 1000):
+        chosen = _select_top(scores, k, None)
+        expected = torch.zeros(1000, dtype=torch.bool)
+        expected[torch.topk(scores, k).indices] = True
+        assert torch.equal(chosen, expected), k
+
+
+def test_radix_selection_takes_tied_scores_in_order():
+    from samkit.optim.ssam import _select_top
+
+    scores = torch.tensor([0.5, 2.0, 0.5, -1.0, 0.5, 3.0, 0.5])
+    chosen = _select_top(scores, 4, None)  # 3.0, 2.0, then the first two of the four 0.5s
+    assert chosen.tolist() == [True, True, True, False, False, True, False]
+
+
+def test_ssam_fisher_refuses_shards_and_dynamic_does_not():
+    params = tiny_net().parameters()
+    assert "torch.func" in samkit.SSAM(params, lr=0.1).fsdp_unsupported
+    dynamic = samkit.SSAM(tiny_net().parameters(), mode="dynamic", epochs=3, lr=0.1)
+    assert dynamic.fsdp_unsupported is None

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_leaves
 
 from samkit.optim import _tensors as T
 from samkit.optim._replicas import replicas_of
-from samkit.optim.base import SharpnessAwareOptimizer, is_finite_nonnegative
+from samkit.optim.base import SharpnessAwareOptimizer, _mesh_groups, is_finite_nonnegative
 from samkit.optim.closure import BatchClosure
 
 __all__ = ["SAF", "MESA", "trajectory_kl"]
@@ -483,6 +483,16 @@ class MESA(_TrajectoryLoss):
     over the replicas before entering the EMA (one small all-reduce per step), so the
     averaged models stay identical too.
 
+    **FSDP2.** On sharded (``DTensor``) parameters the average is not a copy of the model
+    (FSDP2 modules cannot be deep-copied): it is kept as tensors laid out as the model's
+    ``state_dict`` (parameters sharded like the model's, so each process holds its shards of
+    the average, never the whole tensors), and the averaged forward exchanges them with the
+    model's weights and buffers shard by shard, runs the model in eval mode and exchanges
+    them back (bit-exact; one extra tensor at a time). The result equals the DDP run's.
+    BatchNorm statistics, which FSDP2 does not synchronise, are averaged over the
+    processes of the parameters' mesh before entering the EMA. :attr:`ema_model` is then
+    ``None``; the average is ``state_dict()["mesa_ema"]`` (sharded, as the model's).
+
     Args:
         params: parameters, named parameters or param groups (``lmbda``, ``tau``,
             ``start_epoch`` and ``decay`` must be the same in every group).
@@ -537,7 +547,9 @@ class MESA(_TrajectoryLoss):
     ) -> None:
         defaults = dict(lmbda=lmbda, tau=tau, start_epoch=start_epoch, decay=decay)
         super().__init__(params, base_optimizer, defaults, **kwargs)
-        self._ema: nn.Module | None = None
+        #: The averaged model: a copy of the model, or (sharded parameters) a
+        #: :class:`_ShardedAverage` whose tensors are swapped into the model for its forward.
+        self._ema: nn.Module | _ShardedAverage | None = None
         self._ema_source: nn.Module | None = None
         self._ema_pending: dict[str, Tensor] | None = None
         #: (EMA parameters, parameters, EMA buffers, buffers): views, paired once per model.
@@ -551,19 +563,27 @@ class MESA(_TrajectoryLoss):
 
     @property
     def ema_model(self) -> nn.Module | None:
-        """The averaged model (``None`` before the first step)."""
-        return self._ema
+        """The averaged model (``None`` before the first step and on sharded parameters).
+
+        On sharded (FSDP2) parameters there is no separate model: the averaged weights are
+        in ``state_dict()["mesa_ema"]`` (laid out as the model's own ``state_dict``).
+        """
+        return self._ema if isinstance(self._ema, nn.Module) else None
 
     def _module(self, closure: BatchClosure) -> nn.Module:
         model = self.model if self.model is not None else closure.model
         return getattr(model, "module", model) if hasattr(model, "no_sync") else model
 
-    def _averaged_model(self, module: nn.Module) -> nn.Module:
+    def _averaged_model(self, module: nn.Module) -> nn.Module | _ShardedAverage:
         """The EMA model of ``module`` (a fresh copy if there is none yet)."""
         if self._ema is not None:
             if self._ema_source is not module:  # another model object: re-pair the tensors
                 self._ema_source, self._ema_pairs = module, None
             return self._ema
+        if T.is_sharded([p for g in self.param_groups for p in g["params"]]):
+            # FSDP2 refuses deepcopy (and a copy would hold whole tensors): keep the
+            # average as tensors laid out as the model's, swapped in for the forward.
+            return _ShardedAverage(module, self._ema_pending)
         ema = copy.deepcopy(module)
         ema.eval()
         ema.requires_grad_(False)
@@ -581,7 +601,10 @@ class MESA(_TrajectoryLoss):
         extra = None
         if epoch >= int(self._setting("start_epoch")):
             with torch.no_grad(), _autocast_like(batch):
-                reference = _as_logits(ema(batch.inputs), "MESA")
+                if isinstance(ema, _ShardedAverage):
+                    reference = _as_logits(ema.forward(module, batch.inputs), "MESA")
+                else:
+                    reference = _as_logits(ema(batch.inputs), "MESA")
             batch.forward_evals += 1.0  # the averaged model's forward: 1/3 of a pass
             batch.passes += 1
             offset = [0]
@@ -607,7 +630,9 @@ class MESA(_TrajectoryLoss):
     @torch.no_grad()
     def _update_average(self, module: nn.Module, decay: float, closure: Any) -> None:
         assert self._ema is not None
-        if self._ema_pairs is None:
+        sharded = isinstance(self._ema, _ShardedAverage)
+        if self._ema_pairs is None or sharded:
+            # Sharded: paired anew each time (FSDP2 may re-create its parameters' shards).
             src, dst = module.state_dict(), self._ema.state_dict()
             if list(src) != list(dst):
                 raise RuntimeError("MESA: the model's state_dict keys changed during training")
@@ -622,16 +647,24 @@ class MESA(_TrajectoryLoss):
             )
         ema_params, params, ema_buffers, buffers_now = self._ema_pairs
         weight = 1.0 - decay
-        _lerp_(ema_params, params, weight, self.foreach)
+        _lerp_(T._local(ema_params), T._local(params), weight, self.foreach)  # shards
         if not ema_buffers:
             return
         buffers = list(buffers_now)
         replicas = replicas_of(closure)
+        # FSDP2 does not synchronise buffers: average them over the mesh, as over replicas.
+        mesh = _mesh_groups(self.param_groups) if sharded else []
         float_idx = [i for i, b in enumerate(buffers) if b.is_floating_point()]
-        if replicas is not None and float_idx:
+        if (replicas is not None or mesh) and float_idx:
             # Each replica's BatchNorm statistics come from its own batch: average them.
+            import torch.distributed as dist
+
             flat = torch.cat([buffers[i].reshape(-1).double() for i in float_idx])
-            replicas.all_reduce_sum_(flat).div_(replicas.world)
+            if replicas is not None:
+                replicas.all_reduce_sum_(flat).div_(replicas.world)
+            for group in mesh:
+                dist.all_reduce(flat, group=group)
+                flat.div_(dist.get_world_size(group))
             offset = 0
             for i in float_idx:
                 n = buffers[i].numel()
@@ -665,6 +698,84 @@ class MESA(_TrajectoryLoss):
             self._ema.load_state_dict(ema)
         else:
             self._ema_pending = dict(ema)
+
+
+class _ShardedAverage:
+    """MESA's averaged weights for a model with sharded (``DTensor``, FSDP2) parameters.
+
+    FSDP2 modules cannot be deep-copied, and a copy of the whole model is what sharding
+    avoids. The average is kept instead as one tensor per entry of the model's
+    ``state_dict`` and with its layout (parameters: DTensors sharded like the model's,
+    ``clone`` of each; buffers: plain tensors). Its forward exchanges these tensors with the
+    model's own, shard by shard, runs the model in eval mode and exchanges them back, so the
+    model's weights and buffers end bit for bit as they were; the exchange holds one extra
+    tensor at a time.
+    """
+
+    def __init__(self, module: nn.Module, saved: dict[str, Tensor] | None = None) -> None:
+        live = module.state_dict()
+        if saved is not None and list(saved) != list(live):
+            raise ValueError(
+                "MESA.load_state_dict: the saved average has the entries "
+                f"{sorted(saved)}, the model has {sorted(live)}"
+            )
+        source = saved if saved is not None else live
+        with torch.no_grad():
+            self.tensors = {k: source[k].detach().clone() for k in live}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return dict(self.tensors)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if list(state) != list(self.tensors):
+            raise ValueError(
+                f"MESA.load_state_dict: the saved average has the entries {sorted(state)}, "
+                f"the model has {sorted(self.tensors)}"
+            )
+        for key, value in state.items():
+            self.tensors[key].copy_(value)
+
+    def _exchange(self, live: dict[str, Tensor]) -> None:
+        mine = T._local([self.tensors[k] for k in live])
+        theirs = T._local(list(live.values()))
+        for a, b in zip(mine, theirs):
+            kept = b.clone()
+            b.copy_(a)
+            a.copy_(kept)
+
+    @torch.no_grad()
+    def forward(self, module: nn.Module, inputs: Any) -> Any:
+        """``module(inputs)`` in eval mode with the averaged weights and buffers."""
+        live = module.state_dict(keep_vars=True)  # the parameter and buffer objects
+        if list(live) != list(self.tensors):
+            raise RuntimeError("MESA: the model's state_dict keys changed during training")
+        modes = [m.training for m in module.modules()]
+        _reshard(module)
+        self._exchange(live)
+        try:
+            module.eval()
+            return module(inputs)
+        finally:
+            for m, training in zip(module.modules(), modes):
+                m.training = training
+            _reshard(module)
+            self._exchange(live)
+
+
+def _reshard(module: nn.Module) -> None:
+    """Free the whole (gathered) parameters FSDP2 may keep after a forward.
+
+    FSDP2 keeps the root module's parameters gathered after a forward (for the backward
+    that usually follows); a forward under ``no_grad`` has none, and a later forward would
+    reuse those gathered values instead of gathering the shards again. Resharding makes the
+    next forward read the shards as they are now.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def _lerp_(targets: list[Tensor], sources: list[Tensor], weight: float, foreach: bool) -> None:

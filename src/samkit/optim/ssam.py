@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from samkit.optim import _tensors as T
 from samkit.optim._replicas import Replicas, replicas_of
 from samkit.optim.base import SharpnessAwareOptimizer, is_finite_nonnegative
 from samkit.optim.closure import BatchClosure
@@ -72,6 +73,16 @@ class SSAM(SharpnessAwareOptimizer):
     forward and backward) or a top-k over the coordinates (SSAM-D). Nothing is saved per step
     by the sparsity: the perturbed pass is a dense pass (the paper's speed-up needs sparse
     kernels).
+
+    **FSDP2.** SSAM-D runs on sharded (``DTensor``) parameters (FSDP2's layouts: ``Shard(0)``
+    on one mesh dimension, ``Replicate`` on any others) and takes the same masks as on one
+    process, without gathering: masks are ``bool`` DTensors laid out as their parameters,
+    each process scores its own shards (its slice of the same seeded random draws, streamed),
+    and the global top-k is a radix selection over the shards (four all-reduces of a
+    256-bin histogram and one all-gather of one count per selection, at refresh steps only;
+    ties at the k-th score are taken by process rank, then in order). SSAM-F refuses sharded
+    parameters with a ``TypeError`` (:attr:`fsdp_unsupported`): its per-sample gradients
+    through ``torch.func`` need whole parameters and cannot run through FSDP2's hooks.
 
     **DDP.** The clean (ascent) pass is local by default, as in SAM. The mask is identical on
     every replica: SSAM-F sums the Fisher scores and sample counts over the replicas (each
@@ -225,6 +236,17 @@ class SSAM(SharpnessAwareOptimizer):
     def _setting(self, key: str) -> Any:
         return self.param_groups[0][key]
 
+    @property
+    def fsdp_unsupported(self) -> str | None:  # type: ignore[override]
+        """SSAM-F cannot run on sharded parameters (the reason); SSAM-D can (``None``)."""
+        if self._setting("mode") != "fisher":
+            return None
+        return (
+            "SSAM mode='fisher' scores coordinates with per-sample gradients through "
+            "torch.func (vmap over a functional_call), which needs whole parameters and cannot "
+            "run through FSDP2's gather and reduce-scatter hooks; use mode='dynamic'"
+        )
+
     # ------------------------------------------------------------------ masks
     def _mask_params(self) -> list[list[Tensor]]:
         """Per group, the parameters a mask covers (those that require a gradient)."""
@@ -251,7 +273,12 @@ class SSAM(SharpnessAwareOptimizer):
         """Fraction of the covered coordinates that are perturbed (``1 - sparsity``)."""
         masks = self.masks
         total = sum(m.numel() for m in masks.values())
-        return sum(int(m.sum()) for m in masks.values()) / total if total else float("nan")
+        if not total:
+            return float("nan")
+        if T.is_sharded(list(masks.values())):  # sum the shards' counts: one all-reduce
+            ms = [m.double() for m in masks.values()]
+            return float(T.dot(ms, ms)) / total
+        return sum(int(m.sum()) for m in masks.values()) / total
 
     # ------------------------------------------------------------------ the step
     def sharpness_step(self, closure: Callable[[], Any]) -> Any:
@@ -395,9 +422,34 @@ class SSAM(SharpnessAwareOptimizer):
         n = sum(p.numel() for p in params)
         return torch.rand(n, generator=gen).to(params[0].device)
 
+    def _random_local(self, layout: _ShardLayout, epoch: int, group: int, purpose: int):
+        """This process's entries of :meth:`_random_scores` (the same draws, streamed)."""
+        gen = torch.Generator().manual_seed(self._generator_seed(epoch, group, purpose))
+        out = torch.empty(layout.local_numel)
+        drawn = filled = 0
+        for begin, length in layout.ranges:
+            while drawn < begin:  # draws of other processes' shards: discarded
+                n = min(begin - drawn, _CHUNK_VALUES)
+                torch.rand(n, generator=gen)
+                drawn += n
+            if length:
+                out[filled : filled + length] = torch.rand(length, generator=gen)
+                drawn, filled = drawn + length, filled + length
+        return out.to(layout.device)
+
     def _random_masks(self, replicas: Replicas | None) -> dict[Tensor, Tensor]:
         """SSAM-D's initial masks: ``k`` coordinates drawn uniformly per group."""
         covered = self._mask_params()
+        if T.is_sharded([p for ps in covered for p in ps]):
+            masks: dict[Tensor, Tensor] = {}
+            for gi, (group, ps) in enumerate(zip(self.param_groups, covered)):
+                if not ps:
+                    continue
+                layout = _ShardLayout(ps)
+                scores = self._random_local(layout, -1, gi, 0)
+                keep = _kept(layout.numel, group["sparsity"])
+                masks.update(zip(ps, layout.masks(_select_top(scores, keep, layout.group))))
+            return masks
         scores = [
             [self._random_scores(ps, -1, gi, 0)] if ps else [] for gi, ps in enumerate(covered)
         ]
@@ -424,6 +476,11 @@ class SSAM(SharpnessAwareOptimizer):
         total = int(self._setting("epochs"))
         rate *= (1.0 + math.cos(math.pi * min(epoch, total) / total)) / 2.0
         new: dict[Tensor, Tensor] = {}
+        if T.is_sharded([p for ps in self._mask_params() for p in ps]):
+            for gi, params in enumerate(self._mask_params()):
+                if params:
+                    new.update(self._drop_and_regrow_shards(params, grads, masks, rate, epoch, gi))
+            return new
         for gi, params in enumerate(self._mask_params()):
             if not params:
                 continue
@@ -445,6 +502,37 @@ class SSAM(SharpnessAwareOptimizer):
         if replicas is not None:
             _broadcast_masks(new, replicas)
         return new
+
+    def _drop_and_regrow_shards(self, params, grads, masks, rate, epoch, gi):
+        """:meth:`_drop_and_regrow` of one group on shards: the same selection, no gather."""
+        import torch.distributed as dist
+
+        layout = _ShardLayout(params)
+        live = torch.cat([m.reshape(-1) for m in T._local([masks[p] for p in params])])
+        n_live = live.sum().to(torch.int64).reshape(1)
+        if layout.group is not None:
+            dist.all_reduce(n_live, group=layout.group)
+        n_live = int(n_live)
+        n_drop = min(int(n_live * rate), layout.numel - n_live)
+        if n_drop == 0:
+            return {p: masks[p] for p in params}
+
+        def scores(key: str, purpose: int) -> Tensor:
+            kind = self._setting(key)
+            if kind == "random":
+                return self._random_local(layout, epoch, gi, purpose)
+            if kind == "weight":
+                parts = T._local([p.detach() for p in params])
+            else:
+                zeros = [torch.zeros_like(p) for p in params]
+                parts = T._local([grads.get(p, z) for p, z in zip(params, zeros)])
+            return torch.cat([t.abs().reshape(-1).float() for t in parts])
+
+        lowest = torch.tensor(-math.inf, device=live.device)
+        keep_score, grow_score = scores("drop_score", 1), scores("grow_score", 2)
+        kept = _select_top(torch.where(live, keep_score, lowest), n_live - n_drop, layout.group)
+        grown = _select_top(torch.where(live, lowest, grow_score), n_drop, layout.group)
+        return dict(zip(params, layout.masks(kept | grown)))
 
     def _scores(self, key, params, grads, epoch, group, purpose) -> Tensor:
         kind = self._setting(key)
@@ -515,9 +603,13 @@ def _masked(grads: list[Tensor], masks: list[Tensor | None], foreach: bool) -> l
     out = list(grads)
     if not pairs:
         return out
+    if T.is_sharded([g for _, g, _ in pairs]):  # shard by shard (masks share the layout)
+        gs = [g for _, g, _ in pairs]
+        local = _masked(T._local(gs), T._local([m for _, _, m in pairs]), foreach)
+        for (i, _, _), r in zip(pairs, T._like_layout(local, gs)):
+            out[i] = r
+        return out
     if foreach:
-        from samkit.optim import _tensors as T
-
         idx = [i for i, _, _ in pairs]
         gs = [g for _, g, _ in pairs]
         ms = [m for _, _, m in pairs]
@@ -583,3 +675,115 @@ def per_sample_squared_gradients(
         for m, training in zip(module.modules(), modes):
             m.training = training
     return acc
+
+
+class _ShardLayout:
+    """Where each parameter's local shard lies in its param group's flat vector (FSDP2).
+
+    The flat vector is the concatenation of the whole parameters, flattened, in group order,
+    as SSAM's single-process selection sees it. Supported layouts are FSDP2's: every
+    parameter a ``DTensor`` on one mesh with one placement list, ``Shard(0)`` on at most one
+    mesh dimension and ``Replicate`` on the others (HSDP), so each local shard is one
+    contiguous range of its parameter's flattened elements.
+    """
+
+    def __init__(self, params: list[Tensor]) -> None:
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        layouts = {
+            (p.device_mesh, tuple(p.placements)) if isinstance(p, DTensor) else None for p in params
+        }
+        mesh_placements = layouts.pop() if len(layouts) == 1 else None
+        sharded = (
+            []
+            if mesh_placements is None
+            else [d for d, pl in enumerate(mesh_placements[1]) if not pl.is_replicate()]
+        )
+        if (
+            mesh_placements is None
+            or len(sharded) > 1
+            or any(mesh_placements[1][d] != _shard0() for d in sharded)
+        ):
+            raise TypeError(
+                "SSAM mode='dynamic' on sharded parameters needs every parameter of a param "
+                "group to be a DTensor with the same mesh and placements, Shard(0) on at most "
+                "one mesh dimension and Replicate on the others (FSDP2's layouts); got "
+                f"{sorted(map(str, layouts | {mesh_placements}))}"
+            )
+        mesh, placements = mesh_placements
+        self.group = mesh.get_group(sharded[0]) if sharded else None
+        self.params = params
+        self.ranges: list[tuple[int, int]] = []
+        self.local_shapes: list[tuple[int, ...]] = []
+        offset = 0
+        for p in params:
+            shape, origin = compute_local_shape_and_global_offset(p.shape, mesh, placements)
+            row = math.prod(p.shape[1:])
+            length = math.prod(shape)
+            self.ranges.append((offset + origin[0] * row if length else offset, length))
+            self.local_shapes.append(tuple(shape))
+            offset += p.numel()
+        self.numel = offset
+        self.local_numel = sum(n for _, n in self.ranges)
+        self.device = params[0].device
+
+    def masks(self, chosen: Tensor) -> list[Tensor]:
+        """The local flat selection as ``bool`` DTensors laid out as the parameters."""
+        out, i = [], 0
+        for shape, (_, n) in zip(self.local_shapes, self.ranges):
+            out.append(chosen[i : i + n].view(shape).clone())
+            i += n
+        return T._like_layout(out, self.params)
+
+
+def _shard0() -> Any:
+    from torch.distributed.tensor import Shard
+
+    return Shard(0)
+
+
+def _select_top(scores: Tensor, k: int, group: Any) -> Tensor:
+    """Which local entries are among the ``k`` largest of every process's ``scores``.
+
+    ``scores`` (float32) are this process's part of a vector split over the processes of
+    ``group`` (``None``: not split). A radix selection on the scores' order-preserving
+    32-bit keys, one byte at a time: four all-reduces of a 256-bin histogram find the
+    ``k``-th largest key; nothing is gathered. Entries tied with it are taken by process
+    rank, then in local order (one all-gather of one count). Without ties at the ``k``-th
+    value the selection equals ``torch.topk``'s.
+    """
+    import torch.distributed as dist
+
+    chosen = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k <= 0:
+        return chosen
+    bits = scores.float().view(torch.int32).to(torch.int64)
+    key = torch.where(bits >= 0, bits + (1 << 31), -1 - bits)  # float order, in [0, 2^32)
+    candidates = torch.ones_like(chosen)
+    remaining = k
+    for shift in (24, 16, 8, 0):
+        byte = (key >> shift) & 255
+        hist = torch.bincount(byte[candidates], minlength=256).to(torch.int64)
+        if group is not None:
+            dist.all_reduce(hist, group=group)
+        counts = hist.tolist()
+        above = 0
+        for b in range(255, -1, -1):
+            if above + counts[b] >= remaining:
+                break
+            above += counts[b]
+        chosen |= candidates & (byte > b)
+        candidates &= byte == b
+        remaining -= above
+    ties = candidates.nonzero().reshape(-1)
+    before = 0
+    if group is not None:
+        count = torch.tensor([ties.numel()], dtype=torch.int64, device=scores.device)
+        counts_all = [torch.empty_like(count) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(counts_all, count, group=group)
+        rank = dist.get_rank(group)
+        before = sum(int(c) for c in counts_all[:rank])
+    take = max(0, min(ties.numel(), remaining - before))
+    chosen[ties[:take]] = True
+    return chosen

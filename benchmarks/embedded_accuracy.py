@@ -6,7 +6,7 @@ parallel, with confidence intervals and plots; ``docs/bench.md``). Kept for two 
 --trace``, the investigation in ``docs/methods/bsam.md``) and re-running the historical tables
 of ``docs/results.md`` with their exact commands.
 
-Recipe (docs/ALGORITHMS.md, "measurement anchors"): MNIST-1D (mnist1d's ``make_dataset``
+Recipe (the embedded ``mnist1d`` recipe, docs/recipes.md): MNIST-1D (mnist1d's ``make_dataset``
 with default arguments: 4,000 train / 1,000 test), the 3-conv 1-D CNN with 32 channels,
 30 epochs, batch 128, SGD momentum 0.9, weight decay 5e-4, lr 0.05 with a per-step cosine
 schedule to 0, symmetric label noise on the training labels ("other class" convention).

@@ -57,6 +57,17 @@ def test_without_a_terminal_each_epoch_is_one_line_and_no_bar(capsys):
     assert all("| test loss " in line and "acc " in line for line in lines)
 
 
+def test_training_accuracy_is_na_when_no_pass_covers_the_batch(capsys):
+    # AUSAM's passes run on a sampled half of each batch: there is no prediction of the whole
+    # batch to count, so the training accuracy is "n/a", not a made-up 0 %.
+    rc = main(["train", "--epochs", "1", "--optimizer", "ausam", *TINY])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    (line,) = [line for line in captured.out.splitlines() if line.startswith("epoch ")]
+    assert "| train loss " in line and " acc n/a | test loss " in line
+    assert "acc 0.00%" not in line
+
+
 def test_progress_bar_shows_the_test_accuracy_of_each_epoch(tmp_path, capsys, monkeypatch):
     pytest.importorskip("tqdm")
     import samkit.cli

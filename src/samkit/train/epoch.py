@@ -55,7 +55,8 @@ def train_epoch(run: Run, on_step: StepCallback | None = None) -> dict[str, Any]
     lr = opt.param_groups[0]["lr"]
 
     def running() -> tuple[float, float | None]:  # the epoch so far (syncs with the device)
-        return float(loss_sum) / max(seen, 1), int(correct) / max(counted, 1)
+        # None while no pass covered a whole batch (e.g. AUSAM's sub-batch passes).
+        return float(loss_sum) / max(seen, 1), int(correct) / counted if counted else None
 
     for x, y, idx in run.train_loader:
         # x: [B, *input_shape], y: [B], idx: [B] dataset indices (some methods use them)

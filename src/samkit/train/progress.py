@@ -96,17 +96,17 @@ class EpochDisplay:
             return
         if self._done % REFRESH_EVERY == 0 or self._done == self._steps - 1:
             loss, acc = stats()
-            self._bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc or 0:.3f}", refresh=False)
+            self._bar.set_postfix(loss=f"{loss:.4f}", acc=_fraction(acc), refresh=False)
         self._done += 1
         self._bar.update(1)
 
     def end(self, row: dict[str, Any]) -> None:
         """The epoch is evaluated: its test accuracy joins the bar, or its line is printed."""
-        train_acc = row["train_acc"] or 0
+        train_acc = row["train_acc"]  # None: no pass of the method covered a whole batch
         if self._bar is not None:
             self._bar.set_postfix(
                 loss=f"{row['train_loss']:.4f}",
-                acc=f"{train_acc:.3f}",
+                acc=_fraction(train_acc),
                 test_acc=f"{row['test_acc']:.4f}",
             )
             self._bar.close()
@@ -114,6 +114,16 @@ class EpochDisplay:
             return
         self._log(
             f"epoch {row['epoch']:>3}/{self._epochs} | train loss {row['train_loss']:.4f} "
-            f"acc {100 * train_acc:.2f}% | test loss {row['test_loss']:.4f} "
+            f"acc {_percent(train_acc)} | test loss {row['test_loss']:.4f} "
             f"acc {100 * row['test_acc']:.2f}% | lr {row['lr']:.4g} | {row['seconds']:.2f}s"
         )
+
+
+def _fraction(acc: float | None) -> str:
+    """A training accuracy for the bar: ``n/a`` when the method's passes never covered a
+    whole batch (no prediction of the batch to count, e.g. AUSAM's sub-batch passes)."""
+    return "n/a" if acc is None else f"{acc:.3f}"
+
+
+def _percent(acc: float | None) -> str:
+    return "n/a" if acc is None else f"{100 * acc:.2f}%"

@@ -383,7 +383,8 @@ def _run_list(args: argparse.Namespace) -> int:
             f"task); its runs use {common} unless a row says otherwise"
         )
         for row in defaults_rows(recipe.path):
-            kind = f"{row.passes:g} passes" if row.sharpness_aware else "baseline"
+            unit = "pass" if row.passes == 1 else "passes"
+            kind = f"{row.passes:.3g} {unit} per step" if row.sharpness_aware else "baseline"
             print(f"  {row.name:<10} {row.description} ({kind})")
             cls = format_values(row.class_defaults) if row.sharpness_aware else "torch's"
             print(f"  {'':<10}   class:  {cls}")

@@ -495,7 +495,7 @@ def defaults_markdown(recipe: str | Path = DEFAULT_RECIPE) -> str:
     for row in defaults_rows(recipe):
         cls = format_values(row.class_defaults) if row.sharpness_aware else "torch's"
         lines.append(
-            f"| `{row.name}` | {row.passes:g} | {cls} | "
+            f"| `{row.name}` | {row.passes:.3g} | {cls} | "
             f"{format_values(row.recipe_values, row.class_defaults).replace('*', ' (tuned)')} |"
         )
     lines.append("")

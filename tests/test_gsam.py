@@ -215,7 +215,7 @@ def test_resume_with_a_scheduler_continues_exactly():
         ({"alpha": -0.1}, "Invalid alpha value: -0.1"),
         ({"alpha": float("nan")}, "Invalid alpha value: nan"),
         ({"rho_min": -0.1}, "Invalid rho_min value: -0.1"),
-        ({"rho_min": "0.1"}, "Invalid rho_min value: 0.1"),
+        ({"rho_min": "0.1"}, r"Invalid rho_min value: '0.1' \(must be .*, got str\)"),
         ({"rho_min": float("inf")}, "Invalid rho_min value: inf"),
         ({"rho": 0.05, "rho_min": 0.1}, r"Invalid rho_min value: 0.1 \(larger than rho=0.05\)"),
         ({"rho": -1.0}, "Invalid rho value: -1.0"),

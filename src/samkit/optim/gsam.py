@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from samkit.optim import _tensors as T
-from samkit.optim.base import SharpnessAwareOptimizer, is_finite_nonnegative
+from samkit.optim.base import SharpnessAwareOptimizer, invalid_value, is_finite_nonnegative
 
 __all__ = ["GSAM"]
 
@@ -147,11 +147,11 @@ class GSAM(SharpnessAwareOptimizer):
         super().validate_group(group)
         alpha = group.get("alpha")
         if not is_finite_nonnegative(alpha):
-            raise ValueError(f"Invalid alpha value: {alpha}")
+            raise invalid_value("alpha", alpha, "a finite number >= 0")
         rho_min = group.get("rho_min")
         if rho_min is not None:
             if not is_finite_nonnegative(rho_min):
-                raise ValueError(f"Invalid rho_min value: {rho_min}")
+                raise invalid_value("rho_min", rho_min, "a finite number >= 0 or None")
             if rho_min > group["rho"]:
                 raise ValueError(
                     f"Invalid rho_min value: {rho_min} (larger than rho={group['rho']})"

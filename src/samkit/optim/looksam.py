@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from samkit.optim import _tensors as T
-from samkit.optim.base import SharpnessAwareOptimizer, is_finite_nonnegative
+from samkit.optim.base import SharpnessAwareOptimizer, invalid_value, is_finite_nonnegative
 
 __all__ = ["LookSAM"]
 
@@ -124,7 +124,7 @@ class LookSAM(SharpnessAwareOptimizer):
             raise ValueError(f"Invalid k value: {k!r} (an integer >= 1)")
         alpha = group.get("alpha")
         if not is_finite_nonnegative(alpha):
-            raise ValueError(f"Invalid alpha value: {alpha}")
+            raise invalid_value("alpha", alpha, "a finite number >= 0")
 
     # ------------------------------------------------------------------ schedule
     @property

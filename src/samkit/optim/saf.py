@@ -24,7 +24,12 @@ from torch.utils._pytree import tree_leaves
 
 from samkit.optim import _tensors as T
 from samkit.optim._replicas import replicas_of
-from samkit.optim.base import SharpnessAwareOptimizer, _mesh_groups, is_finite_nonnegative
+from samkit.optim.base import (
+    SharpnessAwareOptimizer,
+    _mesh_groups,
+    invalid_value,
+    is_finite_nonnegative,
+)
 from samkit.optim.closure import BatchClosure
 
 __all__ = ["SAF", "MESA", "trajectory_kl"]
@@ -71,7 +76,7 @@ class _TrajectoryLoss(SharpnessAwareOptimizer):
         super().validate_group(group)
         lmbda = group.get("lmbda")
         if not is_finite_nonnegative(lmbda):
-            raise ValueError(f"Invalid lmbda value: {lmbda!r}")
+            raise invalid_value("lmbda", lmbda, "a finite number >= 0")
         tau = group.get("tau")
         if not (is_finite_nonnegative(tau) and tau > 0):
             raise ValueError(f"Invalid tau value: {tau!r} (a temperature > 0)")

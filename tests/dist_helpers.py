@@ -70,6 +70,24 @@ def launch(fn: Callable[..., None], world: int, *args: Any, timeout: float = TIM
                 os.environ[key] = value
 
 
+def launch_and_load(fn: Callable[..., None], world: int, out_dir: Any) -> list[dict]:
+    """:func:`launch` ``fn(rank, world, str(out_dir))``, which saves ``out_dir/rank{r}.pt``
+    on each process; the saved results, one per process."""
+    launch(fn, world, str(out_dir))
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def method_results(results: dict, label: str) -> dict:
+    """A worker's results for one method (``results["methods"][label]``); the method's test
+    fails with the worker's traceback if the worker recorded an error for it."""
+    import pytest
+
+    entry = results["methods"][label]
+    if "error" in entry:
+        pytest.fail(f"{label} failed in a worker:\n{entry['error']}")
+    return entry
+
+
 def _entry(
     rank: int, fn: Callable[..., None], world: int, init: str, timeout: float, args: tuple
 ) -> None:

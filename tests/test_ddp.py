@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 import samkit
-from dist_helpers import PoisonedLoss, SubsetSAM, launch, method_class
+from dist_helpers import PoisonedLoss, SubsetSAM, launch_and_load, method_class, method_results
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable"),
@@ -178,22 +178,13 @@ def _replica_runs(label: str, rank: int, part: slice, entry: dict) -> None:
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    launch(_worker, WORLD, str(out))
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-
-def _entry(results: dict, label: str) -> dict:
-    entry = results["methods"][label]
-    if "error" in entry:
-        pytest.fail(f"{label} failed in a worker:\n{entry['error']}")
-    return entry
+    return launch_and_load(_worker, WORLD, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.mark.parametrize("sync_ascent", [False, True], ids=["local_ascent", "sync_ascent"])
 @pytest.mark.parametrize("label", METHODS)
 def test_every_method_keeps_the_replicas_bit_identical(ddp, label, sync_ascent):
-    r0, r1 = (_entry(ddp[r], label)[sync_ascent] for r in range(WORLD))
+    r0, r1 = (method_results(ddp[r], label)[sync_ascent] for r in range(WORLD))
     for a, b in zip(r0, r1, strict=True):
         assert torch.equal(a, b)
     initial = _net(bn=True).parameters()
@@ -204,7 +195,7 @@ def test_every_method_keeps_the_replicas_bit_identical(ddp, label, sync_ascent):
 def test_a_nonfinite_loss_on_one_process_skips_the_step_on_every_process(ddp, label):
     # Process 1's NaN loss comes with finite gradients: only the agreed check can see it.
     for rank in range(WORLD):
-        entry = _entry(ddp[rank], label)
+        entry = method_results(ddp[rank], label)
         assert entry["skipped"] == 2, f"rank {rank} skipped {entry['skipped']} steps"
         assert entry["unchanged"] == [True, True], f"rank {rank} changed its weights"
 
@@ -213,7 +204,7 @@ def test_ddp_default_ascent_is_local_and_update_is_synchronised(ddp):
     # replicas perturb with their own half-batch gradient (m-sharpness, as original SAM) ...
     assert not torch.allclose(ddp[0]["local_eps"][0], ddp[1]["local_eps"][0])
     # ... but the update is all-reduced: the replicas stay identical
-    for a, b in zip(_entry(ddp[0], "sam")[False], _entry(ddp[1], "sam")[False]):
+    for a, b in zip(method_results(ddp[0], "sam")[False], method_results(ddp[1], "sam")[False]):
         assert torch.equal(a, b)
 
 

@@ -32,7 +32,14 @@ import torch.distributed as dist
 from torch import nn
 
 import samkit
-from dist_helpers import PoisonedLoss, SubsetSAM, gather_full, launch, method_class
+from dist_helpers import (
+    PoisonedLoss,
+    SubsetSAM,
+    gather_full,
+    launch_and_load,
+    method_class,
+    method_results,
+)
 from samkit.optim import _tensors as T
 
 try:
@@ -233,16 +240,7 @@ def _single_process(name: str, options: dict | None = None, manual: bool = False
 
 @pytest.fixture(scope="module")
 def fsdp(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
-    launch(_worker, WORLD, str(out))
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-
-def _entry(results: dict, name: str) -> dict:
-    entry = results["methods"][name]
-    if "error" in entry:
-        pytest.fail(f"{name} failed in a worker:\n{entry['error']}")
-    return entry
+    return launch_and_load(_worker, WORLD, tmp_path_factory.mktemp("fsdp"))
 
 
 def _close(a, b, tol=1e-10):
@@ -252,11 +250,11 @@ def _close(a, b, tol=1e-10):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_on_fsdp2_equals_ddp_with_synchronised_ascent(fsdp, name):
-    entry = _entry(fsdp[0], name)
+    entry = method_results(fsdp[0], name)
     if "refused" in entry:
         pytest.skip(f"{name} refuses sharded parameters (tested below)")
     _close(entry["fsdp"], entry["ddp"])
-    _close(_entry(fsdp[1], name)["fsdp"], entry["fsdp"], tol=0)  # one model
+    _close(method_results(fsdp[1], name)["fsdp"], entry["fsdp"], tol=0)  # one model
 
 
 @pytest.mark.parametrize(
@@ -270,7 +268,7 @@ def test_whole_batch_methods_on_fsdp2_equal_a_single_process_on_the_whole_batch(
     # not change that, and the test above compares them with DDP. SSAM-D's mask comes from
     # the whole batch's gradient and seeded draws: its selection over shards is the top-k of
     # the whole model's.
-    entry = _entry(fsdp[0], name)
+    entry = method_results(fsdp[0], name)
     if "refused" in entry:
         pytest.skip(f"{name} refuses sharded parameters")
     reference, _ = _single_process(name)
@@ -282,13 +280,13 @@ def test_ssam_dynamic_masks_on_shards_keep_k_of_the_whole_models_coordinates(fsd
     d = sum(p.numel() for p in _net().parameters())
     sparsity = samkit.SSAM(_net().parameters(), lr=0.1).param_groups[0]["sparsity"]
     for rank in range(WORLD):
-        entry = _entry(fsdp[rank], "ssam-dynamic")
+        entry = method_results(fsdp[rank], "ssam-dynamic")
         assert entry["density"] == (d - round(d * sparsity)) / d  # not this process's count
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_resumes_exactly_from_sharded_state_dicts(fsdp, name):
-    entry = _entry(fsdp[0], name)
+    entry = method_results(fsdp[0], name)
     if "refused" in entry:
         pytest.skip(f"{name} refuses sharded parameters")
     for a, b in zip(entry["resumed"], entry["fsdp"], strict=True):
@@ -298,7 +296,7 @@ def test_every_method_resumes_exactly_from_sharded_state_dicts(fsdp, name):
 @pytest.mark.parametrize("name", METHODS)
 def test_a_nonfinite_loss_on_one_process_skips_the_step_on_every_process(fsdp, name):
     for rank in range(WORLD):
-        entry = _entry(fsdp[rank], name)
+        entry = method_results(fsdp[rank], name)
         if "refused" in entry:
             pytest.skip(f"{name} refuses sharded parameters")
         assert entry["skipped"] == 2, f"rank {rank} skipped {entry['skipped']} steps"
@@ -307,7 +305,7 @@ def test_a_nonfinite_loss_on_one_process_skips_the_step_on_every_process(fsdp, n
 
 @pytest.mark.parametrize("name", METHODS)
 def test_methods_that_cannot_shard_refuse_clearly(fsdp, name):
-    entry = _entry(fsdp[0], name)
+    entry = method_results(fsdp[0], name)
     reason = method_class(OPTION_RUNS.get(name, (name,))[0]).fsdp_unsupported
     if "refused" not in entry:
         assert not isinstance(reason, str), f"{name} declares fsdp_unsupported but ran"

@@ -847,19 +847,19 @@ class SharpnessAwareOptimizer(Optimizer):
             "to skip such steps."
         )
 
-    def _agreement_groups(self) -> list[Any]:
+    def _agreement_groups(self, models: tuple[Any, ...] | None = None) -> list[Any]:
         """The process groups whose members must take this step's decisions together.
 
-        The group of a multi-process DDP model (``model=`` or the last closure's model), and
-        every dimension's group of the device meshes of sharded (DTensor) parameters. Empty
-        in a single process.
+        The group of each multi-process DDP model among ``models`` (default: ``model=`` and
+        the last closure's model; ``()``: none), and every dimension's group of the device
+        meshes of sharded (DTensor) parameters. Empty in a single process.
         """
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return []
         groups: list[Any] = []
-        for model in (self.model, self._pass_model):
+        for model in (self.model, self._pass_model) if models is None else models:
             if model is not None and hasattr(model, "no_sync"):
                 group = getattr(model, "process_group", None)
                 if group not in groups and dist.get_world_size(group) > 1:
@@ -881,20 +881,8 @@ class SharpnessAwareOptimizer(Optimizer):
         """
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
-            return values
-        groups: list[Any] = []
-        if replicas:
-            for m in (model, self.model):
-                if m is not None and hasattr(m, "no_sync"):
-                    group = getattr(m, "process_group", None)
-                    if group not in groups and dist.get_world_size(group) > 1:
-                        groups.append(group)
-        if self._mesh_groups is None:
-            self._mesh_groups = _mesh_groups(self.param_groups)
-        groups.extend(g for g in self._mesh_groups if g not in groups)
         out = values
-        for group in groups:
+        for group in self._agreement_groups((model, self.model) if replicas else ()):
             buf = out
             if dist.get_backend(group) == "nccl" and buf.device.type != "cuda":
                 buf = buf.to(torch.device("cuda", torch.cuda.current_device()))

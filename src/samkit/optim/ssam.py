@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_map
 
 from samkit.optim import _tensors as T
 from samkit.optim._replicas import Replicas, replicas_of
+from samkit.optim._rng import check_seed
 from samkit.optim.base import SharpnessAwareOptimizer, is_finite_nonnegative
 from samkit.optim.closure import BatchClosure
 
@@ -173,8 +174,8 @@ class SSAM(SharpnessAwareOptimizer):
         seed: int | None = None,
         **kwargs: Any,
     ) -> None:
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"Invalid seed value: {seed!r} (an integer >= 0)")
+        if seed is not None:
+            check_seed(seed)  # the same rule as ESAM's and AUSAM's seeds; None is kept
         defaults = dict(
             rho=rho,
             sparsity=sparsity,

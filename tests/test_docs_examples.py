@@ -35,7 +35,7 @@ import torch
 from samkit.cli import build_parser, main
 from samkit.train import TrainConfig
 from samkit.train.recipes import load_recipe
-from test_train_data import write_fake_cifar
+from tests.train.test_data import write_fake_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 

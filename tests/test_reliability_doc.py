@@ -35,11 +35,7 @@ def _module(path: str):
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(f"_doccheck_{name}", ROOT / path)
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "tests"))  # test helpers (optim_helpers) import like this
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "tests"))
+    spec.loader.exec_module(module)  # test helpers import by plain name (pytest's pythonpath)
     return module
 
 
@@ -70,7 +66,7 @@ def test_the_doc_names_tests():
     ids = _table_ids()
     assert len(ids) >= 40, ids
     files = {f for f, _, _ in ids}
-    for f in ("test_reliability_cli", "test_reliability_runs", "test_reliability_optim"):
+    for f in ("test_cli_errors", "train/test_run_faults", "optim/test_faults"):
         assert f"tests/{f}.py" in files
 
 
@@ -84,7 +80,7 @@ def test_every_test_named_in_the_doc_exists(path, function, param):
 
 
 def test_the_checker_rejects_what_does_not_exist():
-    mod = _module("tests/test_reliability_cli.py")
+    mod = _module("tests/test_cli_errors.py")
     ids = _param_ids(mod.test_bad_input_is_one_line_exit_2)
     assert "lr-negative" in ids and "no-such-case" not in ids
     assert getattr(mod, "test_that_does_not_exist", None) is None

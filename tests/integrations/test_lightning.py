@@ -205,7 +205,7 @@ def test_the_example_runs():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "lightning_sam.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "lightning_sam.py"
     spec = importlib.util.spec_from_file_location("lightning_sam_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

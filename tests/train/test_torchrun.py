@@ -42,7 +42,7 @@ METRIC_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr"
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)

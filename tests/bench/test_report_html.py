@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from samkit.bench import write_report
-from test_report import _fake_sweep
+from tests.bench.test_report import _fake_sweep
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

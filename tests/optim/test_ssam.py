@@ -412,7 +412,7 @@ def test_registry_entry_builds_the_paper_defaults():
 
 
 # ----------------------------------------------------------------------------- FSDP2 pieces
-# (The 2-process FSDP2 runs of SSAM-D and SSAM-F's refusal are in tests/test_fsdp.py.)
+# (The 2-process FSDP2 runs of SSAM-D and SSAM-F's refusal are in tests/optim/test_fsdp.py.)
 def test_radix_selection_of_the_sharded_mask_equals_topk():
     from samkit.optim.ssam import _select_top
 

@@ -1,6 +1,6 @@
 """GPU checks: CUDA equals CPU, mixed precision, parameters on several devices.
 
-Skipped without CUDA (CI has none); run on a GPU machine with ``pytest tests/test_cuda.py``.
+Skipped without CUDA (CI has none); run on a GPU machine with ``pytest tests/optim/test_cuda.py``.
 """
 
 from __future__ import annotations

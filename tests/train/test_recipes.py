@@ -26,7 +26,7 @@ from samkit.train.recipes import (
     resolve_settings,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--limit-train", "128", "--limit-test", "64", "--batch-size", "64", "--threads", "1"]
 
 

@@ -252,7 +252,7 @@ def test_every_model_builds_for_its_data():
 
 
 def test_cifar_run_on_fake_files(tmp_path):
-    from test_train_data import write_fake_cifar
+    from tests.train.test_data import write_fake_cifar
 
     write_fake_cifar(tmp_path / "data", "cifar10", n_train=20)
     s = train(

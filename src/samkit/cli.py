@@ -56,8 +56,9 @@ class Subcommand:
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     import samkit
     from samkit.optim import BASE_OPTIMIZERS
-    from samkit.train import list_datasets, list_models
+    from samkit.train import list_models
     from samkit.train.config import AMP_MODES, SCHEDULES
+    from samkit.train.data import DATASETS
     from samkit.train.recipes import DEFAULT_RECIPE, recipe_config
 
     # The defaults shown are the values `samkit train` uses: the default recipe's.
@@ -76,13 +77,15 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                         f"layer (later wins); flags override it (default {DEFAULT_RECIPE})")  # fmt: skip
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=S, choices=list_datasets(), help=f"(default {d.dataset})")
+    g.add_argument("--dataset", default=S, choices=list(DATASETS), help=f"(default {d.dataset})")
     g.add_argument("--data-dir", default=S, metavar="DIR", help="folder with the CIFAR files")
     g.add_argument("--label-noise", default=S, type=float, metavar="P",
                    help="symmetric label noise: each training label becomes a random other "
                         f"class with probability P (default {d.label_noise:g})")  # fmt: skip
     g.add_argument("--augment", default=S, action=argparse.BooleanOptionalAction,
-                   help="random crop + flip (default: on for CIFAR, off otherwise)")  # fmt: skip
+                   help="random crop + flip (default: on for "
+                        f"{', '.join(n for n, spec in DATASETS.items() if spec.augment)}, "
+                        "off otherwise)")  # fmt: skip
     g.add_argument("--cutout", default=S, type=int, metavar="N", help="cutout square side")
     g.add_argument("--limit-train", default=S, type=int, metavar="N",
                    help="use only the first N training samples (quick runs)")  # fmt: skip
@@ -213,9 +216,6 @@ def _is_terminal() -> bool:
     return all(getattr(stream, "isatty", lambda: False)() for stream in (sys.stdout, sys.stderr))
 
 
-_TINY_DATASETS = ("mnist1d", "digits")
-
-
 def _run_train(args: argparse.Namespace) -> int:
     """``samkit train``; under torchrun, also decides which process reports what."""
     from samkit.train.distributed import launch_from_env
@@ -293,6 +293,7 @@ def _train(args: argparse.Namespace, launch: Any) -> int:
 
     from samkit.optim import NonFiniteError
     from samkit.train import train
+    from samkit.train.data import dataset_spec
     from samkit.train.progress import count
 
     try:  # every process reads the same flags, files and checkpoint: the same errors
@@ -303,11 +304,8 @@ def _train(args: argparse.Namespace, launch: Any) -> int:
         e.samkit_agreed = True  # type: ignore[attr-defined]
         raise
     threads = args.threads
-    if threads is None and config.dataset in _TINY_DATASETS and config.device in ("auto", "cpu"):
-        # The embedded models are tiny: intra-op threads cost more in synchronisation than
-        # they save (the default recipe took 23 s with 1 thread, 313 s with 2 on a busy
-        # 2-core machine).
-        threads = 1
+    if threads is None and config.device in ("auto", "cpu"):
+        threads = dataset_spec(config.dataset).cpu_threads
     if threads is not None:
         torch.set_num_threads(threads)
     log = None if args.quiet else print
@@ -400,8 +398,8 @@ def _run_list(args: argparse.Namespace) -> int:
             print(f"  {name:<12} {m.description}")
     if args.what in ("datasets", "all"):
         print("datasets (--dataset NAME):")
-        for name, description in DATASETS.items():
-            print(f"  {name:<12} {description}")
+        for name, spec in DATASETS.items():
+            print(f"  {name:<12} {spec.description}")
     return 0
 
 

@@ -84,9 +84,10 @@ def run_state(run: PlannedRun) -> tuple[str, str]:
     if record is not None and isinstance(record.get("config"), dict):
         planned = run.config.to_dict()
         if planned.get("model") is None:  # the run records the dataset's default model
-            from samkit.train.data import DEFAULT_MODELS
+            from samkit.train.data import DATASETS
 
-            planned["model"] = DEFAULT_MODELS.get(planned["dataset"])
+            spec = DATASETS.get(planned["dataset"])
+            planned["model"] = spec.default_model if spec is not None else None
         diff = _differences(planned, record["config"])
         if diff:
             return "mismatch", "; ".join(diff[:3])
@@ -335,7 +336,7 @@ def _prewarm(runs: Sequence[PlannedRun]) -> None:
     import torch
 
     import samkit.train  # noqa: F401
-    from samkit.train.data import load_dataset
+    from samkit.train.data import dataset_spec, load_dataset
 
     torch.set_num_threads(1)  # no intra-op pool in the parent: fork-safe
     # The first call imports torch._inductor (seconds): pay it once, state unchanged.
@@ -344,7 +345,7 @@ def _prewarm(runs: Sequence[PlannedRun]) -> None:
         warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
     )
     for name in sorted({r.config.dataset for r in runs}):
-        if name in ("mnist1d", "digits"):
+        if not dataset_spec(name).needs_data_dir:  # generated: once here, not in every run
             load_dataset(name)
 
 

@@ -17,13 +17,16 @@ from samkit.train.config import ConfigError, TrainConfig
 from samkit.train.data import (
     Dataset,
     DatasetInfo,
+    DatasetSpec,
     InMemoryLoader,
     UnsafePickleError,
     add_label_noise,
     augment_batch,
+    dataset_spec,
     list_datasets,
     load_cifar,
     load_dataset,
+    register_dataset,
 )
 from samkit.train.env import TrainWarning
 from samkit.train.loop import build_dataset, optimizer_kwargs, resolve_config, train
@@ -35,6 +38,7 @@ __all__ = [
     "ConfigError",
     "Dataset",
     "DatasetInfo",
+    "DatasetSpec",
     "InMemoryLoader",
     "RunWriteError",
     "TrainConfig",
@@ -44,6 +48,7 @@ __all__ = [
     "augment_batch",
     "build_dataset",
     "create_model",
+    "dataset_spec",
     "list_datasets",
     "list_models",
     "load_checkpoint",
@@ -51,6 +56,7 @@ __all__ = [
     "load_dataset",
     "optimizer_kwargs",
     "read_checkpoint",
+    "register_dataset",
     "resolve_config",
     "save_checkpoint",
     "train",

@@ -40,11 +40,11 @@ from samkit.optim import (
 from samkit.train.checkpoint import get_rng_state, set_rng_state
 from samkit.train.config import RESUMABLE_KEYS, ConfigError, TrainConfig, optimizer_settings
 from samkit.train.data import (
-    DEFAULT_MODELS,
     Dataset,
     InMemoryLoader,
     add_label_noise,
     augment_batch,
+    dataset_spec,
     load_dataset,
 )
 from samkit.train.distributed import Launch, Processes
@@ -83,12 +83,12 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     config = dataclasses.replace(
         config, model_args=dict(config.model_args), opt_args=dict(config.opt_args)
     )
-    if config.dataset not in DEFAULT_MODELS:
-        raise ConfigError(
-            f"unknown dataset {config.dataset!r}; available: {', '.join(DEFAULT_MODELS)}"
-        )
+    try:
+        dataset = dataset_spec(config.dataset)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if config.model is None:
-        config.model = DEFAULT_MODELS[config.dataset]
+        config.model = dataset.default_model
     from samkit.train.models import MODELS
 
     if config.model not in MODELS:
@@ -98,8 +98,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         resolve_base_optimizer(config.base)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e
-    if config.dataset.startswith("cifar") and not config.data_dir:
-        raise ConfigError(f"dataset {config.dataset!r} needs --data-dir")
+    try:
+        dataset.check_data_dir(config.data_dir)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if config.track_sharpness:
         _sharpness_api()  # fail now, not after the first N epochs
     return config

@@ -165,10 +165,11 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config_from_args(args: argparse.Namespace) -> Any:
-    """TrainConfig from recipe < checkpoint (--resume) < --config file < flags."""
-    from samkit.train import TrainConfig, read_checkpoint
+    """TrainConfig from recipe < checkpoint (--resume) < --config file < flags
+    (:func:`samkit.train.recipes.run_config`)."""
+    from samkit.train import TrainConfig
     from samkit.train.config import parse_key_values
-    from samkit.train.recipes import DEFAULT_RECIPE, load_recipe, resolve_settings
+    from samkit.train.recipes import run_config
 
     flags = {
         k: v
@@ -181,34 +182,7 @@ def _train_config_from_args(args: argparse.Namespace) -> Any:
     if "opt_arg" in flags:
         flags["opt_args"] = parse_key_values(flags.pop("opt_arg"), "--opt-arg")
     file_settings = TrainConfig.from_json_file(args.config) if args.config else {}
-    given = {**file_settings, **flags}
-    _check_base(given.get("base"))
-
-    if given.get("resume") is True:  # anything else is refused by TrainConfig.validate
-        if not given.get("out"):
-            raise UsageError("--resume needs --out (the run directory to resume)")
-        if args.recipe:
-            raise UsageError(
-                "--recipe cannot be combined with --resume: a resumed run continues with the "
-                "settings stored in its checkpoint"
-            )
-        saved = read_checkpoint(given["out"])["config"]
-        # Where the earlier command stopped is not where this one stops: a resumed run
-        # continues to --epochs unless the resume command gives its own --stop-after-epoch.
-        saved = {**saved, "stop_after_epoch": None}
-        return resolve_settings([], given, checkpoint=saved)
-    recipes = [load_recipe(r) for r in (args.recipe or [DEFAULT_RECIPE])]
-    return resolve_settings(recipes, given)
-
-
-def _check_base(base: Any) -> None:
-    """A base optimizer the command line can name (a class can only be passed in Python)."""
-    from samkit.optim import BASE_OPTIMIZERS
-
-    if isinstance(base, str) and base.lower() not in BASE_OPTIMIZERS:
-        raise UsageError(
-            f"invalid base: {base!r} (choose one of {', '.join(sorted(BASE_OPTIMIZERS))})"
-        )
+    return run_config(args.recipe, {**file_settings, **flags})
 
 
 def _is_terminal() -> bool:
@@ -534,7 +508,7 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="record lambda_1 every N epochs (shown by samkit report)")  # fmt: skip
     p.add_argument("--isolation", choices=["auto", "fork", "subprocess"], default="auto",
                    help="auto (default): fork CPU runs from a process that has the data in "
-                        "memory, a `python -m samkit train` process otherwise")  # fmt: skip
+                        "memory, a fresh Python process otherwise")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="print only the final line")
 
 

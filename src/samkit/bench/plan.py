@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from samkit.optim import get_optimizer_info, list_optimizers
-from samkit.train.config import ConfigError, TrainConfig, parse_value, suggest
+from samkit.train.config import ConfigError, TrainConfig, check_optimizer_name, parse_value
+from samkit.train.data import DATASETS
 from samkit.train.recipes import (
     RECIPE_DIR,
     Recipe,
     load_recipe,
     method_table_settings,
     resolve_settings,
+    run_config,
 )
 
 __all__ = [
@@ -71,13 +73,7 @@ class OptimizerSpec:
 def parse_spec(text: str) -> OptimizerSpec:
     """Parse ``"fsam:rho=0.05,lr=0.1"``; ``ConfigError`` naming the bad part."""
     name, sep, rest = str(text).strip().partition(":")
-    name = name.strip().lower()
-    names = list_optimizers()
-    if name not in names:
-        raise ConfigError(
-            f"--optimizers {text!r}: unknown optimizer {name!r}{suggest(name, names)}; "
-            f"registered: {', '.join(names)}"
-        )
+    name = check_optimizer_name(name.strip(), f"--optimizers {text!r}")
     settings: dict[str, Any] = {}
     raw: dict[str, str] = {}
     if sep:
@@ -238,8 +234,8 @@ def plan_sweep(
     out = Path(out)
     runs: dict[Path, PlannedRun] = {}
     for task in task_list:
-        recipes = [task.recipe, *task.overlays]
-        base_epochs = epochs or resolve_settings(recipes, {}).epochs
+        own = resolve_settings([task.recipe, *task.overlays], {})  # the task's own settings
+        base_epochs = epochs or own.epochs
         max_passes = max(s.passes for s in specs)
         for spec in specs:
             for b in budgets:
@@ -252,12 +248,14 @@ def plan_sweep(
                         prev = runs[path]
                         runs[path] = dataclasses.replace(prev, budgets=(*prev.budgets, b))
                         continue
-                    runs[path] = _planned(task, spec, seed, e, b, path, extra or {}, data_dir)
+                    runs[path] = _planned(task, own, spec, seed, e, b, path, extra or {},
+                                          data_dir)  # fmt: skip
     return task_list, specs, list(runs.values())
 
 
 def _planned(
     task: Task,
+    own: TrainConfig,
     spec: OptimizerSpec,
     seed: int,
     epochs: int,
@@ -266,22 +264,19 @@ def _planned(
     extra: dict[str, Any],
     data_dir: str | None,
 ) -> PlannedRun:
-    recipes = [task.recipe, *task.overlays]
+    """The run, its settings resolved as ``samkit train`` resolves its command line."""
     try:
         table = method_table_settings(spec.name, spec.settings)
     except ConfigError as e:
         raise ConfigError(f"--optimizers {spec.text!r}: {e}") from e
     given: dict[str, Any] = {"optimizer": spec.name, **table, "seed": seed, "epochs": epochs}
     given.update(extra)
-    dataset = given.get("dataset", resolve_settings(recipes, {}).dataset)
-    if dataset.startswith("cifar"):
-        if data_dir is None and not resolve_settings(recipes, {}).data_dir:
-            raise ConfigError(f"task {task.name} ({dataset}) needs --data-dir")
-        if data_dir is not None:
-            given["data_dir"] = data_dir
+    dataset = DATASETS.get(given.get("dataset", own.dataset))
+    if data_dir is not None and dataset is not None and dataset.needs_data_dir:
+        given["data_dir"] = data_dir  # only to the runs that read files
     given["out"] = str(path)
     try:
-        config = resolve_settings(recipes, given)
+        config = run_config([task.recipe, *task.overlays], given)
     except ConfigError as e:
         raise ConfigError(f"task {task.name}, --optimizers {spec.text!r}: {e}") from e
     return PlannedRun(

@@ -31,14 +31,15 @@ import torch
 from torch import nn
 
 import samkit
-from samkit.optim import (
-    OptimizerInfo,
-    get_optimizer_info,
-    is_sharpness_aware,
-    resolve_base_optimizer,
-)
+from samkit.optim import OptimizerInfo, get_optimizer_info, is_sharpness_aware
 from samkit.train.checkpoint import get_rng_state, set_rng_state
-from samkit.train.config import RESUMABLE_KEYS, ConfigError, TrainConfig, optimizer_settings
+from samkit.train.config import (
+    RESUMABLE_KEYS,
+    ConfigError,
+    TrainConfig,
+    optimizer_classes,
+    optimizer_settings,
+)
 from samkit.train.data import (
     Dataset,
     InMemoryLoader,
@@ -48,7 +49,7 @@ from samkit.train.data import (
     load_dataset,
 )
 from samkit.train.distributed import Launch, Processes
-from samkit.train.models import create_model
+from samkit.train.models import MODELS, create_model
 
 __all__ = [
     "Run",
@@ -85,22 +86,15 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     )
     try:
         dataset = dataset_spec(config.dataset)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    if config.model is None:
-        config.model = dataset.default_model
-    from samkit.train.models import MODELS
-
-    if config.model not in MODELS:
-        raise ConfigError(f"unknown model {config.model!r}; available: {', '.join(MODELS)}")
-    try:
-        get_optimizer_info(config.optimizer)
-        resolve_base_optimizer(config.base)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from e
-    try:
+        if config.model is None:
+            config.model = dataset.default_model
+        if config.model not in MODELS:
+            raise ConfigError(f"unknown model {config.model!r}; available: {', '.join(MODELS)}")
+        optimizer_classes(config.optimizer, config.base)
         dataset.check_data_dir(config.data_dir)
-    except ValueError as e:
+    except ConfigError:
+        raise
+    except ValueError as e:  # the dataset registry's: an unknown name, a missing --data-dir
         raise ConfigError(str(e)) from e
     if config.track_sharpness:
         _sharpness_api()  # fail now, not after the first N epochs

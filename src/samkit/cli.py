@@ -50,6 +50,50 @@ class Subcommand:
     run: Callable[[argparse.Namespace], int]
 
 
+# ----------------------------------------------------------------------------- run scope
+
+
+def _add_run_scope_arguments(p: argparse.ArgumentParser) -> None:
+    """The settings of one run that ``samkit train`` takes and ``samkit bench`` gives every run
+    of its sweep, declared once for both. They default to SUPPRESS (the namespace holds only
+    what was given: a run keeps its recipe's value otherwise); :func:`_run_scope` reads back
+    the ones given."""
+    from samkit.train.data import DATASETS
+
+    S = argparse.SUPPRESS
+    with_files = [
+        f"{name} ({spec.files})" for name, spec in DATASETS.items() if spec.needs_data_dir
+    ]
+    tiny = [name for name, spec in DATASETS.items() if spec.cpu_threads == 1]
+    g = p.add_argument_group("run scope (samkit bench gives these to every run)")
+    actions = [
+        g.add_argument("--data-dir", default=S, metavar="DIR",
+                       help=f"folder with the files of {', '.join(with_files)}; nothing is "
+                            "downloaded"),
+        g.add_argument("--device", default=S,
+                       help="auto, cpu, cuda, cuda:1, ... (default: the recipe's, else auto)"),
+        g.add_argument("--limit-train", default=S, type=int, metavar="N",
+                       help="use only the first N training samples (quick runs)"),
+        g.add_argument("--limit-test", default=S, type=int, metavar="N",
+                       help="use only the first N test samples"),
+        g.add_argument("--track-sharpness", default=S, type=int, metavar="N",
+                       help="every N epochs record lambda_max, the Hessian trace and the "
+                            "gradient/eigenvector alignment in metrics.jsonl (samkit report "
+                            "plots lambda_max; default 0: off)"),
+        # Not a setting of the run's computation: the process's, never in config.json.
+        g.add_argument("--threads", default=S, type=int, metavar="N",
+                       help=f"torch CPU threads of a run (default: samkit train: 1 for "
+                            f"{', '.join(tiny)} on a CPU, else torch's choice; samkit bench: 1, "
+                            "its runs share the cores)"),
+    ]  # fmt: skip
+    p.set_defaults(_run_scope=tuple(a.dest for a in actions))
+
+
+def _run_scope(args: argparse.Namespace) -> dict[str, Any]:
+    """The run-scope settings given on the command line (``--threads`` included)."""
+    return {dest: getattr(args, dest) for dest in args._run_scope if hasattr(args, dest)}
+
+
 # ----------------------------------------------------------------------------- samkit train
 
 
@@ -67,9 +111,6 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     # layers recipe < checkpoint (--resume) < --config file < flags merge cleanly.
     S = argparse.SUPPRESS
 
-    def opt(*flags: str, **kw: Any) -> None:
-        p.add_argument(*flags, default=S, **kw)
-
     g = p.add_argument_group("recipe")
     g.add_argument("--recipe", default=None, action="append", metavar="NAME|FILE",
                    help=f"an embedded recipe (`samkit list recipes`) or a TOML file: task, "
@@ -78,7 +119,6 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=S, choices=list(DATASETS), help=f"(default {d.dataset})")
-    g.add_argument("--data-dir", default=S, metavar="DIR", help="folder with the CIFAR files")
     g.add_argument("--label-noise", default=S, type=float, metavar="P",
                    help="symmetric label noise: each training label becomes a random other "
                         f"class with probability P (default {d.label_noise:g})")  # fmt: skip
@@ -87,10 +127,6 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                         f"{', '.join(n for n, spec in DATASETS.items() if spec.augment)}, "
                         "off otherwise)")  # fmt: skip
     g.add_argument("--cutout", default=S, type=int, metavar="N", help="cutout square side")
-    g.add_argument("--limit-train", default=S, type=int, metavar="N",
-                   help="use only the first N training samples (quick runs)")  # fmt: skip
-    g.add_argument("--limit-test", default=S, type=int, metavar="N",
-                   help="use only the first N test samples")  # fmt: skip
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default=S, choices=list_models(),
@@ -127,16 +163,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"samples per step (default {d.batch_size}); under torchrun the global "
                         "batch, split evenly between the processes")  # fmt: skip
     g.add_argument("--seed", default=S, type=int, help=f"(default {d.seed})")
-    g.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", default=S, choices=AMP_MODES, help="autocast dtype (default off)")
     g.add_argument("--accumulation-steps", default=S, type=int, metavar="K",
                    help="split every pass into K micro-batches (default 1)")  # fmt: skip
     g.add_argument("--compile", default=S, action=argparse.BooleanOptionalAction,
                    help="run the model through torch.compile (the model only; the optimizer "
                         "step stays eager; first steps are slower while it compiles)")  # fmt: skip
-    g.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads (default: 1 for mnist1d/digits on CPU, "
-                        "else torch's choice)")  # fmt: skip
 
     g = p.add_argument_group("outputs")
     g.add_argument("--out", default=S, metavar="DIR",
@@ -149,11 +181,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop-after-epoch", default=S, type=int, metavar="E",
                    help="stop after epoch E with a checkpoint; a later --resume continues "
                         "to --epochs unless it gives its own --stop-after-epoch")  # fmt: skip
-    g.add_argument("--track-sharpness", default=S, type=int, metavar="N",
-                   help="every N epochs record lambda_max, Hessian trace and gradient/"
-                        "eigenvector alignment in metrics.jsonl (default 0: off)")  # fmt: skip
     g.add_argument("--sharpness-samples", default=S, type=int, metavar="N",
                    help="training samples used for --track-sharpness (default 512)")  # fmt: skip
+    _add_run_scope_arguments(p)
     g.add_argument("--config", default=None, metavar="FILE.json",
                    help="deprecated (use --recipe FILE.toml): a JSON object of settings, "
                         "above the recipe, below the flags")  # fmt: skip
@@ -161,7 +191,6 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="one line per epoch instead of a progress bar (the default when the "
                         "output is not a terminal)")  # fmt: skip
     g.add_argument("--quiet", action="store_true", help="print only the final line")
-    del opt
 
 
 def _train_config_from_args(args: argparse.Namespace) -> Any:
@@ -268,16 +297,16 @@ def _train(args: argparse.Namespace, launch: Any) -> int:
     from samkit.optim import NonFiniteError
     from samkit.train import train
     from samkit.train.data import dataset_spec
+    from samkit.train.env import check_threads
     from samkit.train.progress import count
 
+    threads = _run_scope(args).get("threads")
     try:  # every process reads the same flags, files and checkpoint: the same errors
         config = _train_config_from_args(args)
-        if args.threads is not None and args.threads < 1:
-            raise UsageError(f"invalid --threads: {args.threads} (must be >= 1)")
+        check_threads(threads)
     except Exception as e:
         e.samkit_agreed = True  # type: ignore[attr-defined]
         raise
-    threads = args.threads
     if threads is None and config.device in ("auto", "cpu"):
         threads = dataset_spec(config.dataset).cpu_threads
     if threads is not None:
@@ -496,20 +525,11 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "repeatable")  # fmt: skip
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="runs in parallel, each in its own process (default 1)")  # fmt: skip
-    p.add_argument("--threads", type=int, default=1, metavar="N",
-                   help="torch threads per run (default 1)")  # fmt: skip
-    p.add_argument("--data-dir", default=None, metavar="DIR", help="CIFAR files (CIFAR tasks)")
-    p.add_argument("--device", default=None, help="device of every run (default: the recipe's)")
-    p.add_argument("--limit-train", type=int, default=None, metavar="N",
-                   help="first N training samples of every run (quick sweeps)")  # fmt: skip
-    p.add_argument("--limit-test", type=int, default=None, metavar="N",
-                   help="first N test samples of every run")  # fmt: skip
-    p.add_argument("--track-sharpness", type=int, default=None, metavar="N",
-                   help="record lambda_1 every N epochs (shown by samkit report)")  # fmt: skip
     p.add_argument("--isolation", choices=["auto", "fork", "subprocess"], default="auto",
                    help="auto (default): fork CPU runs from a process that has the data in "
                         "memory, a fresh Python process otherwise")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="print only the final line")
+    _add_run_scope_arguments(p)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -517,18 +537,15 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     from samkit.bench import SweepError, bench
 
-    extra = {
-        k: getattr(args, k)
-        for k in ("device", "limit_train", "limit_test", "track_sharpness")
-        if getattr(args, k) is not None
-    }
+    settings = _run_scope(args)  # every run gets them; threads are its process's
+    threads = settings.pop("threads", None)
     command = shlex.join(["samkit", *args._argv])
     try:
         results = bench(
             args.out, args.tasks, args.optimizers, args.seeds, budget=args.budget,
-            epochs=args.epochs, recipes=args.recipe, extra=extra, data_dir=args.data_dir,
-            workers=args.workers, threads=args.threads, isolation=args.isolation,
-            command=command, progress=not args.quiet,
+            epochs=args.epochs, recipes=args.recipe, extra=settings, workers=args.workers,
+            threads=threads, isolation=args.isolation, command=command,
+            progress=not args.quiet,
         )  # fmt: skip
     except SweepError as e:
         raise UsageError(str(e)) from e

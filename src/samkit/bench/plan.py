@@ -199,10 +199,12 @@ def plan_sweep(
     extra: dict[str, Any] | None = None,
     data_dir: str | None = None,
 ) -> tuple[list[Task], list[OptimizerSpec], list[PlannedRun]]:
-    """Every run of the sweep, validated (a bad spec or setting fails here, before any run).
+    """Every run of the sweep, its settings resolved (a bad spec or setting fails here,
+    before any run).
 
     ``budget`` is one of :data:`BUDGETS` or ``"both"``; ``extra`` are settings given to every
-    run (``limit_train``, ``device``, ``track_sharpness``...).
+    run (``limit_train``, ``device``, ``track_sharpness``...), except ``data_dir`` (also
+    accepted as ``data_dir=``), given only to the runs whose dataset reads files.
     """
     budgets = BUDGETS if budget == "both" else (budget,)
     for b in budgets:
@@ -231,6 +233,9 @@ def plan_sweep(
     texts = [s.text for s in specs]
     if len(set(texts)) != len(texts):
         raise ConfigError(f"--optimizers names an optimizer twice: {texts}")
+    extra = dict(extra or {})
+    if data_dir is not None:
+        extra["data_dir"] = data_dir
     out = Path(out)
     runs: dict[Path, PlannedRun] = {}
     for task in task_list:
@@ -248,8 +253,7 @@ def plan_sweep(
                         prev = runs[path]
                         runs[path] = dataclasses.replace(prev, budgets=(*prev.budgets, b))
                         continue
-                    runs[path] = _planned(task, own, spec, seed, e, b, path, extra or {},
-                                          data_dir)  # fmt: skip
+                    runs[path] = _planned(task, own, spec, seed, e, b, path, extra)
     return task_list, specs, list(runs.values())
 
 
@@ -262,7 +266,6 @@ def _planned(
     budget: str,
     path: Path,
     extra: dict[str, Any],
-    data_dir: str | None,
 ) -> PlannedRun:
     """The run, its settings resolved as ``samkit train`` resolves its command line."""
     try:
@@ -272,8 +275,8 @@ def _planned(
     given: dict[str, Any] = {"optimizer": spec.name, **table, "seed": seed, "epochs": epochs}
     given.update(extra)
     dataset = DATASETS.get(given.get("dataset", own.dataset))
-    if data_dir is not None and dataset is not None and dataset.needs_data_dir:
-        given["data_dir"] = data_dir  # only to the runs that read files
+    if dataset is None or not dataset.needs_data_dir:
+        given.pop("data_dir", None)  # only the runs that read files get --data-dir
     given["out"] = str(path)
     try:
         config = run_config([task.recipe, *task.overlays], given)

@@ -33,6 +33,7 @@ from typing import Any, TextIO
 
 from samkit.bench.plan import PlannedRun
 from samkit.train.config import RESUMABLE_KEYS, ConfigError, TrainConfig
+from samkit.train.env import check_threads
 
 __all__ = ["RunResult", "SweepError", "run_state", "run_sweep"]
 
@@ -336,11 +337,16 @@ def _cuda_might_be_used() -> bool:
     )
 
 
+#: torch threads of each run when none are given: a sweep's runs share the machine's cores
+#: (``workers`` at a time), and the embedded tasks' models gain nothing from more.
+RUN_THREADS = 1
+
+
 def run_sweep(
     runs: Sequence[PlannedRun],
     *,
     workers: int = 1,
-    threads: int = 1,
+    threads: int | None = None,
     isolation: str = "auto",
     stream: TextIO | None = None,
     progress: bool = True,
@@ -349,11 +355,12 @@ def run_sweep(
     """Run every planned run not yet finished, ``workers`` at a time; return one
     :class:`RunResult` per run (finished ones ``skipped``). A failed run is reported in one
     line and does not stop the others. ``isolation``: ``auto`` (fork where possible),
-    ``fork`` or ``subprocess``."""
+    ``fork`` or ``subprocess``; ``threads``: torch threads of each run (default
+    :data:`RUN_THREADS`)."""
     if workers < 1:
         raise SweepError(f"invalid --workers {workers} (must be >= 1)")
-    if threads < 1:
-        raise SweepError(f"invalid --threads {threads} (must be >= 1)")
+    check_threads(threads)
+    threads = RUN_THREADS if threads is None else threads
     stream = stream if stream is not None else sys.stdout
     results: dict[Path, RunResult] = {}
     pending: list[tuple[PlannedRun, TrainConfig]] = []  # the run, the settings it trains

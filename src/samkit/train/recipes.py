@@ -79,8 +79,8 @@ __all__ = [
     "DefaultsRow",
     "Recipe",
     "check_given",
-    "defaults_markdown",
     "defaults_rows",
+    "format_value",
     "format_values",
     "list_recipes",
     "load_recipe",
@@ -88,10 +88,8 @@ __all__ = [
     "method_table_settings",
     "parse_recipe",
     "recipe_config",
-    "recipes_markdown",
     "resolve_settings",
     "run_config",
-    "update_docs",
 ]
 
 #: Folder of the recipes shipped with samkit (``samkit/recipes/*.toml``).
@@ -503,7 +501,8 @@ def defaults_rows(recipe: str | Path = DEFAULT_RECIPE) -> list[DefaultsRow]:
     return rows
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A value as the tables show it (floats with ``:g``)."""
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -514,79 +513,5 @@ def format_values(values: Mapping[str, Any], differ_from: Mapping[str, Any] | No
         star = (
             "*" if differ_from is not None and (k not in differ_from or differ_from[k] != v) else ""
         )
-        parts.append(f"{k}={_fmt(v)}{star}")
+        parts.append(f"{k}={format_value(v)}{star}")
     return ", ".join(parts) if parts else "-"
-
-
-def defaults_markdown(recipe: str | Path = DEFAULT_RECIPE) -> str:
-    """The defaults table of the docs (docs/recipes.md), generated."""
-    r = load_recipe(recipe)
-    common = {
-        k: r.settings[k] for k in ("base", "lr", "momentum", "weight_decay") if k in r.settings
-    }
-    lines = [
-        f"| optimizer | passes/step | class defaults (the paper's) | `samkit train --optimizer NAME` "
-        f"(recipe `{r.name}`) |",
-        "|---|---|---|---|",
-    ]
-    for row in defaults_rows(recipe):
-        cls = format_values(row.class_defaults) if row.sharpness_aware else "torch's"
-        lines.append(
-            f"| `{row.name}` | {row.passes:.3g} | {cls} | "
-            f"{format_values(row.recipe_values, row.class_defaults).replace('*', ' (tuned)')} |"
-        )
-    lines.append("")
-    lines.append(
-        f"Every optimizer in recipe `{r.name}` trains with "
-        + ", ".join(f"{k} {_fmt(v)}" for k, v in common.items())
-        + " unless its row says otherwise (momentum only where the optimizer takes one)."
-    )
-    return "\n".join(lines)
-
-
-def recipes_markdown() -> str:
-    """The table of embedded recipes for the docs, generated."""
-    lines = [
-        "| recipe | task | model | epochs | what it is |",
-        "|---|---|---|---|---|",
-    ]
-    for name in list_recipes():
-        r = load_recipe(name)
-        c = resolve_settings([r], {})
-        task = c.dataset + (f", {c.label_noise:.0%} label noise" if c.label_noise else "")
-        if c.limit_train:
-            task += f", first {c.limit_train} training samples"
-        args = ", ".join(f"{k}={_fmt(v)}" for k, v in c.model_args.items())
-        model = f"{c.model}" + (f" ({args})" if args else "")
-        lines.append(f"| `{name}` | {task} | {model} | {c.epochs} | {r.description} |")
-    return "\n".join(lines)
-
-
-def update_docs(path: str | Path) -> bool:
-    """Rewrite the generated tables of a Markdown page (between its ``<!-- defaults table:
-    begin ... -->`` / ``<!-- ... end -->`` and ``recipes table`` markers); True if it changed."""
-    import re
-
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    new = text
-    for name, body in (
-        ("defaults table", defaults_markdown()),
-        ("recipes table", recipes_markdown()),
-    ):
-        pattern = rf"(<!-- {name}: begin.*?-->\n)(.*?)(\n<!-- {name}: end -->)"
-        new = re.sub(pattern, lambda m, b=body: m.group(1) + b + m.group(3), new, flags=re.S)
-    if new != text:
-        path.write_text(new, encoding="utf-8")
-    return new != text
-
-
-if __name__ == "__main__":
-    # python -m samkit.train.recipes --markdown         print the docs' generated tables
-    # python -m samkit.train.recipes --update FILE.md   rewrite them in FILE.md (docs/recipes.md)
-    if len(sys.argv) == 3 and sys.argv[1] == "--update":
-        print("updated" if update_docs(sys.argv[2]) else "unchanged", sys.argv[2])
-    else:
-        print(defaults_markdown())
-        print()
-        print(recipes_markdown())

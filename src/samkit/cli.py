@@ -34,9 +34,8 @@ class _Parser(argparse.ArgumentParser):
         _fail(message)
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    first = " ".join(str(message).split())  # one line, whatever the message holds
-    sys.stderr.write(f"{PROG}: error: {first}\n")
+def _fail(message: Any, code: int = 2) -> NoReturn:
+    _report(message)
     sys.exit(code)
 
 
@@ -265,7 +264,7 @@ def _exit_one_of_many(error: BaseException, launch: Any) -> NoReturn:
         sys.exit(2 if isinstance(error, (ConfigError, CheckpointError)) else 1)
     if isinstance(error, RunWriteError):
         _fail(f"{where}: {error.strerror}")
-    if isinstance(error, (UsageError, ConfigError, CheckpointError, UnsafePickleError)):
+    if isinstance(error, (ConfigError, CheckpointError, UnsafePickleError)):
         _fail(f"{where}: {error}")
     if isinstance(error, NonFiniteError):
         _fail(f"{where}: training diverged: {error}", code=1)
@@ -693,6 +692,6 @@ def _warning_printer(default: Callable[..., None], category: type[Warning]) -> C
 
 
 def _report(error: Any) -> int:
-    first = " ".join(str(error).split())
-    sys.stderr.write(f"{PROG}: error: {first}\n")
+    """``samkit: error: ...`` on stderr, one line whatever the message holds; exit code 2."""
+    sys.stderr.write(f"{PROG}: error: {' '.join(str(error).split())}\n")
     return 2

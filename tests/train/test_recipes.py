@@ -14,7 +14,7 @@ import torch
 import samkit
 from samkit.cli import main
 from samkit.optim import OptimizerInfo, get_optimizer_info, list_optimizers
-from samkit.train import ConfigError, TrainConfig, optimizer_kwargs
+from samkit.train import ConfigError, TrainConfig, optimizer_settings
 from samkit.train.recipes import (
     DEFAULT_RECIPE,
     defaults_rows,
@@ -78,15 +78,15 @@ def test_register_refuses_registry_defaults():
 
 
 def test_a_config_without_a_recipe_uses_the_class_defaults():
-    kwargs = optimizer_kwargs(TrainConfig(optimizer="fsam"))
+    kwargs = optimizer_settings(TrainConfig(optimizer="fsam"))
     assert kwargs["rho"] == 0.05 and kwargs["lmbda"] == 0.6 and kwargs["sigma"] == 1.0
-    assert optimizer_kwargs(TrainConfig(optimizer="sam", rho=0.2))["rho"] == 0.2
+    assert optimizer_settings(TrainConfig(optimizer="sam", rho=0.2))["rho"] == 0.2
 
 
 def test_the_default_run_uses_the_recipe_values_and_the_api_the_papers():
     recipe = load_recipe(DEFAULT_RECIPE)
     for name, table in recipe.methods.items():
-        kwargs = optimizer_kwargs(recipe_config(optimizer=name))
+        kwargs = optimizer_settings(recipe_config(optimizer=name))
         for key, value in table.items():
             assert kwargs[key] == value, (name, key)
     # The same name through the API: the class's own value.
@@ -149,7 +149,7 @@ def test_every_embedded_recipe_resolves_for_every_optimizer():
         assert r.description, name
         for opt in list_optimizers():
             c = resolve_settings([r], {"optimizer": opt})
-            optimizer_kwargs(c)
+            optimizer_settings(c)
             assert c.recipe == name
 
 
@@ -206,7 +206,7 @@ def test_flags_the_optimizer_would_ignore_are_refused(argv, expected, capsys):
 def test_recipe_momentum_is_not_an_ignored_flag():
     # The recipe's momentum is for the optimizers that take one; AdamW runs without it.
     c = recipe_config(optimizer="adamw")
-    kwargs = optimizer_kwargs(c)
+    kwargs = optimizer_settings(c)
     assert (
         "momentum" not in kwargs and kwargs["lr"] == load_recipe("mnist1d").methods["adamw"]["lr"]
     )

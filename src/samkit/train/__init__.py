@@ -13,7 +13,7 @@ from samkit.train.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from samkit.train.config import ConfigError, TrainConfig
+from samkit.train.config import ConfigError, TrainConfig, optimizer_settings
 from samkit.train.data import (
     Dataset,
     DatasetInfo,
@@ -29,7 +29,7 @@ from samkit.train.data import (
     register_dataset,
 )
 from samkit.train.env import TrainWarning
-from samkit.train.loop import build_dataset, optimizer_kwargs, resolve_config, train
+from samkit.train.loop import build_dataset, resolve_config, train
 from samkit.train.models import create_model, list_models
 from samkit.train.rundir import RunWriteError
 
@@ -54,7 +54,7 @@ __all__ = [
     "load_checkpoint",
     "load_cifar",
     "load_dataset",
-    "optimizer_kwargs",
+    "optimizer_settings",
     "read_checkpoint",
     "register_dataset",
     "resolve_config",

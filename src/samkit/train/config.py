@@ -218,14 +218,19 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> TrainConfig:
         """Build from a dict; keys may use ``-`` or ``_``; unknown keys raise ConfigError."""
+        return cls(**cls._settings(d, source))
+
+    @classmethod
+    def _settings(cls, d: dict[str, Any], source: Any) -> dict[str, Any]:
+        """``d`` with underscored keys; ConfigError naming ``source`` for an unknown key."""
         known = set(cls.field_names())
-        kwargs = {}
+        out = {}
         for key, value in d.items():
             name = str(key).replace("-", "_")
             if name not in known:
                 raise ConfigError(f"{source}: unknown setting {key!r}")
-            kwargs[name] = value
-        return cls(**kwargs)
+            out[name] = value
+        return out
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> dict[str, Any]:
@@ -245,14 +250,7 @@ class TrainConfig:
             raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from e
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object of settings")
-        known = set(cls.field_names())
-        out = {}
-        for key, value in d.items():
-            name = str(key).replace("-", "_")
-            if name not in known:
-                raise ConfigError(f"{path}: unknown setting {key!r}")
-            out[name] = value
-        return out
+        return cls._settings(d, path)
 
 
 def check_resume(resume: Any, out: Any) -> None:

@@ -457,30 +457,33 @@ register_dataset(
         cpu_threads=1,
     )
 )
-register_dataset(
-    DatasetSpec(
-        name="cifar10",
-        description="CIFAR-10 from --data-dir (cifar-10-batches-py), 50,000 / 10,000, 10 classes",
-        load=functools.partial(load_cifar, "cifar10"),
-        num_classes=10,
+
+
+def _cifar(name: str, num_classes: int, description: str) -> DatasetSpec:
+    """CIFAR-10 and CIFAR-100 differ only in their files and classes."""
+    return DatasetSpec(
+        name=name,
+        description=description,
+        load=functools.partial(load_cifar, name),
+        num_classes=num_classes,
         input_shape=(3, 32, 32),
         default_model="resnet18",
         needs_data_dir=True,
-        files=_CIFAR_LAYOUT["cifar10"][0],
+        files=_CIFAR_LAYOUT[name][0],
         augment=True,
+    )
+
+
+register_dataset(
+    _cifar(
+        "cifar10", 10, "CIFAR-10 from --data-dir (cifar-10-batches-py), 50,000 / 10,000, 10 classes"
     )
 )
 register_dataset(
-    DatasetSpec(
-        name="cifar100",
-        description="CIFAR-100 from --data-dir (cifar-100-python), 50,000 / 10,000, 100 classes",
-        load=functools.partial(load_cifar, "cifar100"),
-        num_classes=100,
-        input_shape=(3, 32, 32),
-        default_model="resnet18",
-        needs_data_dir=True,
-        files=_CIFAR_LAYOUT["cifar100"][0],
-        augment=True,
+    _cifar(
+        "cifar100",
+        100,
+        "CIFAR-100 from --data-dir (cifar-100-python), 50,000 / 10,000, 100 classes",
     )
 )
 

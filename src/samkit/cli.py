@@ -502,14 +502,16 @@ def _run_landscape(args: argparse.Namespace) -> int:
 
 def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     from samkit.bench import BUDGETS
+    from samkit.train.recipes import DEFAULT_RECIPE
 
     p.add_argument("--optimizers", nargs="+", required=True, metavar="NAME[:KEY=VALUE,...]",
                    help="optimizers to compare, the first is the reference of the paired "
                         "differences; e.g. sgd sam fsam:rho=0.05,lr=0.1; `all`: every "
                         "registered one, sgd first")  # fmt: skip
-    p.add_argument("--tasks", nargs="+", default=["mnist1d"], metavar="RECIPE",
+    p.add_argument("--tasks", nargs="+", default=[DEFAULT_RECIPE], metavar="RECIPE",
                    help="tasks: embedded recipes (mnist1d, mnist1d-noisy, digits, cifar10, "
-                        "cifar100, ...; `samkit list recipes`) or TOML files (default mnist1d)")  # fmt: skip
+                        "cifar100, ...; `samkit list recipes`) or TOML files (default "
+                        f"{DEFAULT_RECIPE}, the recipe of samkit train)")  # fmt: skip
     p.add_argument("--seeds", type=int, default=5, metavar="N",
                    help="run seeds 0..N-1 (default 5)")  # fmt: skip
     p.add_argument("--out", required=True, metavar="DIR", help="folder of the sweep")

@@ -403,8 +403,7 @@ def resolve_settings(
         recipe = merge_recipes(recipes)
         settings = {**recipe.settings, "recipe": recipe.name}
         optimizer = given.get("optimizer", settings.get("optimizer", TrainConfig.optimizer))
-        if not isinstance(optimizer, str):
-            raise ConfigError(f"invalid optimizer: {optimizer!r} (must be a string)")
+        TrainConfig(optimizer=optimizer).validate()  # a string, before its table is looked up
         table = recipe.methods.get(optimizer.lower(), {})
         if table:
             base = given.get("base", table.get("base", settings.get("base", TrainConfig.base)))

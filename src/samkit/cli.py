@@ -182,7 +182,6 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "to --epochs unless it gives its own --stop-after-epoch")  # fmt: skip
     g.add_argument("--sharpness-samples", default=S, type=int, metavar="N",
                    help="training samples used for --track-sharpness (default 512)")  # fmt: skip
-    _add_run_scope_arguments(p)
     g.add_argument("--config", default=None, metavar="FILE.json",
                    help="deprecated (use --recipe FILE.toml): a JSON object of settings, "
                         "above the recipe, below the flags")  # fmt: skip
@@ -190,6 +189,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="one line per epoch instead of a progress bar (the default when the "
                         "output is not a terminal)")  # fmt: skip
     g.add_argument("--quiet", action="store_true", help="print only the final line")
+    _add_run_scope_arguments(p)
 
 
 def _train_config_from_args(args: argparse.Namespace) -> Any:

@@ -358,3 +358,37 @@ def test_a_real_terminal_gets_a_bar_per_epoch_ending_with_its_test_accuracy():
     finals = {d.split(":")[0]: d for d in drawings if "test_acc=" in d}
     assert list(finals) == ["epoch 1/2", "epoch 2/2"], screen
     assert not any(d.startswith("epoch   1/2 |") for d in drawings), screen
+
+
+def test_train_and_bench_share_one_declaration_of_the_run_scope_flags(tmp_path, monkeypatch):
+    import samkit.bench
+    from samkit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")  # noqa: SLF001
+    train, bench = sub.choices["train"], sub.choices["bench"]
+    scope = train.get_default("_run_scope")
+    assert scope == bench.get_default("_run_scope")
+    assert {"data_dir", "device", "limit_train", "limit_test", "threads", "track_sharpness"} <= set(
+        scope
+    )
+
+    def declared(parser):
+        return {
+            a.dest: (a.option_strings, a.type, a.default, a.help)
+            for a in parser._actions  # noqa: SLF001
+            if a.dest in scope
+        }
+
+    assert declared(train) == declared(bench) and len(declared(train)) == len(scope)
+    # samkit bench gives every run-scope flag to its runs (threads: to their processes).
+    seen = {}
+    monkeypatch.setattr(samkit.bench, "bench", lambda *a, **kw: seen.update(kw) or [])
+    argv = ["bench", "--optimizers", "sgd", "--out", str(tmp_path), "--data-dir", "d",
+            "--device", "cpu", "--limit-train", "64", "--limit-test", "32",
+            "--track-sharpness", "2", "--threads", "3"]  # fmt: skip
+    assert main(argv) == 0
+    assert seen["threads"] == 3 and seen["extra"] == {
+        "data_dir": "d", "device": "cpu", "limit_train": 64, "limit_test": 32,
+        "track_sharpness": 2,
+    }  # fmt: skip
+    assert {a.dest for a in bench._actions if a.dest in scope} == set(seen["extra"]) | {"threads"}  # noqa: SLF001

@@ -34,9 +34,8 @@ class _Parser(argparse.ArgumentParser):
         _fail(message)
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    first = " ".join(str(message).split())  # one line, whatever the message holds
-    sys.stderr.write(f"{PROG}: error: {first}\n")
+def _fail(message: Any, code: int = 2) -> NoReturn:
+    _report(message)
     sys.exit(code)
 
 
@@ -50,14 +49,59 @@ class Subcommand:
     run: Callable[[argparse.Namespace], int]
 
 
+# ----------------------------------------------------------------------------- run scope
+
+
+def _add_run_scope_arguments(p: argparse.ArgumentParser) -> None:
+    """The settings of one run that ``samkit train`` takes and ``samkit bench`` gives every run
+    of its sweep, declared once for both. They default to SUPPRESS (the namespace holds only
+    what was given: a run keeps its recipe's value otherwise); :func:`_run_scope` reads back
+    the ones given."""
+    from samkit.train.data import DATASETS
+
+    S = argparse.SUPPRESS
+    with_files = [
+        f"{name} ({spec.files})" for name, spec in DATASETS.items() if spec.needs_data_dir
+    ]
+    tiny = [name for name, spec in DATASETS.items() if spec.cpu_threads == 1]
+    g = p.add_argument_group("run scope (samkit bench gives these to every run)")
+    actions = [
+        g.add_argument("--data-dir", default=S, metavar="DIR",
+                       help=f"folder with the files of {', '.join(with_files)}; nothing is "
+                            "downloaded"),
+        g.add_argument("--device", default=S,
+                       help="auto, cpu, cuda, cuda:1, ... (default: the recipe's, else auto)"),
+        g.add_argument("--limit-train", default=S, type=int, metavar="N",
+                       help="use only the first N training samples (quick runs)"),
+        g.add_argument("--limit-test", default=S, type=int, metavar="N",
+                       help="use only the first N test samples"),
+        g.add_argument("--track-sharpness", default=S, type=int, metavar="N",
+                       help="every N epochs record lambda_max, the Hessian trace and the "
+                            "gradient/eigenvector alignment in metrics.jsonl (samkit report "
+                            "plots lambda_max; default 0: off)"),
+        # Not a setting of the run's computation: the process's, never in config.json.
+        g.add_argument("--threads", default=S, type=int, metavar="N",
+                       help=f"torch CPU threads of a run (default: samkit train: 1 for "
+                            f"{', '.join(tiny)} on a CPU, else torch's choice; samkit bench: 1, "
+                            "its runs share the cores)"),
+    ]  # fmt: skip
+    p.set_defaults(_run_scope=tuple(a.dest for a in actions))
+
+
+def _run_scope(args: argparse.Namespace) -> dict[str, Any]:
+    """The run-scope settings given on the command line (``--threads`` included)."""
+    return {dest: getattr(args, dest) for dest in args._run_scope if hasattr(args, dest)}
+
+
 # ----------------------------------------------------------------------------- samkit train
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     import samkit
     from samkit.optim import BASE_OPTIMIZERS
-    from samkit.train import list_datasets, list_models
+    from samkit.train import list_models
     from samkit.train.config import AMP_MODES, SCHEDULES
+    from samkit.train.data import DATASETS
     from samkit.train.recipes import DEFAULT_RECIPE, recipe_config
 
     # The defaults shown are the values `samkit train` uses: the default recipe's.
@@ -66,9 +110,6 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     # layers recipe < checkpoint (--resume) < --config file < flags merge cleanly.
     S = argparse.SUPPRESS
 
-    def opt(*flags: str, **kw: Any) -> None:
-        p.add_argument(*flags, default=S, **kw)
-
     g = p.add_argument_group("recipe")
     g.add_argument("--recipe", default=None, action="append", metavar="NAME|FILE",
                    help=f"an embedded recipe (`samkit list recipes`) or a TOML file: task, "
@@ -76,18 +117,15 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                         f"layer (later wins); flags override it (default {DEFAULT_RECIPE})")  # fmt: skip
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=S, choices=list_datasets(), help=f"(default {d.dataset})")
-    g.add_argument("--data-dir", default=S, metavar="DIR", help="folder with the CIFAR files")
+    g.add_argument("--dataset", default=S, choices=list(DATASETS), help=f"(default {d.dataset})")
     g.add_argument("--label-noise", default=S, type=float, metavar="P",
                    help="symmetric label noise: each training label becomes a random other "
                         f"class with probability P (default {d.label_noise:g})")  # fmt: skip
     g.add_argument("--augment", default=S, action=argparse.BooleanOptionalAction,
-                   help="random crop + flip (default: on for CIFAR, off otherwise)")  # fmt: skip
+                   help="random crop + flip (default: on for "
+                        f"{', '.join(n for n, spec in DATASETS.items() if spec.augment)}, "
+                        "off otherwise)")  # fmt: skip
     g.add_argument("--cutout", default=S, type=int, metavar="N", help="cutout square side")
-    g.add_argument("--limit-train", default=S, type=int, metavar="N",
-                   help="use only the first N training samples (quick runs)")  # fmt: skip
-    g.add_argument("--limit-test", default=S, type=int, metavar="N",
-                   help="use only the first N test samples")  # fmt: skip
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default=S, choices=list_models(),
@@ -124,16 +162,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"samples per step (default {d.batch_size}); under torchrun the global "
                         "batch, split evenly between the processes")  # fmt: skip
     g.add_argument("--seed", default=S, type=int, help=f"(default {d.seed})")
-    g.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", default=S, choices=AMP_MODES, help="autocast dtype (default off)")
     g.add_argument("--accumulation-steps", default=S, type=int, metavar="K",
                    help="split every pass into K micro-batches (default 1)")  # fmt: skip
     g.add_argument("--compile", default=S, action=argparse.BooleanOptionalAction,
                    help="run the model through torch.compile (the model only; the optimizer "
                         "step stays eager; first steps are slower while it compiles)")  # fmt: skip
-    g.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads (default: 1 for mnist1d/digits on CPU, "
-                        "else torch's choice)")  # fmt: skip
 
     g = p.add_argument_group("outputs")
     g.add_argument("--out", default=S, metavar="DIR",
@@ -146,9 +180,6 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop-after-epoch", default=S, type=int, metavar="E",
                    help="stop after epoch E with a checkpoint; a later --resume continues "
                         "to --epochs unless it gives its own --stop-after-epoch")  # fmt: skip
-    g.add_argument("--track-sharpness", default=S, type=int, metavar="N",
-                   help="every N epochs record lambda_max, Hessian trace and gradient/"
-                        "eigenvector alignment in metrics.jsonl (default 0: off)")  # fmt: skip
     g.add_argument("--sharpness-samples", default=S, type=int, metavar="N",
                    help="training samples used for --track-sharpness (default 512)")  # fmt: skip
     g.add_argument("--config", default=None, metavar="FILE.json",
@@ -158,14 +189,15 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="one line per epoch instead of a progress bar (the default when the "
                         "output is not a terminal)")  # fmt: skip
     g.add_argument("--quiet", action="store_true", help="print only the final line")
-    del opt
+    _add_run_scope_arguments(p)
 
 
 def _train_config_from_args(args: argparse.Namespace) -> Any:
-    """TrainConfig from recipe < checkpoint (--resume) < --config file < flags."""
-    from samkit.train import TrainConfig, read_checkpoint
+    """TrainConfig from recipe < checkpoint (--resume) < --config file < flags
+    (:func:`samkit.train.recipes.run_config`)."""
+    from samkit.train import TrainConfig
     from samkit.train.config import parse_key_values
-    from samkit.train.recipes import DEFAULT_RECIPE, load_recipe, resolve_settings
+    from samkit.train.recipes import run_config
 
     flags = {
         k: v
@@ -178,42 +210,12 @@ def _train_config_from_args(args: argparse.Namespace) -> Any:
     if "opt_arg" in flags:
         flags["opt_args"] = parse_key_values(flags.pop("opt_arg"), "--opt-arg")
     file_settings = TrainConfig.from_json_file(args.config) if args.config else {}
-    given = {**file_settings, **flags}
-    _check_base(given.get("base"))
-
-    if given.get("resume") is True:  # anything else is refused by TrainConfig.validate
-        if not given.get("out"):
-            raise UsageError("--resume needs --out (the run directory to resume)")
-        if args.recipe:
-            raise UsageError(
-                "--recipe cannot be combined with --resume: a resumed run continues with the "
-                "settings stored in its checkpoint"
-            )
-        saved = read_checkpoint(given["out"])["config"]
-        # Where the earlier command stopped is not where this one stops: a resumed run
-        # continues to --epochs unless the resume command gives its own --stop-after-epoch.
-        saved = {**saved, "stop_after_epoch": None}
-        return resolve_settings([], given, checkpoint=saved)
-    recipes = [load_recipe(r) for r in (args.recipe or [DEFAULT_RECIPE])]
-    return resolve_settings(recipes, given)
-
-
-def _check_base(base: Any) -> None:
-    """A base optimizer the command line can name (a class can only be passed in Python)."""
-    from samkit.optim import BASE_OPTIMIZERS
-
-    if isinstance(base, str) and base.lower() not in BASE_OPTIMIZERS:
-        raise UsageError(
-            f"invalid base: {base!r} (choose one of {', '.join(sorted(BASE_OPTIMIZERS))})"
-        )
+    return run_config(args.recipe, {**file_settings, **flags})
 
 
 def _is_terminal() -> bool:
     """Whether a progress bar can redraw in place: stdout and stderr (the bar's) are ttys."""
     return all(getattr(stream, "isatty", lambda: False)() for stream in (sys.stdout, sys.stderr))
-
-
-_TINY_DATASETS = ("mnist1d", "digits")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -262,7 +264,7 @@ def _exit_one_of_many(error: BaseException, launch: Any) -> NoReturn:
         sys.exit(2 if isinstance(error, (ConfigError, CheckpointError)) else 1)
     if isinstance(error, RunWriteError):
         _fail(f"{where}: {error.strerror}")
-    if isinstance(error, (UsageError, ConfigError, CheckpointError, UnsafePickleError)):
+    if isinstance(error, (ConfigError, CheckpointError, UnsafePickleError)):
         _fail(f"{where}: {error}")
     if isinstance(error, NonFiniteError):
         _fail(f"{where}: training diverged: {error}", code=1)
@@ -293,21 +295,19 @@ def _train(args: argparse.Namespace, launch: Any) -> int:
 
     from samkit.optim import NonFiniteError
     from samkit.train import train
+    from samkit.train.data import dataset_spec
+    from samkit.train.env import check_threads
     from samkit.train.progress import count
 
+    threads = _run_scope(args).get("threads")
     try:  # every process reads the same flags, files and checkpoint: the same errors
         config = _train_config_from_args(args)
-        if args.threads is not None and args.threads < 1:
-            raise UsageError(f"invalid --threads: {args.threads} (must be >= 1)")
+        check_threads(threads)
     except Exception as e:
         e.samkit_agreed = True  # type: ignore[attr-defined]
         raise
-    threads = args.threads
-    if threads is None and config.dataset in _TINY_DATASETS and config.device in ("auto", "cpu"):
-        # The embedded models are tiny: intra-op threads cost more in synchronisation than
-        # they save (the default recipe took 23 s with 1 thread, 313 s with 2 on a busy
-        # 2-core machine).
-        threads = 1
+    if threads is None and config.device in ("auto", "cpu"):
+        threads = dataset_spec(config.dataset).cpu_threads
     if threads is not None:
         torch.set_num_threads(threads)
     log = None if args.quiet else print
@@ -400,8 +400,8 @@ def _run_list(args: argparse.Namespace) -> int:
             print(f"  {name:<12} {m.description}")
     if args.what in ("datasets", "all"):
         print("datasets (--dataset NAME):")
-        for name, description in DATASETS.items():
-            print(f"  {name:<12} {description}")
+        for name, spec in DATASETS.items():
+            print(f"  {name:<12} {spec.description}")
     return 0
 
 
@@ -502,14 +502,16 @@ def _run_landscape(args: argparse.Namespace) -> int:
 
 def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     from samkit.bench import BUDGETS
+    from samkit.train.recipes import DEFAULT_RECIPE
 
     p.add_argument("--optimizers", nargs="+", required=True, metavar="NAME[:KEY=VALUE,...]",
                    help="optimizers to compare, the first is the reference of the paired "
                         "differences; e.g. sgd sam fsam:rho=0.05,lr=0.1; `all`: every "
                         "registered one, sgd first")  # fmt: skip
-    p.add_argument("--tasks", nargs="+", default=["mnist1d"], metavar="RECIPE",
+    p.add_argument("--tasks", nargs="+", default=[DEFAULT_RECIPE], metavar="RECIPE",
                    help="tasks: embedded recipes (mnist1d, mnist1d-noisy, digits, cifar10, "
-                        "cifar100, ...; `samkit list recipes`) or TOML files (default mnist1d)")  # fmt: skip
+                        "cifar100, ...; `samkit list recipes`) or TOML files (default "
+                        f"{DEFAULT_RECIPE}, the recipe of samkit train)")  # fmt: skip
     p.add_argument("--seeds", type=int, default=5, metavar="N",
                    help="run seeds 0..N-1 (default 5)")  # fmt: skip
     p.add_argument("--out", required=True, metavar="DIR", help="folder of the sweep")
@@ -524,20 +526,11 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "repeatable")  # fmt: skip
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="runs in parallel, each in its own process (default 1)")  # fmt: skip
-    p.add_argument("--threads", type=int, default=1, metavar="N",
-                   help="torch threads per run (default 1)")  # fmt: skip
-    p.add_argument("--data-dir", default=None, metavar="DIR", help="CIFAR files (CIFAR tasks)")
-    p.add_argument("--device", default=None, help="device of every run (default: the recipe's)")
-    p.add_argument("--limit-train", type=int, default=None, metavar="N",
-                   help="first N training samples of every run (quick sweeps)")  # fmt: skip
-    p.add_argument("--limit-test", type=int, default=None, metavar="N",
-                   help="first N test samples of every run")  # fmt: skip
-    p.add_argument("--track-sharpness", type=int, default=None, metavar="N",
-                   help="record lambda_1 every N epochs (shown by samkit report)")  # fmt: skip
     p.add_argument("--isolation", choices=["auto", "fork", "subprocess"], default="auto",
                    help="auto (default): fork CPU runs from a process that has the data in "
-                        "memory, a `python -m samkit train` process otherwise")  # fmt: skip
+                        "memory, a fresh Python process otherwise")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="print only the final line")
+    _add_run_scope_arguments(p)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -545,18 +538,15 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     from samkit.bench import SweepError, bench
 
-    extra = {
-        k: getattr(args, k)
-        for k in ("device", "limit_train", "limit_test", "track_sharpness")
-        if getattr(args, k) is not None
-    }
+    settings = _run_scope(args)  # every run gets them; threads are its process's
+    threads = settings.pop("threads", None)
     command = shlex.join(["samkit", *args._argv])
     try:
         results = bench(
             args.out, args.tasks, args.optimizers, args.seeds, budget=args.budget,
-            epochs=args.epochs, recipes=args.recipe, extra=extra, data_dir=args.data_dir,
-            workers=args.workers, threads=args.threads, isolation=args.isolation,
-            command=command, progress=not args.quiet,
+            epochs=args.epochs, recipes=args.recipe, extra=settings, workers=args.workers,
+            threads=threads, isolation=args.isolation, command=command,
+            progress=not args.quiet,
         )  # fmt: skip
     except SweepError as e:
         raise UsageError(str(e)) from e
@@ -704,6 +694,6 @@ def _warning_printer(default: Callable[..., None], category: type[Warning]) -> C
 
 
 def _report(error: Any) -> int:
-    first = " ".join(str(error).split())
-    sys.stderr.write(f"{PROG}: error: {first}\n")
+    """``samkit: error: ...`` on stderr, one line whatever the message holds; exit code 2."""
+    sys.stderr.write(f"{PROG}: error: {' '.join(str(error).split())}\n")
     return 2

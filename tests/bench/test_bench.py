@@ -167,6 +167,30 @@ def test_a_failing_run_is_one_line_and_the_others_finish(tmp_path, capsys):
     assert (out / "digits" / "sgd" / "seed0-1ep" / "summary.json").read_text() == before
 
 
+def test_a_run_stopped_early_by_samkit_train_is_resumed_to_its_epochs(tmp_path):
+    # A run directory left by `samkit train --stop-after-epoch 1` with the planned settings:
+    # the sweep resumes it, and the resumed run goes on to the planned epochs (the stop of
+    # the earlier command is not this one's), as `samkit train --resume` does.
+    import dataclasses
+
+    from samkit.train import train
+
+    out = tmp_path / "b"
+    kw = dict(epochs=2, extra=dict(TINY), recipes=[_overlay(tmp_path)], isolation="fork",
+              progress=False)  # fmt: skip
+    _, _, (run,) = plan_sweep(out, ["digits"], ["sgd"], 1, epochs=2, extra=dict(TINY),
+                              overlays=kw["recipes"])  # fmt: skip
+    stopped = train(dataclasses.replace(run.config, stop_after_epoch=1), log=None)
+    assert (stopped["epochs"], stopped["completed"]) == (1, False)
+    (result,) = bench(out, ["digits"], ["sgd"], 1, **kw)
+    assert result.status == "done", result.message
+    assert "resumed at epoch 1" in (run.out / LOG_NAME).read_text()
+    # Bit-exact: the resumed run equals an uninterrupted one.
+    (fresh,) = bench(tmp_path / "c", ["digits"], ["sgd"], 1, **kw)
+    assert fresh.status == "done"
+    assert _metrics(run.out) == _metrics(tmp_path / "c" / "digits" / "sgd" / run.out.name)
+
+
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(x) for x in path.read_text().split()] if path.exists() else []

@@ -3,6 +3,7 @@ augmentation and the in-memory loader."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 
@@ -94,6 +95,72 @@ def test_digits_split_and_scale():
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="Unknown dataset 'nope'"):
         load_dataset("nope")
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+def _toy_arrays(data_dir):
+    """Two Gaussian blobs in 6 dimensions: 48 training and 16 test samples."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 64)
+    x = (rng.normal(size=(64, 6)) + 3.0 * y[:, None]).astype(np.float32)
+    return x[:48], y[:48], x[48:], y[48:]
+
+
+@pytest.fixture
+def toy_dataset():
+    """A dataset added by one record, removed again afterwards."""
+    from samkit.train import DatasetSpec, register_dataset
+    from samkit.train.data import DATASETS
+
+    spec = register_dataset(
+        DatasetSpec(name="toy", description="two blobs", load=_toy_arrays, num_classes=2,
+                    input_shape=(6,), default_model="mlp")
+    )  # fmt: skip
+    yield spec
+    del DATASETS["toy"]
+
+
+def test_a_dataset_is_one_record(toy_dataset, tmp_path, capsys):
+    from samkit.cli import main
+    from samkit.train import list_datasets, register_dataset
+
+    assert "toy" in list_datasets()
+    with pytest.raises(ValueError, match="already registered"):
+        register_dataset(toy_dataset)
+    d = load_dataset("toy", limit_test=10)
+    assert (d.info.input_shape, d.info.num_classes, d.info.num_train, d.info.num_test) == (
+        (6,), 2, 48, 10
+    )  # fmt: skip
+    # The command line takes it: --dataset, its default model, samkit list.
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "toy", "--optimizer", "sgd", "--epochs", "1", "--batch-size",
+            "16", "--threads", "1", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    saved = (out / "config.json").read_text()
+    assert '"dataset": "toy"' in saved and '"model": "mlp"' in saved
+    assert main(["list", "datasets"]) == 0
+    assert "  toy          two blobs" in capsys.readouterr().out
+
+
+def test_a_loader_that_breaks_its_record_is_refused(toy_dataset, monkeypatch):
+    from samkit.train.data import DATASETS
+
+    monkeypatch.setitem(DATASETS, "toy", dataclasses.replace(toy_dataset, input_shape=(1, 6)))
+    with pytest.raises(ValueError, match=r"inputs of shape \[6\] \(train\).*expected \[1, 6\]"):
+        load_dataset("toy")
+
+
+def test_needs_data_dir_is_one_rule_of_the_record():
+    from samkit.train import dataset_spec, resolve_config
+
+    for name in ("cifar10", "cifar100"):
+        with pytest.raises(ValueError, match=f"dataset '{name}' needs --data-dir"):
+            load_dataset(name)
+        with pytest.raises(ConfigError, match=f"dataset '{name}' needs --data-dir"):
+            resolve_config(TrainConfig(dataset=name))
+    assert not any(dataset_spec(n).needs_data_dir for n in ("mnist1d", "digits"))
 
 
 # ----------------------------------------------------------------------------- CIFAR

@@ -14,19 +14,29 @@ import torch
 import samkit
 from samkit.cli import main
 from samkit.optim import OptimizerInfo, get_optimizer_info, list_optimizers
-from samkit.train import ConfigError, TrainConfig, optimizer_kwargs
+from samkit.train import ConfigError, TrainConfig, optimizer_settings
 from samkit.train.recipes import (
     DEFAULT_RECIPE,
-    defaults_markdown,
     defaults_rows,
     list_recipes,
     load_recipe,
     recipe_config,
-    recipes_markdown,
     resolve_settings,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _recipes_doc():
+    """tools/recipes_doc.py, the generator of docs/recipes.md's tables (a script, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipes_doc", ROOT / "tools" / "recipes_doc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 TINY = ["--limit-train", "128", "--limit-test", "64", "--batch-size", "64", "--threads", "1"]
 
 
@@ -68,15 +78,15 @@ def test_register_refuses_registry_defaults():
 
 
 def test_a_config_without_a_recipe_uses_the_class_defaults():
-    kwargs = optimizer_kwargs(TrainConfig(optimizer="fsam"))
+    kwargs = optimizer_settings(TrainConfig(optimizer="fsam"))
     assert kwargs["rho"] == 0.05 and kwargs["lmbda"] == 0.6 and kwargs["sigma"] == 1.0
-    assert optimizer_kwargs(TrainConfig(optimizer="sam", rho=0.2))["rho"] == 0.2
+    assert optimizer_settings(TrainConfig(optimizer="sam", rho=0.2))["rho"] == 0.2
 
 
 def test_the_default_run_uses_the_recipe_values_and_the_api_the_papers():
     recipe = load_recipe(DEFAULT_RECIPE)
     for name, table in recipe.methods.items():
-        kwargs = optimizer_kwargs(recipe_config(optimizer=name))
+        kwargs = optimizer_settings(recipe_config(optimizer=name))
         for key, value in table.items():
             assert kwargs[key] == value, (name, key)
     # The same name through the API: the class's own value.
@@ -139,7 +149,7 @@ def test_every_embedded_recipe_resolves_for_every_optimizer():
         assert r.description, name
         for opt in list_optimizers():
             c = resolve_settings([r], {"optimizer": opt})
-            optimizer_kwargs(c)
+            optimizer_settings(c)
             assert c.recipe == name
 
 
@@ -196,7 +206,7 @@ def test_flags_the_optimizer_would_ignore_are_refused(argv, expected, capsys):
 def test_recipe_momentum_is_not_an_ignored_flag():
     # The recipe's momentum is for the optimizers that take one; AdamW runs without it.
     c = recipe_config(optimizer="adamw")
-    kwargs = optimizer_kwargs(c)
+    kwargs = optimizer_settings(c)
     assert (
         "momentum" not in kwargs and kwargs["lr"] == load_recipe("mnist1d").methods["adamw"]["lr"]
     )
@@ -213,9 +223,10 @@ def _between(text: str, name: str) -> str:
 
 def test_the_docs_tables_are_the_generated_ones():
     text = (ROOT / "docs" / "recipes.md").read_text()
-    hint = "regenerate with: python -m samkit.train.recipes --update docs/recipes.md"
-    assert _between(text, "defaults table") == defaults_markdown(), hint
-    assert _between(text, "recipes table") == recipes_markdown(), hint
+    hint = "regenerate with: python tools/recipes_doc.py --update docs/recipes.md"
+    tool = _recipes_doc()
+    assert _between(text, "defaults table") == tool.defaults_markdown(), hint
+    assert _between(text, "recipes table") == tool.recipes_markdown(), hint
 
 
 def test_list_and_help_show_the_values_used(capsys):

@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from samkit.optim import get_optimizer_info, list_optimizers
-from samkit.train.config import ConfigError, TrainConfig, parse_value, suggest
+from samkit.train.config import ConfigError, TrainConfig, check_optimizer_name, parse_value
+from samkit.train.data import DATASETS
 from samkit.train.recipes import (
     RECIPE_DIR,
     Recipe,
     load_recipe,
     method_table_settings,
     resolve_settings,
+    run_config,
 )
 
 __all__ = [
@@ -71,13 +73,7 @@ class OptimizerSpec:
 def parse_spec(text: str) -> OptimizerSpec:
     """Parse ``"fsam:rho=0.05,lr=0.1"``; ``ConfigError`` naming the bad part."""
     name, sep, rest = str(text).strip().partition(":")
-    name = name.strip().lower()
-    names = list_optimizers()
-    if name not in names:
-        raise ConfigError(
-            f"--optimizers {text!r}: unknown optimizer {name!r}{suggest(name, names)}; "
-            f"registered: {', '.join(names)}"
-        )
+    name = check_optimizer_name(name.strip(), f"--optimizers {text!r}")
     settings: dict[str, Any] = {}
     raw: dict[str, str] = {}
     if sep:
@@ -203,10 +199,12 @@ def plan_sweep(
     extra: dict[str, Any] | None = None,
     data_dir: str | None = None,
 ) -> tuple[list[Task], list[OptimizerSpec], list[PlannedRun]]:
-    """Every run of the sweep, validated (a bad spec or setting fails here, before any run).
+    """Every run of the sweep, its settings resolved (a bad spec or setting fails here,
+    before any run).
 
     ``budget`` is one of :data:`BUDGETS` or ``"both"``; ``extra`` are settings given to every
-    run (``limit_train``, ``device``, ``track_sharpness``...).
+    run (``limit_train``, ``device``, ``track_sharpness``...), except ``data_dir`` (also
+    accepted as ``data_dir=``), given only to the runs whose dataset reads files.
     """
     budgets = BUDGETS if budget == "both" else (budget,)
     for b in budgets:
@@ -235,11 +233,14 @@ def plan_sweep(
     texts = [s.text for s in specs]
     if len(set(texts)) != len(texts):
         raise ConfigError(f"--optimizers names an optimizer twice: {texts}")
+    extra = dict(extra or {})
+    if data_dir is not None:
+        extra["data_dir"] = data_dir
     out = Path(out)
     runs: dict[Path, PlannedRun] = {}
     for task in task_list:
-        recipes = [task.recipe, *task.overlays]
-        base_epochs = epochs or resolve_settings(recipes, {}).epochs
+        own = resolve_settings([task.recipe, *task.overlays], {})  # the task's own settings
+        base_epochs = epochs or own.epochs
         max_passes = max(s.passes for s in specs)
         for spec in specs:
             for b in budgets:
@@ -252,36 +253,33 @@ def plan_sweep(
                         prev = runs[path]
                         runs[path] = dataclasses.replace(prev, budgets=(*prev.budgets, b))
                         continue
-                    runs[path] = _planned(task, spec, seed, e, b, path, extra or {}, data_dir)
+                    runs[path] = _planned(task, own, spec, seed, e, b, path, extra)
     return task_list, specs, list(runs.values())
 
 
 def _planned(
     task: Task,
+    own: TrainConfig,
     spec: OptimizerSpec,
     seed: int,
     epochs: int,
     budget: str,
     path: Path,
     extra: dict[str, Any],
-    data_dir: str | None,
 ) -> PlannedRun:
-    recipes = [task.recipe, *task.overlays]
+    """The run, its settings resolved as ``samkit train`` resolves its command line."""
     try:
         table = method_table_settings(spec.name, spec.settings)
     except ConfigError as e:
         raise ConfigError(f"--optimizers {spec.text!r}: {e}") from e
     given: dict[str, Any] = {"optimizer": spec.name, **table, "seed": seed, "epochs": epochs}
     given.update(extra)
-    dataset = given.get("dataset", resolve_settings(recipes, {}).dataset)
-    if dataset.startswith("cifar"):
-        if data_dir is None and not resolve_settings(recipes, {}).data_dir:
-            raise ConfigError(f"task {task.name} ({dataset}) needs --data-dir")
-        if data_dir is not None:
-            given["data_dir"] = data_dir
+    dataset = DATASETS.get(given.get("dataset", own.dataset))
+    if dataset is None or not dataset.needs_data_dir:
+        given.pop("data_dir", None)  # only the runs that read files get --data-dir
     given["out"] = str(path)
     try:
-        config = resolve_settings(recipes, given)
+        config = run_config([task.recipe, *task.overlays], given)
     except ConfigError as e:
         raise ConfigError(f"task {task.name}, --optimizers {spec.text!r}: {e}") from e
     return PlannedRun(

@@ -4,13 +4,15 @@ Each run is trained in a process of its own, so a crash or a SIGKILL of one run 
 else. On Linux, CPU runs are forked from a parent that has already imported torch and
 generated the embedded datasets (MNIST-1D takes ~7 s to generate, torch ~2 s to import: more
 than a small run's training); elsewhere, and for GPU runs, each run is a fresh
-``python -m samkit train ...`` process. Either way the run directory is an ordinary
+``python -m samkit.bench.child`` process. Either way the child trains the settings resolved
+in the parent (it resolves nothing itself), the run directory is an ordinary
 ``samkit train`` run, and ``bench.json`` records each run's equivalent command line.
 
 State of a run directory, decided before anything starts:
 
 * ``summary.json`` complete, same settings: finished, skipped;
-* a ``checkpoint.pt`` from an earlier epoch: resumed (``samkit train --resume``);
+* a ``checkpoint.pt`` from an earlier epoch: resumed, with the settings
+  ``samkit train --out DIR --resume --epochs E`` resolves;
 * anything else left by a killed run (no checkpoint yet): cleared and started again;
 * settings that differ from the plan (a changed recipe or flag): an error for that run.
 """
@@ -30,7 +32,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from samkit.bench.plan import PlannedRun
-from samkit.train.config import RESUMABLE_KEYS
+from samkit.train.config import RESUMABLE_KEYS, ConfigError, TrainConfig
+from samkit.train.env import check_threads
 
 __all__ = ["RunResult", "SweepError", "run_state", "run_sweep"]
 
@@ -82,12 +85,7 @@ def run_state(run: PlannedRun) -> tuple[str, str]:
         return "fresh", ""
     record = _read_json(out / "config.json")
     if record is not None and isinstance(record.get("config"), dict):
-        planned = run.config.to_dict()
-        if planned.get("model") is None:  # the run records the dataset's default model
-            from samkit.train.data import DEFAULT_MODELS
-
-            planned["model"] = DEFAULT_MODELS.get(planned["dataset"])
-        diff = _differences(planned, record["config"])
+        diff = _differences(run.config.to_dict(), record["config"])
         if diff:
             return "mismatch", "; ".join(diff[:3])
     summary = _read_json(out / "summary.json")
@@ -110,43 +108,24 @@ def _clear(out: Path) -> None:
             (out / name).unlink()
 
 
-def _checkpoint_epoch(out: Path) -> int | None:
+def _resumption(run: PlannedRun) -> TrainConfig | None:
+    """The settings that resume ``run`` from its checkpoint, resolved as
+    ``samkit train --out DIR --resume --epochs E`` resolves them; ``None`` when there is
+    nothing to resume (a damaged checkpoint, or one that has all the epochs: start again)."""
     from samkit.train import read_checkpoint
+    from samkit.train.recipes import run_config
 
     try:
-        return int(read_checkpoint(out)["epoch"])
+        ckpt = read_checkpoint(run.out)
     except Exception:  # a damaged checkpoint: start again
         return None
+    if int(ckpt["epoch"]) >= run.epochs:
+        return None
+    given = {"out": str(run.out), "resume": True, "epochs": run.epochs}
+    return run_config(None, given, checkpoint=ckpt["config"])
 
 
 # ----------------------------------------------------------------------------- one run
-
-
-def _train_in_child(run: PlannedRun, resume: bool, threads: int) -> int:
-    """Body of a forked child: train ``run`` with output to its log; the exit code."""
-    import torch
-
-    from samkit.optim import NonFiniteError
-    from samkit.train import read_checkpoint, train
-    from samkit.train.recipes import load_recipe, resolve_settings
-
-    torch.set_num_threads(threads)
-    try:
-        if resume:
-            saved = read_checkpoint(run.out)["config"]
-            given = {"out": str(run.out), "resume": True, "epochs": run.epochs}
-            config = resolve_settings([], given, checkpoint=saved)
-        else:
-            config = resolve_settings([load_recipe(r) for r in run.recipe_specs], run.given)
-        summary = train(config, progress=False, log=print)
-    except NonFiniteError as e:
-        print(f"samkit: error: training diverged: {' '.join(str(e).split())}", flush=True)
-        return 1
-    except Exception as e:  # every failure is one line in the log, the sweep goes on
-        print(f"samkit: error: {' '.join(str(e).split())}", flush=True)
-        return 2
-    print(f"test accuracy {100 * summary['test_acc']:.2f}%", flush=True)
-    return 0
 
 
 def _die_with_parent() -> None:
@@ -162,9 +141,9 @@ def _die_with_parent() -> None:
 
 
 class _Child:
-    """A run in progress, in a forked child or a subprocess."""
+    """A run in progress, in a forked child or a subprocess, training ``config``."""
 
-    def __init__(self, run: PlannedRun, resume: bool, threads: int, fork: bool) -> None:
+    def __init__(self, run: PlannedRun, config: TrainConfig, threads: int, fork: bool) -> None:
         self.run = run
         self.started = time.perf_counter()
         run.out.mkdir(parents=True, exist_ok=True)
@@ -190,20 +169,17 @@ class _Child:
                     sys.stderr = sys.stdout
                     signal.signal(signal.SIGINT, signal.SIG_DFL)
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                    code = _train_in_child(run, resume, threads)
+                    from samkit.bench.child import train_planned
+
+                    code = train_planned(config, threads)
                 finally:
                     with contextlib.suppress(Exception):
                         sys.stdout.flush()
                     os._exit(code)
             self.pid = pid
         else:
-            argv = (
-                ["--out", str(run.out), "--resume", "--epochs", str(run.epochs)]
-                if resume
-                else run.argv
-            )
-            cmd = [sys.executable, "-m", "samkit", "train", *argv, "--no-progress"]
-            cmd += ["--threads", str(threads)]
+            settings = json.dumps(config.to_dict())
+            cmd = [sys.executable, "-m", "samkit.bench.child", settings, str(threads)]
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             with open(log_path, "ab") as log:
                 self.proc = subprocess.Popen(
@@ -329,13 +305,13 @@ class _Progress:
 # ----------------------------------------------------------------------------- the sweep
 
 
-def _prewarm(runs: Sequence[PlannedRun]) -> None:
+def _prewarm(configs: Sequence[TrainConfig]) -> None:
     """Import the training code and generate the embedded datasets once, in the parent, so
     every forked run starts with them in memory."""
     import torch
 
     import samkit.train  # noqa: F401
-    from samkit.train.data import load_dataset
+    from samkit.train.data import dataset_spec, load_dataset
 
     torch.set_num_threads(1)  # no intra-op pool in the parent: fork-safe
     # The first call imports torch._inductor (seconds): pay it once, state unchanged.
@@ -343,15 +319,15 @@ def _prewarm(runs: Sequence[PlannedRun]) -> None:
         torch.are_deterministic_algorithms_enabled(),
         warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
     )
-    for name in sorted({r.config.dataset for r in runs}):
-        if name in ("mnist1d", "digits"):
+    for name in sorted({c.dataset for c in configs}):
+        if not dataset_spec(name).needs_data_dir:  # generated: once here, not in every run
             load_dataset(name)
 
 
-def _use_fork(run: PlannedRun, isolation: str) -> bool:
+def _use_fork(config: TrainConfig, isolation: str) -> bool:
     if isolation == "subprocess" or not hasattr(os, "fork") or sys.platform != "linux":
         return False
-    return run.config.device == "cpu" or (run.config.device == "auto" and not _cuda_might_be_used())
+    return config.device == "cpu" or (config.device == "auto" and not _cuda_might_be_used())
 
 
 def _cuda_might_be_used() -> bool:
@@ -361,11 +337,16 @@ def _cuda_might_be_used() -> bool:
     )
 
 
+#: torch threads of each run when none are given: a sweep's runs share the machine's cores
+#: (``workers`` at a time), and the embedded tasks' models gain nothing from more.
+RUN_THREADS = 1
+
+
 def run_sweep(
     runs: Sequence[PlannedRun],
     *,
     workers: int = 1,
-    threads: int = 1,
+    threads: int | None = None,
     isolation: str = "auto",
     stream: TextIO | None = None,
     progress: bool = True,
@@ -374,14 +355,15 @@ def run_sweep(
     """Run every planned run not yet finished, ``workers`` at a time; return one
     :class:`RunResult` per run (finished ones ``skipped``). A failed run is reported in one
     line and does not stop the others. ``isolation``: ``auto`` (fork where possible),
-    ``fork`` or ``subprocess``."""
+    ``fork`` or ``subprocess``; ``threads``: torch threads of each run (default
+    :data:`RUN_THREADS`)."""
     if workers < 1:
         raise SweepError(f"invalid --workers {workers} (must be >= 1)")
-    if threads < 1:
-        raise SweepError(f"invalid --threads {threads} (must be >= 1)")
+    check_threads(threads)
+    threads = RUN_THREADS if threads is None else threads
     stream = stream if stream is not None else sys.stdout
     results: dict[Path, RunResult] = {}
-    pending: list[tuple[PlannedRun, bool]] = []
+    pending: list[tuple[PlannedRun, TrainConfig]] = []  # the run, the settings it trains
     display = _Progress(len(runs), stream, progress)
 
     def finish(result: RunResult, running: int) -> None:
@@ -419,15 +401,18 @@ def run_sweep(
                 0,
             )
         else:
-            resume = False
+            config = run.config
             if state == "resume":
-                epoch = _checkpoint_epoch(run.out)
-                resume = epoch is not None and epoch < run.epochs
-            if state in ("stale", "resume") and not resume:
+                try:
+                    config = _resumption(run) or config
+                except ConfigError as e:  # e.g. a checkpoint of another process count
+                    finish(RunResult(run, "failed", f"cannot resume {run.out}: {e}"), 0)
+                    continue
+            if state in ("stale", "resume") and not config.resume:
                 _clear(run.out)
-            pending.append((run, resume))
+            pending.append((run, config))
     if progress:
-        resumed = sum(resume for _, resume in pending)
+        resumed = sum(config.resume for _, config in pending)
         line = f"{len(runs)} runs: {skipped} already finished, {len(pending)} to run"
         line += f" ({resumed} resumed from a checkpoint)" if resumed else ""
         stream.write(f"{line}, {min(workers, max(1, len(pending)))} at a time\n")
@@ -435,8 +420,8 @@ def run_sweep(
     # Partial results soon: all methods of seed 0 first; within a seed the costly ones first.
     pending.sort(key=lambda p: (p[0].seed, -p[0].cost))
     display.cost_left = sum(r.cost for r, _ in pending)
-    if pending and any(_use_fork(r, isolation) for r, _ in pending):
-        _prewarm([r for r, _ in pending])
+    if pending and any(_use_fork(c, isolation) for _, c in pending):
+        _prewarm([c for _, c in pending])
 
     running: list[_Child] = []
     interrupted = False
@@ -451,10 +436,10 @@ def run_sweep(
         queue = list(pending)
         while queue or running:
             while queue and len(running) < workers:
-                run, resume = queue.pop(0)
-                fork = isolation == "fork" or _use_fork(run, isolation)
+                run, config = queue.pop(0)
+                fork = isolation == "fork" or _use_fork(config, isolation)
                 try:
-                    running.append(_Child(run, resume, threads, fork))
+                    running.append(_Child(run, config, threads, fork))
                 except OSError as e:
                     finish(RunResult(run, "failed", f"cannot start: {e}"), len(running))
                 display.redraw(len(running))

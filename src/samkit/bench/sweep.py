@@ -107,7 +107,7 @@ def bench(
     extra: dict[str, Any] | None = None,
     data_dir: str | None = None,
     workers: int = 1,
-    threads: int = 1,
+    threads: int | None = None,
     isolation: str = "auto",
     command: str = "",
     stream: TextIO | None = None,
@@ -115,7 +115,9 @@ def bench(
 ) -> list[RunResult]:
     """Plan, record and run a sweep (see :func:`samkit.bench.plan.plan_sweep` and
     :func:`samkit.bench.run.run_sweep`); finished runs are skipped, half-finished ones
-    resumed. Returns one result per run."""
+    resumed. ``extra``: settings given to every run (the run-scope flags of ``samkit bench``,
+    e.g. ``limit_train``, ``device``, ``data_dir``); ``threads``: torch threads per run
+    (default 1). Returns one result per run."""
     out = Path(out)
     task_list, specs, runs = plan_sweep(
         out, tasks, optimizers, seeds, budget=budget, epochs=epochs, overlays=recipes,

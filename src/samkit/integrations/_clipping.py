@@ -21,29 +21,14 @@ def is_samkit(optimizer: Any) -> bool:
     return isinstance(optimizer, SharpnessAwareOptimizer)
 
 
-def set_max_grad_norm(optimizer: SharpnessAwareOptimizer, value: float | None, source: str) -> None:
-    """Give ``optimizer`` the clipping threshold ``value`` (``None`` or 0: no clipping) that
-    the trainer's ``source`` setting asks for."""
-    if value is not None and not value > 0:
-        value = None
-    if not hasattr(optimizer, "max_grad_norm"):
-        if value is None:
-            return
-        raise RuntimeError(
-            f"{source}={value} asks for gradient clipping, but this samkit's "
-            f"{type(optimizer).__name__} has no max_grad_norm option to clip the update "
-            f"gradient; set {source} to 0/None"
-        )
-    optimizer.max_grad_norm = value
+def set_max_grad_norm(optimizer: SharpnessAwareOptimizer, value: float | None) -> None:
+    """Give ``optimizer`` the clipping threshold ``value`` a trainer's setting asks for
+    (``None``, 0 or less: no clipping)."""
+    optimizer.max_grad_norm = value if value is not None and value > 0 else None
 
 
-def recorded_grad_norm(optimizer: Any) -> float | None:
+def recorded_grad_norm(optimizer: SharpnessAwareOptimizer | None) -> float | None:
     """The global norm of the last step's update gradient before clipping, as the optimizer
-    recorded it (``None`` when it records none)."""
-    for value in (
-        getattr(optimizer, "last_grad_norm", None),
-        getattr(optimizer, "samkit_state", {}).get("grad_norm"),
-    ):
-        if value is not None:
-            return float(value)
-    return None
+    recorded it (``None`` before a step has clipped, or without an optimizer yet)."""
+    norm = getattr(optimizer, "last_grad_norm", None)
+    return None if norm is None else float(norm)

@@ -115,7 +115,7 @@ class SharpnessAwareMixin:
                 "gradient_clip_algorithm='norm'"
             )
         if gradient_clip_val:  # no clipping here: the optimizer clips the update gradient
-            set_max_grad_norm(raw, float(gradient_clip_val), "gradient_clip_val")
+            set_max_grad_norm(raw, float(gradient_clip_val))
 
     def _check_trainer_for_samkit(self, optimizer: Any) -> None:
         """Refuse the settings a multi-pass step cannot run under; map the clipping early."""

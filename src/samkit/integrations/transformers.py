@@ -186,7 +186,7 @@ class SharpnessAwareTrainer(Trainer):
 
     def _adopt(self, opt: Any) -> None:
         """Map the arguments' clipping onto ``opt``; BatchNorm statistics via ``model=``."""
-        set_max_grad_norm(opt, self.args.max_grad_norm, "max_grad_norm")
+        set_max_grad_norm(opt, self.args.max_grad_norm)
         if opt.model is None:
             opt.model = self.model
 

@@ -13,20 +13,23 @@ from samkit.train.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from samkit.train.config import ConfigError, TrainConfig
+from samkit.train.config import ConfigError, TrainConfig, optimizer_settings
 from samkit.train.data import (
     Dataset,
     DatasetInfo,
+    DatasetSpec,
     InMemoryLoader,
     UnsafePickleError,
     add_label_noise,
     augment_batch,
+    dataset_spec,
     list_datasets,
     load_cifar,
     load_dataset,
+    register_dataset,
 )
 from samkit.train.env import TrainWarning
-from samkit.train.loop import build_dataset, optimizer_kwargs, resolve_config, train
+from samkit.train.loop import build_dataset, resolve_config, train
 from samkit.train.models import create_model, list_models
 from samkit.train.rundir import RunWriteError
 
@@ -35,6 +38,7 @@ __all__ = [
     "ConfigError",
     "Dataset",
     "DatasetInfo",
+    "DatasetSpec",
     "InMemoryLoader",
     "RunWriteError",
     "TrainConfig",
@@ -44,13 +48,15 @@ __all__ = [
     "augment_batch",
     "build_dataset",
     "create_model",
+    "dataset_spec",
     "list_datasets",
     "list_models",
     "load_checkpoint",
     "load_cifar",
     "load_dataset",
-    "optimizer_kwargs",
+    "optimizer_settings",
     "read_checkpoint",
+    "register_dataset",
     "resolve_config",
     "save_checkpoint",
     "train",

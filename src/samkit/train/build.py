@@ -31,24 +31,25 @@ import torch
 from torch import nn
 
 import samkit
-from samkit.optim import (
-    OptimizerInfo,
-    get_optimizer_info,
-    is_sharpness_aware,
-    resolve_base_optimizer,
-)
+from samkit.optim import OptimizerInfo, get_optimizer_info, is_sharpness_aware
 from samkit.train.checkpoint import get_rng_state, set_rng_state
-from samkit.train.config import RESUMABLE_KEYS, ConfigError, TrainConfig, optimizer_settings
+from samkit.train.config import (
+    RESUMABLE_KEYS,
+    ConfigError,
+    TrainConfig,
+    optimizer_classes,
+    optimizer_settings,
+)
 from samkit.train.data import (
-    DEFAULT_MODELS,
     Dataset,
     InMemoryLoader,
     add_label_noise,
     augment_batch,
+    dataset_spec,
     load_dataset,
 )
 from samkit.train.distributed import Launch, Processes
-from samkit.train.models import create_model
+from samkit.train.models import MODELS, create_model
 
 __all__ = [
     "Run",
@@ -59,7 +60,6 @@ __all__ = [
     "compile_model",
     "compile_unavailable",
     "deterministic",
-    "optimizer_kwargs",
     "resolve_config",
 ]
 
@@ -83,25 +83,18 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     config = dataclasses.replace(
         config, model_args=dict(config.model_args), opt_args=dict(config.opt_args)
     )
-    if config.dataset not in DEFAULT_MODELS:
-        raise ConfigError(
-            f"unknown dataset {config.dataset!r}; available: {', '.join(DEFAULT_MODELS)}"
-        )
-    if config.model is None:
-        config.model = DEFAULT_MODELS[config.dataset]
-    from samkit.train.models import MODELS
-
-    if config.model not in MODELS:
-        raise ConfigError(f"unknown model {config.model!r}; available: {', '.join(MODELS)}")
     try:
-        get_optimizer_info(config.optimizer)
-        resolve_base_optimizer(config.base)
-    except (ValueError, TypeError) as e:
+        dataset = dataset_spec(config.dataset)
+        if config.model is None:
+            config.model = dataset.default_model
+        if config.model not in MODELS:
+            raise ConfigError(f"unknown model {config.model!r}; available: {', '.join(MODELS)}")
+        optimizer_classes(config.optimizer, config.base)
+        dataset.check_data_dir(config.data_dir)
+    except ConfigError:
+        raise
+    except ValueError as e:  # the dataset registry's: an unknown name, a missing --data-dir
         raise ConfigError(str(e)) from e
-    if config.dataset.startswith("cifar") and not config.data_dir:
-        raise ConfigError(f"dataset {config.dataset!r} needs --data-dir")
-    if config.track_sharpness:
-        _sharpness_api()  # fail now, not after the first N epochs
     return config
 
 
@@ -120,26 +113,6 @@ def build_dataset(config: TrainConfig) -> Dataset:
         )
         data = dataclasses.replace(data, y_train=noisy, label_noise_flipped=flipped)
     return data
-
-
-def optimizer_kwargs(config: TrainConfig) -> dict[str, Any]:
-    """Keyword arguments for ``samkit.create_optimizer`` (without ``model``): the method's
-    class defaults, ``lr``, ``weight_decay``, ``momentum`` where it applies, ``rho`` if set,
-    ``opt_args`` on top (see :func:`samkit.train.config.optimizer_settings`)."""
-    return optimizer_settings(config)
-
-
-def _sharpness_api() -> Any:
-    """``samkit.sharpness``, or ConfigError if it lacks what tracking needs."""
-    try:
-        import samkit.sharpness as sharpness
-    except ImportError as e:  # pragma: no cover - package always present
-        raise ConfigError(f"--track-sharpness is not available: {e}") from e
-    if not hasattr(sharpness, "measure_all"):
-        raise ConfigError(
-            "--track-sharpness is not available yet: samkit.sharpness has no measure_all"
-        )
-    return sharpness
 
 
 def check_resumable(
@@ -384,7 +357,7 @@ def build_run(config: TrainConfig, device: torch.device, procs: Processes | None
         model = create_model(config.model, info, **config.model_args).to(device)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e  # create_model's messages name the model
-    opt_kwargs = optimizer_kwargs(config)
+    opt_kwargs = optimizer_settings(config)
     try:
         opt = samkit.create_optimizer(
             config.optimizer, model.parameters(), base=config.base, model=model, **opt_kwargs
@@ -411,7 +384,7 @@ def build_run(config: TrainConfig, device: torch.device, procs: Processes | None
         procs=procs,
         opt=opt,
         opt_info=opt_info,
-        opt_settings={**opt_info.defaults, **opt_kwargs},
+        opt_settings=opt_kwargs,
         scheduler=scheduler,
         # fp16: a GradScaler. Sharpness-aware methods take their base step through it (the
         # closure carries it); plain torch optimizers step as `closure(); scaler.step(opt)`.

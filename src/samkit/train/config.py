@@ -24,6 +24,9 @@ __all__ = [
     "SCHEDULES",
     "AMP_MODES",
     "accepted_kwargs",
+    "check_optimizer_name",
+    "check_resume",
+    "optimizer_classes",
     "optimizer_settings",
     "parse_value",
     "parse_key_values",
@@ -200,8 +203,7 @@ class TrainConfig:
         for name in ("model_args", "opt_args"):
             if not isinstance(getattr(self, name), dict):
                 raise bad(name, getattr(self, name), "must be a dict")
-        if self.resume and not self.out:
-            raise ConfigError("--resume needs --out (the run directory to resume)")
+        check_resume(self.resume, self.out)
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
@@ -216,14 +218,19 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> TrainConfig:
         """Build from a dict; keys may use ``-`` or ``_``; unknown keys raise ConfigError."""
+        return cls(**cls._settings(d, source))
+
+    @classmethod
+    def _settings(cls, d: dict[str, Any], source: Any) -> dict[str, Any]:
+        """``d`` with underscored keys; ConfigError naming ``source`` for an unknown key."""
         known = set(cls.field_names())
-        kwargs = {}
+        out = {}
         for key, value in d.items():
             name = str(key).replace("-", "_")
             if name not in known:
                 raise ConfigError(f"{source}: unknown setting {key!r}")
-            kwargs[name] = value
-        return cls(**kwargs)
+            out[name] = value
+        return out
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> dict[str, Any]:
@@ -243,14 +250,13 @@ class TrainConfig:
             raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from e
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object of settings")
-        known = set(cls.field_names())
-        out = {}
-        for key, value in d.items():
-            name = str(key).replace("-", "_")
-            if name not in known:
-                raise ConfigError(f"{path}: unknown setting {key!r}")
-            out[name] = value
-        return out
+        return cls._settings(d, path)
+
+
+def check_resume(resume: Any, out: Any) -> None:
+    """``--resume`` continues the run in ``--out``: ConfigError without one."""
+    if resume is True and not out:
+        raise ConfigError("--resume needs --out (the run directory to resume)")
 
 
 def parse_value(text: str) -> Any:
@@ -308,16 +314,45 @@ def _init_parameters(cls: type) -> set[str]:
     return names - _NOT_SETTINGS
 
 
+def check_optimizer_name(name: str, what: str) -> str:
+    """``name`` in lower case if it is registered, else ConfigError ``"{what} names no
+    registered optimizer"`` with the nearest name and the registered ones (for names written
+    in a recipe's method table or a ``--optimizers`` spec)."""
+    from samkit.optim import list_optimizers
+
+    names = list_optimizers()
+    if name.lower() not in names:
+        raise ConfigError(
+            f"{what} names no registered optimizer{suggest(name.lower(), names)}; "
+            f"registered: {', '.join(names)}"
+        )
+    return name.lower()
+
+
+def optimizer_classes(optimizer: Any, base: Any) -> tuple[Any, type]:
+    """The registry's :class:`~samkit.optim.OptimizerInfo` of ``optimizer`` and the class that
+    takes its steps (the base optimizer of a sharpness-aware method, else the optimizer
+    itself). ConfigError for a base the command line cannot name or an unknown optimizer."""
+    from samkit.optim import BASE_OPTIMIZERS, get_optimizer_info, resolve_base_optimizer
+
+    if isinstance(base, str) and base.lower() not in BASE_OPTIMIZERS:
+        raise ConfigError(
+            f"invalid base: {base!r} (choose one of {', '.join(sorted(BASE_OPTIMIZERS))})"
+        )
+    try:
+        info = get_optimizer_info(optimizer)
+        base_cls = resolve_base_optimizer(base)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+    return info, (base_cls if info.sharpness_aware else info.cls)
+
+
 def accepted_kwargs(optimizer: str, base: str = "sgd") -> set[str]:
     """Keyword arguments ``samkit.create_optimizer(optimizer, base=base, ...)`` takes: a
     method's own and samkit's options plus the base optimizer's (``lr``, ``momentum``,
     ``betas``...); a plain optimizer's own."""
-    from samkit.optim import get_optimizer_info, resolve_base_optimizer
-
-    info = get_optimizer_info(optimizer)
-    if not info.sharpness_aware:
-        return _init_parameters(info.cls)
-    return _init_parameters(info.cls) | _init_parameters(resolve_base_optimizer(base))
+    info, step_cls = optimizer_classes(optimizer, base)
+    return _init_parameters(info.cls) | _init_parameters(step_cls)
 
 
 def optimizer_settings(config: TrainConfig) -> dict[str, Any]:
@@ -331,13 +366,7 @@ def optimizer_settings(config: TrainConfig) -> dict[str, Any]:
     ``opt_args``. A ``rho`` or an ``opt_args`` name the optimizer does not take is a
     :class:`ConfigError` (it would have no effect, or fail deep inside the constructor).
     """
-    from samkit.optim import get_optimizer_info, resolve_base_optimizer
-
-    try:
-        info = get_optimizer_info(config.optimizer)
-        step_cls = resolve_base_optimizer(config.base) if info.sharpness_aware else info.cls
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from e
+    info, step_cls = optimizer_classes(config.optimizer, config.base)
     accepted = accepted_kwargs(config.optimizer, config.base)
     kwargs: dict[str, Any] = dict(info.hyperparameters)
     kwargs.update(lr=config.lr, weight_decay=config.weight_decay)

@@ -1,4 +1,9 @@
-"""Datasets for ``samkit train``: two embedded ones and CIFAR from a local folder.
+"""Datasets for ``samkit train``: a registry of records, two embedded sets and CIFAR from a
+local folder.
+
+Each dataset is one :class:`DatasetSpec` in :data:`DATASETS` (``register_dataset``): its name,
+how to load it, its classes and input shape, whether it reads files from ``--data-dir``, the
+model it trains by default. Adding a dataset is one record (and its loader).
 
 * ``mnist1d`` — generated offline by the ``mnist1d`` package with its default arguments and
   its fixed default seed (42): 4,000 training and 1,000 test signals of length 40, 10
@@ -39,36 +44,87 @@ __all__ = [
     "DATASETS",
     "Dataset",
     "DatasetInfo",
+    "DatasetSpec",
     "InMemoryLoader",
     "UnsafePickleError",
     "add_label_noise",
     "augment_batch",
+    "dataset_spec",
     "list_datasets",
     "load_cifar",
     "load_dataset",
+    "register_dataset",
     "restricted_load",
 ]
 
-#: name -> one-line description (for ``samkit list``).
-DATASETS: dict[str, str] = {
-    "mnist1d": "MNIST-1D, generated offline (4,000 train / 1,000 test, length 40, 10 classes)",
-    "digits": "scikit-learn 8x8 digits (1,437 train / 360 test, 10 classes)",
-    "cifar10": "CIFAR-10 from --data-dir (cifar-10-batches-py), 50,000 / 10,000, 10 classes",
-    "cifar100": "CIFAR-100 from --data-dir (cifar-100-python), 50,000 / 10,000, 100 classes",
-}
+#: ``(x_train, y_train, x_test, y_test)`` as a loader returns them: inputs as stored (float32,
+#: or uint8 images that :meth:`Dataset.prepare` scales and normalises), integer labels.
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
-#: The model each dataset trains by default.
-DEFAULT_MODELS: dict[str, str] = {
-    "mnist1d": "cnn1d",
-    "digits": "cnn_small",
-    "cifar10": "resnet18",
-    "cifar100": "resnet18",
-}
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset ``samkit train --dataset NAME`` can train on (one record of :data:`DATASETS`).
+
+    Attributes:
+        name: the ``--dataset`` name.
+        description: one line for ``samkit list``.
+        load: ``load(data_dir)`` -> :data:`Arrays`, both splits in full (``data_dir`` is
+            ``None`` for a dataset that reads no files).
+        num_classes: number of classes.
+        input_shape: shape of one stored input, without the batch dimension.
+        default_model: the model a run trains when neither ``--model`` nor its recipe names one.
+        needs_data_dir: whether it reads files from ``--data-dir`` (nothing is downloaded).
+        files: what ``--data-dir`` must hold, for the messages.
+        augment: whether the standard image augmentation (crop + flip) is on by default.
+        cpu_threads: torch CPU threads ``samkit train`` uses on a CPU when ``--threads`` is not
+            given (``None``: torch's choice). The embedded tasks' models are so small that
+            intra-op threads cost more in synchronisation than they save (the default recipe
+            took 23 s with 1 thread, 313 s with 2 on a busy 2-core machine).
+    """
+
+    name: str
+    description: str
+    load: Callable[[Path | None], Arrays]
+    num_classes: int
+    input_shape: tuple[int, ...]
+    default_model: str
+    needs_data_dir: bool = False
+    files: str = ""
+    augment: bool = False
+    cpu_threads: int | None = None
+
+    def check_data_dir(self, data_dir: str | Path | None) -> None:
+        """``ValueError`` when the dataset reads files and no ``data_dir`` is given."""
+        if self.needs_data_dir and not data_dir:
+            raise ValueError(
+                f"dataset {self.name!r} needs --data-dir (the folder with {self.files}; "
+                "nothing is downloaded)"
+            )
+
+
+#: The registered datasets, by name (``register_dataset`` adds one).
+DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Add ``spec`` to :data:`DATASETS` (``ValueError`` if its name is taken)."""
+    if spec.name in DATASETS:
+        raise ValueError(f"dataset name {spec.name!r} is already registered")
+    DATASETS[spec.name] = spec
+    return spec
 
 
 def list_datasets() -> list[str]:
     """Names accepted by :func:`load_dataset`."""
     return list(DATASETS)
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The record of dataset ``name`` (``ValueError`` listing the names if unknown)."""
+    if name not in DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+    return DATASETS[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,33 +215,24 @@ def load_dataset(
     """Load a dataset by name (see the module docstring for each one).
 
     ``limit_train`` / ``limit_test`` keep the first N samples of a split (quick runs, tests).
-    ``data_dir`` is required for CIFAR and ignored otherwise.
+    ``data_dir`` is required by the datasets that read files (CIFAR) and ignored otherwise.
     """
-    if name not in DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}; available: {', '.join(DATASETS)}")
-    augment = False
-    mean = std = None
-    if name == "mnist1d":
-        x_tr, y_tr, x_te, y_te = _mnist1d_arrays()
-        x_tr, x_te = torch.tensor(x_tr).unsqueeze(1), torch.tensor(x_te).unsqueeze(1)
-        num_classes = 10
-    elif name == "digits":
-        x_tr, y_tr, x_te, y_te = _digits_arrays()
-        x_tr, x_te = torch.from_numpy(x_tr), torch.from_numpy(x_te)
-        num_classes = 10
-    else:
-        if data_dir is None:
-            raise ValueError(f"dataset {name!r} needs --data-dir (the folder with the files)")
-        x_tr, y_tr, x_te, y_te = load_cifar(name, data_dir)
-        x_tr, x_te = torch.from_numpy(x_tr), torch.from_numpy(x_te)
-        num_classes = 10 if name == "cifar10" else 100
-        augment = True
-    y_tr = torch.as_tensor(np.array(y_tr), dtype=torch.long)
-    y_te = torch.as_tensor(np.array(y_te), dtype=torch.long)
+    spec = dataset_spec(name)
+    spec.check_data_dir(data_dir)
+    x_np, y_np, x_te_np, y_te_np = spec.load(Path(data_dir) if data_dir else None)
+    x_tr, x_te = torch.from_numpy(x_np), torch.from_numpy(x_te_np)
+    if tuple(x_tr.shape[1:]) != spec.input_shape or tuple(x_te.shape[1:]) != spec.input_shape:
+        raise ValueError(
+            f"dataset {name!r}: inputs of shape {list(x_tr.shape[1:])} (train) and "
+            f"{list(x_te.shape[1:])} (test), expected {list(spec.input_shape)}"
+        )
+    y_tr = torch.as_tensor(np.array(y_np), dtype=torch.long)
+    y_te = torch.as_tensor(np.array(y_te_np), dtype=torch.long)
     if limit_train is not None:
         x_tr, y_tr = x_tr[:limit_train], y_tr[:limit_train]
     if limit_test is not None:
         x_te, y_te = x_te[:limit_test], y_te[:limit_test]
+    mean = std = None
     if x_tr.dtype == torch.uint8:
         # Per-channel statistics of the (possibly limited) training set, in [0, 1] units.
         xf = x_tr.float().div_(255.0)
@@ -193,16 +240,16 @@ def load_dataset(
         std = xf.std(dim=(0, 2, 3)).clamp_min(1e-6)
     info = DatasetInfo(
         name=name,
-        input_shape=tuple(x_tr.shape[1:]),
-        num_classes=num_classes,
+        input_shape=spec.input_shape,
+        num_classes=spec.num_classes,
         num_train=int(x_tr.shape[0]),
         num_test=int(x_te.shape[0]),
     )
-    return Dataset(info, x_tr, y_tr, x_te, y_te, augment=augment, mean=mean, std=std)
+    return Dataset(info, x_tr, y_tr, x_te, y_te, augment=spec.augment, mean=mean, std=std)
 
 
 @functools.lru_cache(maxsize=1)
-def _mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _mnist1d_arrays() -> Arrays:
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as e:  # optional dependency
@@ -228,7 +275,13 @@ def _mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return arrays
 
 
-def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _load_mnist1d(data_dir: Path | None) -> Arrays:
+    """The cached arrays, copied (writable; the cache stays untouched), as ``[N, 1, 40]``."""
+    x_tr, y_tr, x_te, y_te = _mnist1d_arrays()
+    return np.array(x_tr[:, None]), y_tr, np.array(x_te[:, None]), y_te
+
+
+def _load_digits(data_dir: Path | None) -> Arrays:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
@@ -373,11 +426,66 @@ def load_cifar(
         splits.append(np.concatenate([p[0] for p in parts]))
         splits.append(np.concatenate([p[1] for p in parts]))
     x_tr, y_tr, x_te, y_te = splits
-    num_classes = 10 if name == "cifar10" else 100
+    num_classes = DATASETS[name].num_classes
     for y, split in ((y_tr, "train"), (y_te, "test")):
         if y.size and (y.min() < 0 or y.max() >= num_classes):
             raise ValueError(f"{folder}: {split} labels outside 0..{num_classes - 1}")
     return x_tr, y_tr, x_te, y_te
+
+
+# ----------------------------------------------------------------------------- the datasets
+
+register_dataset(
+    DatasetSpec(
+        name="mnist1d",
+        description="MNIST-1D, generated offline (4,000 train / 1,000 test, length 40, 10 classes)",
+        load=_load_mnist1d,
+        num_classes=10,
+        input_shape=(1, 40),
+        default_model="cnn1d",
+        cpu_threads=1,
+    )
+)
+register_dataset(
+    DatasetSpec(
+        name="digits",
+        description="scikit-learn 8x8 digits (1,437 train / 360 test, 10 classes)",
+        load=_load_digits,
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        default_model="cnn_small",
+        cpu_threads=1,
+    )
+)
+
+
+def _cifar(name: str, num_classes: int, description: str) -> DatasetSpec:
+    """CIFAR-10 and CIFAR-100 differ only in their files and classes."""
+    return DatasetSpec(
+        name=name,
+        description=description,
+        load=functools.partial(load_cifar, name),
+        num_classes=num_classes,
+        input_shape=(3, 32, 32),
+        default_model="resnet18",
+        needs_data_dir=True,
+        files=_CIFAR_LAYOUT[name][0],
+        augment=True,
+    )
+
+
+register_dataset(
+    _cifar(
+        "cifar10", 10, "CIFAR-10 from --data-dir (cifar-10-batches-py), 50,000 / 10,000, 10 classes"
+    )
+)
+register_dataset(
+    _cifar(
+        "cifar100",
+        100,
+        "CIFAR-100 from --data-dir (cifar-100-python), 50,000 / 10,000, 100 classes",
+    )
+)
 
 
 # ----------------------------------------------------------------------------- label noise

@@ -14,8 +14,16 @@ import numpy as np
 import torch
 
 import samkit
+from samkit.train.config import ConfigError
 
-__all__ = ["TrainWarning", "amp_warning", "hardware_info", "resolve_device", "versions_info"]
+__all__ = [
+    "TrainWarning",
+    "amp_warning",
+    "check_threads",
+    "hardware_info",
+    "resolve_device",
+    "versions_info",
+]
 
 
 class TrainWarning(UserWarning):
@@ -99,6 +107,13 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     return device
+
+
+def check_threads(threads: int | None) -> None:
+    """ConfigError for a torch thread count (``--threads``) below 1; ``None``: not given."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):  # fmt: skip
+        raise ConfigError(f"invalid --threads: {threads} (must be >= 1)")
 
 
 def _native_bf16_cpu() -> bool | None:

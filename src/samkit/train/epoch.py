@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 import samkit
-from samkit.train.build import Run, _sharpness_api
+from samkit.sharpness import measure_all
+from samkit.train.build import Run
 from samkit.train.data import InMemoryLoader
 from samkit.train.distributed import Processes
 
@@ -138,8 +139,7 @@ def measure_sharpness(
     label smoothing). It leaves the model and the global RNG as they were and seeds its own
     random vectors, so tracking sharpness does not change the training trajectory.
     """
-    sharpness = _sharpness_api()
-    res = sharpness.measure_all(
+    res = measure_all(
         model,
         nn.CrossEntropyLoss(),
         batches,

@@ -34,7 +34,6 @@ from samkit.train.build import (
     check_resumable,
     compile_unavailable,
     deterministic,
-    optimizer_kwargs,
     resolve_config,
 )
 from samkit.train.config import ConfigError, TrainConfig
@@ -50,7 +49,7 @@ from samkit.train.epoch import run_epoch
 from samkit.train.progress import EpochDisplay, header_lines
 from samkit.train.rundir import RunDirectory, run_record
 
-__all__ = ["build_dataset", "optimizer_kwargs", "resolve_config", "train"]
+__all__ = ["build_dataset", "resolve_config", "train"]
 
 Log = Callable[[str], None]
 

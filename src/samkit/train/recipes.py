@@ -34,12 +34,17 @@ Order of precedence (later wins), :func:`resolve_settings`:
 2. the recipes, in the order given (``--recipe A --recipe B``: B's keys win), then the method
    table of the run's optimizer;
 3. on ``--resume`` instead of 1-2: the settings stored in the checkpoint (a resumed run is the
-   same computation; a recipe cannot be combined with ``--resume``);
+   same computation; a recipe cannot be combined with ``--resume``), except its
+   ``stop_after_epoch``: a resumed run continues to ``epochs`` unless stopped again;
 4. the settings given explicitly (a ``--config`` file, then command-line flags).
 
 When an explicit ``dataset`` differs from the recipe's (and no ``model`` is given), the
 recipe's model and model arguments are dropped (the dataset's default model is used); an
 explicit ``model`` drops the recipe's model arguments.
+
+:func:`run_config` is the one resolver: it layers as above and completes the result (the
+dataset's default model, known names, the files a dataset needs). ``samkit train``,
+``samkit bench`` (once per run, when it plans the sweep) and :func:`recipe_config` call it.
 """
 
 from __future__ import annotations
@@ -50,10 +55,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from samkit.train.build import resolve_config
 from samkit.train.config import (
     ConfigError,
     TrainConfig,
     accepted_kwargs,
+    check_optimizer_name,
+    check_resume,
+    optimizer_classes,
     optimizer_settings,
     suggest,
 )
@@ -70,8 +79,8 @@ __all__ = [
     "DefaultsRow",
     "Recipe",
     "check_given",
-    "defaults_markdown",
     "defaults_rows",
+    "format_value",
     "format_values",
     "list_recipes",
     "load_recipe",
@@ -79,9 +88,8 @@ __all__ = [
     "method_table_settings",
     "parse_recipe",
     "recipe_config",
-    "recipes_markdown",
     "resolve_settings",
-    "update_docs",
+    "run_config",
 ]
 
 #: Folder of the recipes shipped with samkit (``samkit/recipes/*.toml``).
@@ -221,21 +229,14 @@ def parse_recipe(data: Mapping[str, Any], *, name: str, path: str = "<recipe>") 
 
 
 def _parse_methods(value: Any, where: str) -> dict[str, dict[str, Any]]:
-    from samkit.optim import list_optimizers
-
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: [methods] must hold one table per optimizer")
-    names = list_optimizers()
     out: dict[str, dict[str, Any]] = {}
     for method, table in value.items():
-        if method.lower() not in names:
-            raise ConfigError(
-                f"{where}: [methods.{method}] names no registered optimizer"
-                f"{suggest(method.lower(), names)}; registered: {', '.join(names)}"
-            )
+        name = check_optimizer_name(method, f"{where}: [methods.{method}]")
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [methods.{method}] must be a table of settings")
-        out[method.lower()] = {_key(k): v for k, v in table.items()}
+        out[name] = {_key(k): v for k, v in table.items()}
     return out
 
 
@@ -337,33 +338,72 @@ def _overlay(below: Mapping[str, Any], above: Mapping[str, Any]) -> dict[str, An
     return out
 
 
+def run_config(
+    recipes: Sequence[Recipe | str | Path] | None = None,
+    given: Mapping[str, Any] | None = None,
+    *,
+    checkpoint: Mapping[str, Any] | None = None,
+) -> TrainConfig:
+    """The complete :class:`TrainConfig` of ``samkit train --recipe R ... <given as flags>``:
+    the one resolver of ``samkit train``, ``samkit bench`` (at plan time) and
+    :func:`recipe_config`.
+
+    ``recipes``: embedded names, files or parsed recipes; ``None`` means the default recipe
+    (none when resuming). ``given``: the explicit settings (``TrainConfig`` field names, or
+    flag names with ``-``). With ``resume=True`` the settings come from the checkpoint in
+    ``given["out"]`` (or ``checkpoint``, the settings stored in it, when the caller has read
+    it) instead of recipes. The result is layered (:func:`resolve_settings`) and completed
+    (:func:`~samkit.train.build.resolve_config`: the dataset's default model, known names, the
+    files a dataset needs). Raises :class:`ConfigError`, or
+    :class:`~samkit.train.CheckpointError` for a checkpoint that cannot be read.
+    """
+    given = {_key(k): v for k, v in (given or {}).items()}
+    if recipes is None:
+        resuming = given.get("resume") is True or checkpoint is not None
+        recipes = [] if resuming else [DEFAULT_RECIPE]
+    parsed = [r if isinstance(r, Recipe) else load_recipe(r) for r in recipes]
+    return resolve_config(resolve_settings(parsed, given, checkpoint=checkpoint))
+
+
 def resolve_settings(
     recipes: Sequence[Recipe],
     given: Mapping[str, Any],
     *,
     checkpoint: Mapping[str, Any] | None = None,
 ) -> TrainConfig:
-    """The run's :class:`TrainConfig`: recipes (or a checkpoint's settings) below the
-    settings ``given`` explicitly (see the module docstring for the order).
+    """The run's settings: recipes (or a checkpoint's settings) below the settings ``given``
+    explicitly (see the module docstring for the order), not yet completed (the model may be
+    ``None``: the dataset's default; :func:`run_config` completes them).
 
     ``given`` uses ``TrainConfig`` field names; ``model_args`` and ``opt_args`` merge key by
     key. Explicit settings the run's optimizer would ignore are refused
-    (:func:`check_given`). Raises :class:`ConfigError`.
+    (:func:`check_given`). With ``resume=True`` given, or ``checkpoint`` (the settings stored
+    in a checkpoint), a run is resumed: its settings are the checkpoint's (read from
+    ``given["out"]`` when ``checkpoint`` is not given) except where it stopped, which is the
+    resuming command's own ``stop_after_epoch`` (none: to ``epochs``). Raises
+    :class:`ConfigError`.
     """
     given = {_key(k): v for k, v in given.items()}
-    if checkpoint is not None:
+    if given.get("resume") is True or checkpoint is not None:
+        if checkpoint is None:
+            check_resume(True, given.get("out"))
         if recipes:
             raise ConfigError(
                 "--recipe cannot be combined with --resume: a resumed run continues with the "
                 "settings stored in its checkpoint"
             )
-        settings = dict(checkpoint)
+        if checkpoint is None:
+            from samkit.train.checkpoint import read_checkpoint
+
+            checkpoint = read_checkpoint(given["out"])["config"]
+        # Where the earlier command stopped is not where this one stops: a resumed run
+        # continues to its epochs unless the resuming command gives its own stop.
+        settings = {**checkpoint, "stop_after_epoch": None}
     elif recipes:
         recipe = merge_recipes(recipes)
         settings = {**recipe.settings, "recipe": recipe.name}
         optimizer = given.get("optimizer", settings.get("optimizer", TrainConfig.optimizer))
-        if not isinstance(optimizer, str):
-            raise ConfigError(f"invalid optimizer: {optimizer!r} (must be a string)")
+        TrainConfig(optimizer=optimizer).validate()  # a string, before its table is looked up
         table = recipe.methods.get(optimizer.lower(), {})
         if table:
             base = given.get("base", table.get("base", settings.get("base", TrainConfig.base)))
@@ -383,14 +423,8 @@ def check_given(config: TrainConfig, given: Mapping[str, Any]) -> None:
     plain optimizer, ``momentum`` for an optimizer without momentum (AdamW, or a method
     over AdamW), an optimizer argument it does not take. A user who types a value expects
     it to act; silently dropping it would report results of another setting."""
-    from samkit.optim import get_optimizer_info, resolve_base_optimizer
-
     config.validate()
-    try:
-        info = get_optimizer_info(config.optimizer)
-        step_cls = resolve_base_optimizer(config.base) if info.sharpness_aware else info.cls
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from e
+    info, step_cls = optimizer_classes(config.optimizer, config.base)
     if not info.sharpness_aware and given.get("rho") is not None:
         raise ConfigError(
             f"--rho {given['rho']} has no effect with optimizer {config.optimizer!r} (a plain "
@@ -413,8 +447,8 @@ def check_given(config: TrainConfig, given: Mapping[str, Any]) -> None:
 
 def recipe_config(recipe: str | Path = DEFAULT_RECIPE, **given: Any) -> TrainConfig:
     """The :class:`TrainConfig` of ``samkit train --recipe RECIPE`` with ``given`` settings as
-    flags, e.g. ``recipe_config("mnist1d", optimizer="fsam", seed=3)``."""
-    return resolve_settings([load_recipe(recipe)], given)
+    flags, e.g. ``recipe_config("mnist1d", optimizer="fsam", seed=3)`` (:func:`run_config`)."""
+    return run_config([recipe], given)
 
 
 # ----------------------------------------------------------------------------- defaults table
@@ -466,7 +500,8 @@ def defaults_rows(recipe: str | Path = DEFAULT_RECIPE) -> list[DefaultsRow]:
     return rows
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A value as the tables show it (floats with ``:g``)."""
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -477,79 +512,5 @@ def format_values(values: Mapping[str, Any], differ_from: Mapping[str, Any] | No
         star = (
             "*" if differ_from is not None and (k not in differ_from or differ_from[k] != v) else ""
         )
-        parts.append(f"{k}={_fmt(v)}{star}")
+        parts.append(f"{k}={format_value(v)}{star}")
     return ", ".join(parts) if parts else "-"
-
-
-def defaults_markdown(recipe: str | Path = DEFAULT_RECIPE) -> str:
-    """The defaults table of the docs (docs/recipes.md), generated."""
-    r = load_recipe(recipe)
-    common = {
-        k: r.settings[k] for k in ("base", "lr", "momentum", "weight_decay") if k in r.settings
-    }
-    lines = [
-        f"| optimizer | passes/step | class defaults (the paper's) | `samkit train --optimizer NAME` "
-        f"(recipe `{r.name}`) |",
-        "|---|---|---|---|",
-    ]
-    for row in defaults_rows(recipe):
-        cls = format_values(row.class_defaults) if row.sharpness_aware else "torch's"
-        lines.append(
-            f"| `{row.name}` | {row.passes:.3g} | {cls} | "
-            f"{format_values(row.recipe_values, row.class_defaults).replace('*', ' (tuned)')} |"
-        )
-    lines.append("")
-    lines.append(
-        f"Every optimizer in recipe `{r.name}` trains with "
-        + ", ".join(f"{k} {_fmt(v)}" for k, v in common.items())
-        + " unless its row says otherwise (momentum only where the optimizer takes one)."
-    )
-    return "\n".join(lines)
-
-
-def recipes_markdown() -> str:
-    """The table of embedded recipes for the docs, generated."""
-    lines = [
-        "| recipe | task | model | epochs | what it is |",
-        "|---|---|---|---|---|",
-    ]
-    for name in list_recipes():
-        r = load_recipe(name)
-        c = resolve_settings([r], {})
-        task = c.dataset + (f", {c.label_noise:.0%} label noise" if c.label_noise else "")
-        if c.limit_train:
-            task += f", first {c.limit_train} training samples"
-        args = ", ".join(f"{k}={_fmt(v)}" for k, v in c.model_args.items())
-        model = f"{c.model}" + (f" ({args})" if args else "")
-        lines.append(f"| `{name}` | {task} | {model} | {c.epochs} | {r.description} |")
-    return "\n".join(lines)
-
-
-def update_docs(path: str | Path) -> bool:
-    """Rewrite the generated tables of a Markdown page (between its ``<!-- defaults table:
-    begin ... -->`` / ``<!-- ... end -->`` and ``recipes table`` markers); True if it changed."""
-    import re
-
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    new = text
-    for name, body in (
-        ("defaults table", defaults_markdown()),
-        ("recipes table", recipes_markdown()),
-    ):
-        pattern = rf"(<!-- {name}: begin.*?-->\n)(.*?)(\n<!-- {name}: end -->)"
-        new = re.sub(pattern, lambda m, b=body: m.group(1) + b + m.group(3), new, flags=re.S)
-    if new != text:
-        path.write_text(new, encoding="utf-8")
-    return new != text
-
-
-if __name__ == "__main__":
-    # python -m samkit.train.recipes --markdown         print the docs' generated tables
-    # python -m samkit.train.recipes --update FILE.md   rewrite them in FILE.md (docs/recipes.md)
-    if len(sys.argv) == 3 and sys.argv[1] == "--update":
-        print("updated" if update_docs(sys.argv[2]) else "unchanged", sys.argv[2])
-    else:
-        print(defaults_markdown())
-        print()
-        print(recipes_markdown())

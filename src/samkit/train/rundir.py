@@ -113,9 +113,9 @@ class RunDirectory:
         remove_stale_temp_files(out)  # left by a process killed while writing
 
     def read_checkpoint(self) -> dict[str, Any]:
-        """The checkpoint to resume from (CheckpointError if missing or damaged)."""
-        if self.path is None:
-            raise ConfigError("--resume needs --out (the run directory to resume)")
+        """The checkpoint to resume from (CheckpointError if missing or damaged); only with a
+        path (``TrainConfig.validate``: ``--resume`` needs ``--out``)."""
+        assert self.path is not None
         ckpt = read_checkpoint(self.path / CHECKPOINT_NAME, map_location="cpu")
         self.saved_epoch = int(ckpt["epoch"])
         return ckpt

@@ -61,6 +61,28 @@ __all__ = ["BatchClosure", "make_closure"]
 LossFn = Callable[[Any, Tensor], Tensor]
 ExtraLoss = Callable[[Any, Tensor | None, Tensor], Tensor]
 
+#: A standard closure, in one line, for error messages.
+STANDARD_CLOSURE = (
+    "def closure(): optimizer.zero_grad(); loss = loss_fn(model(inputs), targets); "
+    "loss.backward(); return loss"
+)
+
+#: What a sharpness-aware optimizer's ``step()`` without a closure answers (``{name}``: its
+#: class): both ways to drive it.
+NO_CLOSURE_MESSAGE = (
+    "{name}.step() needs a closure, because it evaluates the loss more than once per step. "
+    "Either pass a standard closure:\n"
+    "    def closure():\n"
+    "        optimizer.zero_grad()\n"
+    "        loss = loss_fn(model(inputs), targets)\n"
+    "        loss.backward()\n"
+    "        return loss\n"
+    "    loss = optimizer.step(closure)\n"
+    "(or closure = samkit.make_closure(model, loss_fn, inputs, targets)), or drive the passes "
+    "yourself: loss.backward(); optimizer.first_step(zero_grad=True); "
+    "loss_fn(model(inputs), targets).backward(); optimizer.second_step(zero_grad=True)."
+)
+
 
 class BatchClosure:
     """A standard closure over one batch, with extra entry points for richer methods.

@@ -23,13 +23,8 @@ from torch.nn import functional as F
 from torch.utils._pytree import tree_leaves
 
 from samkit.optim import _tensors as T
-from samkit.optim._replicas import replicas_of
-from samkit.optim.base import (
-    SharpnessAwareOptimizer,
-    _mesh_groups,
-    invalid_value,
-    is_finite_nonnegative,
-)
+from samkit.optim._distributed import mesh_groups, replicas_of, through_flat
+from samkit.optim.base import SharpnessAwareOptimizer, invalid_value, is_finite_nonnegative
 from samkit.optim.closure import BatchClosure
 
 __all__ = ["SAF", "MESA", "trajectory_kl"]
@@ -416,7 +411,7 @@ class SAF(_TrajectoryLoss):
             idx = torch.cat([i for i, _ in recorded]).to(torch.long)
             logits = torch.cat([z for _, z in recorded])
             largest = hi
-            replicas = replicas_of(closure)
+            replicas = replicas_of(closure.model)
             if replicas is not None:  # every replica records every replica's samples
                 idx = replicas.all_gather_rows(idx.to(logits.device))
                 logits = replicas.all_gather_rows(logits)
@@ -656,25 +651,21 @@ class MESA(_TrajectoryLoss):
         if not ema_buffers:
             return
         buffers = list(buffers_now)
-        replicas = replicas_of(closure)
-        # FSDP2 does not synchronise buffers: average them over the mesh, as over replicas.
-        mesh = _mesh_groups(self.param_groups) if sharded else []
+        # Each replica's BatchNorm statistics come from its own batch, and FSDP2 does not
+        # synchronise buffers: average them over the replicas and the mesh.
+        params = [p for g in self.param_groups for p in g["params"]]
+        groups = [replicas_of(closure.model), *(mesh_groups(params) if sharded else [])]
+        groups = [g for g in groups if g is not None]
         float_idx = [i for i, b in enumerate(buffers) if b.is_floating_point()]
-        if (replicas is not None or mesh) and float_idx:
-            # Each replica's BatchNorm statistics come from its own batch: average them.
-            import torch.distributed as dist
+        if groups and float_idx:
 
-            flat = torch.cat([buffers[i].reshape(-1).double() for i in float_idx])
-            if replicas is not None:
-                replicas.all_reduce_sum_(flat).div_(replicas.world)
-            for group in mesh:
-                dist.all_reduce(flat, group=group)
-                flat.div_(dist.get_world_size(group))
-            offset = 0
-            for i in float_idx:
-                n = buffers[i].numel()
-                buffers[i] = flat[offset : offset + n].view_as(buffers[i]).to(buffers[i].dtype)
-                offset += n
+            def average(flat: Tensor) -> None:
+                for group in groups:
+                    group.all_reduce_(flat).div_(group.world)
+
+            floats = [buffers[i] for i in float_idx]
+            for i, v in zip(float_idx, through_flat(floats, average, torch.float64)):
+                buffers[i] = v.to(buffers[i].dtype)
         _lerp_(
             [ema_buffers[i] for i in float_idx],
             [buffers[i] for i in float_idx],

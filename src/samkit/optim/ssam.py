@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from samkit.optim import _tensors as T
-from samkit.optim._replicas import Replicas, replicas_of
+from samkit.optim._distributed import Group, replicas_of, through_flat
 from samkit.optim._rng import check_seed
 from samkit.optim.base import SharpnessAwareOptimizer, is_finite_nonnegative
 from samkit.optim.closure import BatchClosure
@@ -285,7 +285,7 @@ class SSAM(SharpnessAwareOptimizer):
     def sharpness_step(self, closure: Callable[[], Any]) -> Any:
         epoch = self.current_epoch()
         mode = self._setting("mode")
-        replicas = replicas_of(closure)
+        replicas = replicas_of(getattr(closure, "model", None))
         refresh = self._refresh_due(epoch)
         masks = self._current_masks()
         fresh = False  # SSAM-D's initial masks, drawn in this step
@@ -332,7 +332,7 @@ class SSAM(SharpnessAwareOptimizer):
         self.on_accept(commit)
 
     def _fisher_refresh(
-        self, closure: Any, epoch: int, replicas: Replicas | None
+        self, closure: Any, epoch: int, replicas: Group | None
     ) -> dict[Tensor, Tensor] | None:
         """Score this batch's samples; the new masks once ``num_samples`` are scored."""
         covered = self._mask_params()
@@ -359,10 +359,10 @@ class SSAM(SharpnessAwareOptimizer):
         closure.grad_evals += k / closure.batch_size
         scored = k
         if replicas is not None:  # sum the replicas' scores and sample counts
-            flat = torch.cat([s.reshape(-1) for s in scores] + [scores[0].new_tensor([k])])
-            replicas.all_reduce_sum_(flat)
-            scored = int(flat[-1])
-            scores = _unflatten(flat[:-1], scores)
+            *scores, count = through_flat(
+                scores + [scores[0].new_tensor([k])], replicas.all_reduce_
+            )
+            scored = int(count)
         if self.on_nonfinite != "ignore":
             total = torch.stack([s.sum() for s in scores]).sum()
             self._record_finite("fisher", total, False)
@@ -438,7 +438,7 @@ class SSAM(SharpnessAwareOptimizer):
                 drawn, filled = drawn + length, filled + length
         return out.to(layout.device)
 
-    def _random_masks(self, replicas: Replicas | None) -> dict[Tensor, Tensor]:
+    def _random_masks(self, replicas: Group | None) -> dict[Tensor, Tensor]:
         """SSAM-D's initial masks: ``k`` coordinates drawn uniformly per group."""
         covered = self._mask_params()
         if T.is_sharded([p for ps in covered for p in ps]):
@@ -465,7 +465,7 @@ class SSAM(SharpnessAwareOptimizer):
         groups: list[Any],
         masks: dict[Tensor, Tensor],
         epoch: int,
-        replicas: Replicas | None,
+        replicas: Group | None,
     ) -> dict[Tensor, Tensor]:
         grads = {p: g for gp in groups for p, g in zip(gp.params, gp.grads)}
         needs_grad = "gradient" in (self._setting("drop_score"), self._setting("grow_score"))
@@ -579,23 +579,14 @@ def _split(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def _unflatten(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
-    out, i = [], 0
-    for t in like:
-        out.append(flat[i : i + t.numel()].view_as(t))
-        i += t.numel()
-    return out
-
-
-def _broadcast_masks(masks: dict[Tensor, Tensor], replicas: Replicas) -> None:
+def _broadcast_masks(masks: dict[Tensor, Tensor], replicas: Group) -> None:
     """Make ``masks`` the first replica's, bit for bit (in place)."""
     if not masks:
         return
     params = list(masks)
-    flat = torch.cat([masks[p].reshape(-1) for p in params]).to(torch.uint8)
-    replicas.broadcast_(flat)
-    for p, m in zip(params, _split(flat.to(torch.bool), params)):
-        masks[p] = m
+    flags = through_flat([masks[p] for p in params], replicas.broadcast_, torch.uint8)
+    for p, m in zip(params, flags):
+        masks[p] = m.to(torch.bool)
 
 
 def _masked(grads: list[Tensor], masks: list[Tensor | None], foreach: bool) -> list[Tensor]:

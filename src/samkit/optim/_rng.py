@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from samkit.optim._validation import invalid_value
+
 __all__ = [
     "GlobalState",
     "OwnedGenerator",
@@ -101,7 +103,7 @@ def check_seed(seed: Any) -> int:
     if seed is None:
         return int(torch.initial_seed())
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"Invalid seed value: {seed!r} (an integer >= 0 or None)")
+        raise invalid_value("seed", seed, "an integer >= 0 or None")
     return seed
 
 

@@ -5,8 +5,9 @@
   (:func:`resolve_base_optimizer`).
 * Hyperparameter values: one message format for every method,
   ``Invalid rho value: '0.1' (must be a finite number >= 0, got str)``
-  (:func:`invalid_value`), and the most common rule, a finite number >= 0
-  (:func:`is_finite_nonnegative`).
+  (:func:`invalid_value`), and the rules methods share: a finite number >= 0
+  (:func:`is_finite_nonnegative`), a fraction in ``(0, 1]`` (:func:`is_fraction`), a count
+  (:func:`is_count`).
 
 Every name here is also importable from :mod:`samkit.optim.base`.
 """
@@ -15,12 +16,20 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["BASE_OPTIMIZERS", "invalid_value", "is_finite_nonnegative", "resolve_base_optimizer"]
+__all__ = [
+    "BASE_OPTIMIZERS",
+    "invalid_value",
+    "is_count",
+    "is_finite_nonnegative",
+    "is_fraction",
+    "resolve_base_optimizer",
+]
 
 #: Base optimizers that can be named by a string.
 BASE_OPTIMIZERS: dict[str, type[Optimizer]] = {
@@ -37,6 +46,16 @@ def is_finite_nonnegative(value: Any) -> bool:
     return (
         isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < math.inf
     )
+
+
+def is_fraction(value: Any) -> bool:
+    """Whether ``value`` is a real number (not a bool) in ``(0, 1]``."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value <= 1.0
+
+
+def is_count(value: Any, minimum: int = 1) -> bool:
+    """Whether ``value`` is an integer (not a bool) ``>= minimum``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
 
 
 def invalid_value(name: str, value: Any, expected: str) -> ValueError:

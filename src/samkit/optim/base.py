@@ -162,9 +162,7 @@ class SharpnessAwareOptimizer(ManualSteps, ProcessGroups, FiniteChecks, Checkpoi
     ) -> None:
         base_cls = resolve_base_optimizer(base_optimizer)
         if on_nonfinite not in ("raise", "skip", "ignore"):
-            raise ValueError(
-                f"Invalid on_nonfinite value: {on_nonfinite!r} (use 'raise', 'skip' or 'ignore')"
-            )
+            raise invalid_value("on_nonfinite", on_nonfinite, "'raise', 'skip' or 'ignore'")
         if not is_finite_nonnegative(perturb_eps):
             raise invalid_value("perturb_eps", perturb_eps, "a finite number >= 0")
         if max_grad_norm is not None and not (
@@ -668,7 +666,7 @@ class SharpnessAwareOptimizer(ManualSteps, ProcessGroups, FiniteChecks, Checkpoi
         on epochs ignore it. The epoch is part of :meth:`state_dict`.
         """
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"Invalid epoch value: {epoch!r} (an integer >= 0)")
+            raise invalid_value("epoch", epoch, "an integer >= 0")
         self.samkit_state["epoch"] = epoch
 
     @property

@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_leaves
 
 from samkit.optim import _tensors as T
 from samkit.optim._distributed import mesh_groups, replicas_of, through_flat
+from samkit.optim._validation import is_count
 from samkit.optim.base import SharpnessAwareOptimizer, invalid_value, is_finite_nonnegative
 from samkit.optim.closure import BatchClosure
 
@@ -64,8 +65,9 @@ class _TrajectoryLoss(SharpnessAwareOptimizer):
     """Shared by SAF and MESA: one pass per step, loss + lmbda·tau²·KL(reference ‖ current)."""
 
     needs_epoch = True
-    #: Hyperparameters that define the one loss term: equal in every param group.
-    _shared = ("lmbda", "tau", "start_epoch")
+    #: The hyperparameters of the one loss term.
+    step_globals = ("lmbda", "tau", "start_epoch")
+    own_passes = "one pass per step with a loss term"
 
     def validate_group(self, group: dict[str, Any]) -> None:
         super().validate_group(group)
@@ -74,24 +76,10 @@ class _TrajectoryLoss(SharpnessAwareOptimizer):
             raise invalid_value("lmbda", lmbda, "a finite number >= 0")
         tau = group.get("tau")
         if not (is_finite_nonnegative(tau) and tau > 0):
-            raise ValueError(f"Invalid tau value: {tau!r} (a temperature > 0)")
+            raise invalid_value("tau", tau, "a temperature > 0")
         for key in ("start_epoch", "horizon"):
-            if key not in group:
-                continue
-            value = group[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {key} value: {value!r} (an integer >= 1)")
-        first = self.param_groups[0] if self.param_groups else group
-        for key in self._shared:
-            if key in first and group.get(key) != first[key]:
-                raise ValueError(
-                    f"Invalid {key} value: {group.get(key)!r} in a param group: "
-                    f"{type(self).__name__}'s trajectory loss is one term of the loss, so "
-                    f"{key} must be the same in every group (the first group has {first[key]!r})"
-                )
-
-    def _setting(self, key: str) -> Any:
-        return self.param_groups[0][key]
+            if key in group and not is_count(group[key]):
+                raise invalid_value(key, group[key], "an integer >= 1")
 
     def _check_closure(self, closure: Any) -> BatchClosure:
         if not isinstance(closure, BatchClosure):
@@ -110,8 +98,8 @@ class _TrajectoryLoss(SharpnessAwareOptimizer):
         ``reference(z, idx, rows)`` gives the reference logits of the micro-batch (or
         ``None``: no term) and a ``valid`` row mask (or ``None``: every row).
         """
-        lmbda = float(self._setting("lmbda"))
-        tau = float(self._setting("tau"))
+        lmbda = float(self.step_global("lmbda"))
+        tau = float(self.step_global("tau"))
         name = type(self).__name__
 
         def extra_loss(outputs: Any, indices: Tensor | None, targets: Tensor) -> Tensor:
@@ -123,15 +111,6 @@ class _TrajectoryLoss(SharpnessAwareOptimizer):
             return (lmbda * tau * tau) * kl.sum() / z.shape[0]
 
         return extra_loss
-
-    # Manual steps cannot express a loss term: refuse clearly instead of perturbing.
-    def first_step(self, zero_grad: bool = False) -> None:
-        raise RuntimeError(
-            f"{type(self).__name__} takes one pass per step with a loss term: call "
-            "optimizer.step(samkit.make_closure(model, loss_fn, inputs, targets, indices=idx))"
-        )
-
-    second_step = first_step  # type: ignore[assignment]
 
 
 # ------------------------------------------------------------------------------------- SAF
@@ -342,7 +321,7 @@ class SAF(_TrajectoryLoss):
     """
 
     method_name = "saf"
-    _shared = ("lmbda", "tau", "start_epoch", "horizon")
+    step_globals = ("lmbda", "tau", "start_epoch", "horizon")
 
     def __init__(
         self,
@@ -361,14 +340,12 @@ class SAF(_TrajectoryLoss):
             isinstance(bank_dtype, torch.dtype) and bank_dtype.is_floating_point
         ):
             raise TypeError(f"Invalid bank_dtype value: {bank_dtype!r} (a floating torch.dtype)")
-        if bank_rows is not None and (
-            isinstance(bank_rows, bool) or not isinstance(bank_rows, int) or bank_rows < 1
-        ):
-            raise ValueError(f"Invalid bank_rows value: {bank_rows!r} (an integer >= 1)")
+        if bank_rows is not None and not is_count(bank_rows):
+            raise invalid_value("bank_rows", bank_rows, "an integer >= 1 or None")
         defaults = dict(lmbda=lmbda, tau=tau, start_epoch=start_epoch, horizon=horizon)
         super().__init__(params, base_optimizer, defaults, **kwargs)
         device = None if bank_device is None else torch.device(bank_device)
-        self._bank = _LogitBank(int(self._setting("horizon")) + 1, bank_dtype, device, bank_rows)
+        self._bank = _LogitBank(int(self.step_global("horizon")) + 1, bank_dtype, device, bank_rows)
 
     @property
     def bank(self) -> _LogitBank:
@@ -389,7 +366,7 @@ class SAF(_TrajectoryLoss):
                 f"{tuple(indices.shape)}"
             )
         epoch = self.current_epoch()
-        start, horizon = int(self._setting("start_epoch")), int(self._setting("horizon"))
+        start, horizon = int(self.step_global("start_epoch")), int(self.step_global("horizon"))
         if epoch < start - horizon:  # no record made now is ever read: plain step
             loss = self.run_pass(closure, "clean", sync=True)
             self.base_step()
@@ -533,7 +510,7 @@ class MESA(_TrajectoryLoss):
     """
 
     method_name = "mesa"
-    _shared = ("lmbda", "tau", "start_epoch", "decay")
+    step_globals = ("lmbda", "tau", "start_epoch", "decay")
 
     def __init__(
         self,
@@ -596,10 +573,10 @@ class MESA(_TrajectoryLoss):
         epoch = self.current_epoch()
         module = self._module(batch)
         ema = self._averaged_model(module)
-        decay = float(self._setting("decay"))
+        decay = float(self.step_global("decay"))
 
         extra = None
-        if epoch >= int(self._setting("start_epoch")):
+        if epoch >= int(self.step_global("start_epoch")):
             with torch.no_grad(), _autocast_like(batch):
                 if isinstance(ema, _ShardedAverage):
                     reference = _as_logits(ema.forward(module, batch.inputs), "MESA")

@@ -13,7 +13,8 @@ from torch.utils._pytree import tree_map
 from samkit.optim import _tensors as T
 from samkit.optim._distributed import Group, replicas_of, through_flat
 from samkit.optim._rng import check_seed
-from samkit.optim.base import SharpnessAwareOptimizer, is_finite_nonnegative
+from samkit.optim._validation import is_count
+from samkit.optim.base import SharpnessAwareOptimizer, invalid_value, is_finite_nonnegative
 from samkit.optim.closure import BatchClosure
 
 __all__ = ["SSAM", "per_sample_squared_gradients"]
@@ -147,8 +148,8 @@ class SSAM(SharpnessAwareOptimizer):
 
     method_name = "ssam"
     needs_epoch = True
-    #: Options of the mask schedule: one value for the whole model.
-    _shared = (
+    #: The mask schedule: one for the whole model.
+    step_globals = (
         "mode",
         "num_samples",
         "update_freq",
@@ -157,6 +158,7 @@ class SSAM(SharpnessAwareOptimizer):
         "grow_score",
         "epochs",
     )
+    own_passes = "its mask is refreshed inside step()"
 
     def __init__(
         self,
@@ -202,45 +204,29 @@ class SSAM(SharpnessAwareOptimizer):
             raise ValueError(f"Invalid sparsity value: {s!r} (in [0, 1])")
         mode = group.get("mode")
         if mode not in MODES:
-            raise ValueError(f"Invalid mode value: {mode!r} (use 'fisher' or 'dynamic')")
+            raise invalid_value("mode", mode, "'fisher' or 'dynamic'")
         for key in ("num_samples", "update_freq"):
-            v = group.get(key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"Invalid {key} value: {v!r} (an integer >= 1)")
+            if not is_count(group.get(key)):
+                raise invalid_value(key, group.get(key), "an integer >= 1")
         r = group.get("drop_rate")
         if not (is_finite_nonnegative(r) and r <= 1.0):
-            raise ValueError(f"Invalid drop_rate value: {r!r} (in [0, 1])")
+            raise invalid_value("drop_rate", r, "a number in [0, 1]")
         for key in ("drop_score", "grow_score"):
             if group.get(key) not in SCORES:
-                raise ValueError(
-                    f"Invalid {key} value: {group.get(key)!r} (use one of {', '.join(SCORES)})"
-                )
+                raise invalid_value(key, group.get(key), f"one of {', '.join(SCORES)}")
         epochs = group.get("epochs")
-        if epochs is not None and (
-            isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1
-        ):
-            raise ValueError(f"Invalid epochs value: {epochs!r} (an integer >= 1)")
+        if epochs is not None and not is_count(epochs):
+            raise invalid_value("epochs", epochs, "an integer >= 1 or None")
         if mode == "dynamic" and epochs is None:
             raise ValueError(
                 "Invalid epochs value: None: SSAM mode='dynamic' needs epochs= (the length of "
                 "the run, for its drop-rate schedule)"
             )
-        first = self.param_groups[0] if self.param_groups else group
-        for key in self._shared:
-            if group.get(key) != first.get(key):
-                raise ValueError(
-                    f"Invalid {key} value: {group.get(key)!r} in a param group: SSAM's mask "
-                    f"schedule is global, so {key} must be the same in every group (the first "
-                    f"group has {first.get(key)!r})"
-                )
-
-    def _setting(self, key: str) -> Any:
-        return self.param_groups[0][key]
 
     @property
     def fsdp_unsupported(self) -> str | None:  # type: ignore[override]
         """SSAM-F cannot run on sharded parameters (the reason); SSAM-D can (``None``)."""
-        if self._setting("mode") != "fisher":
+        if self.step_global("mode") != "fisher":
             return None
         return (
             "SSAM mode='fisher' scores coordinates with per-sample gradients through "
@@ -261,7 +247,7 @@ class SSAM(SharpnessAwareOptimizer):
         if self.samkit_state.get("ssam_fisher_count", 0) > 0:
             return True  # a Fisher sum is being completed
         return (
-            epoch % int(self._setting("update_freq")) == 0
+            epoch % int(self.step_global("update_freq")) == 0
             and self.samkit_state.get("ssam_mask_epoch") != epoch
         )
 
@@ -284,7 +270,7 @@ class SSAM(SharpnessAwareOptimizer):
     # ------------------------------------------------------------------ the step
     def sharpness_step(self, closure: Callable[[], Any]) -> Any:
         epoch = self.current_epoch()
-        mode = self._setting("mode")
+        mode = self.step_global("mode")
         replicas = replicas_of(getattr(closure, "model", None))
         refresh = self._refresh_due(epoch)
         masks = self._current_masks()
@@ -346,7 +332,7 @@ class SSAM(SharpnessAwareOptimizer):
                 "the batch: build the closure with samkit.make_closure(model, loss_fn, inputs, "
                 "targets), or use mode='dynamic'"
             )
-        needed = int(self._setting("num_samples"))
+        needed = int(self.step_global("num_samples"))
         count = int(self.samkit_state.get("ssam_fisher_count", 0))
         k = min(needed - count, closure.batch_size)
         flat_params = [p for ps in covered for p in ps]
@@ -468,13 +454,13 @@ class SSAM(SharpnessAwareOptimizer):
         replicas: Group | None,
     ) -> dict[Tensor, Tensor]:
         grads = {p: g for gp in groups for p, g in zip(gp.params, gp.grads)}
-        needs_grad = "gradient" in (self._setting("drop_score"), self._setting("grow_score"))
+        needs_grad = "gradient" in (self.step_global("drop_score"), self.step_global("grow_score"))
         if needs_grad and self.local_gradients:  # score with the replicas' mean gradient
             mean = [g.clone() for g in grads.values()]
             self.all_reduce_mean_(mean)
             grads = dict(zip(grads, mean))
-        rate = float(self._setting("drop_rate"))
-        total = int(self._setting("epochs"))
+        rate = float(self.step_global("drop_rate"))
+        total = int(self.step_global("epochs"))
         rate *= (1.0 + math.cos(math.pi * min(epoch, total) / total)) / 2.0
         new: dict[Tensor, Tensor] = {}
         if T.is_sharded([p for ps in self._mask_params() for p in ps]):
@@ -519,7 +505,7 @@ class SSAM(SharpnessAwareOptimizer):
             return {p: masks[p] for p in params}
 
         def scores(key: str, purpose: int) -> Tensor:
-            kind = self._setting(key)
+            kind = self.step_global(key)
             if kind == "random":
                 return self._random_local(layout, epoch, gi, purpose)
             if kind == "weight":
@@ -536,7 +522,7 @@ class SSAM(SharpnessAwareOptimizer):
         return dict(zip(params, layout.masks(kept | grown)))
 
     def _scores(self, key, params, grads, epoch, group, purpose) -> Tensor:
-        kind = self._setting(key)
+        kind = self.step_global(key)
         if kind == "random":
             return self._random_scores(params, epoch, group, purpose)
         if kind == "weight":
@@ -550,15 +536,7 @@ class SSAM(SharpnessAwareOptimizer):
             ]
         return torch.cat(parts)
 
-    # ------------------------------------------------------------------ manual steps / state
-    def first_step(self, zero_grad: bool = False) -> None:
-        raise RuntimeError(
-            "SSAM refreshes its mask inside step(): call optimizer.step(closure) "
-            "(closure = samkit.make_closure(model, loss_fn, inputs, targets))"
-        )
-
-    second_step = first_step  # type: ignore[assignment]
-
+    # ------------------------------------------------------------------ state
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         # torch casts every saved tensor to its parameter's dtype: masks come back as bool.

@@ -32,6 +32,7 @@ from samkit.optim._tensors import Buckets, is_sharded
 __all__ = [
     "Group",
     "ProcessGroups",
+    "first_replica_flags",
     "initialized",
     "mesh_groups",
     "on_backend_device",
@@ -125,6 +126,11 @@ class Group:
             tensor.copy_(buf)
         return tensor
 
+    def broadcast_flags(self, flags: list[Tensor]) -> list[Tensor]:
+        """The first process's ``bool`` tensors, bit for bit: one broadcast of their bytes."""
+        views = through_flat(flags, self.broadcast_, torch.uint8)
+        return [v.to(torch.bool) for v in views]
+
     @torch.no_grad()
     def mean_(self, tensors: list[Tensor]) -> None:
         """In place: each of ``tensors`` averaged over the group, one all-reduce per
@@ -190,6 +196,14 @@ def mesh_groups(params: Sequence[Tensor]) -> list[Group]:
             if group.world > 1:
                 groups.append(group)
     return unique(groups)
+
+
+def first_replica_flags(flags: dict[Any, Tensor], replicas: Group | None) -> dict[Any, Tensor]:
+    """``flags`` (``bool`` tensors) as the first replica has them, bit for bit; unchanged in
+    one process (``replicas`` ``None``)."""
+    if replicas is None or not flags:
+        return flags
+    return dict(zip(flags, replicas.broadcast_flags(list(flags.values()))))
 
 
 def unique(groups: Iterable[Group | None]) -> list[Group]:

@@ -624,7 +624,7 @@ class MESA(_TrajectoryLoss):
             )
         ema_params, params, ema_buffers, buffers_now = self._ema_pairs
         weight = 1.0 - decay
-        _lerp_(T._local(ema_params), T._local(params), weight, self.foreach)  # shards
+        _lerp_(T.local(ema_params), T.local(params), weight, self.foreach)  # shards
         if not ema_buffers:
             return
         buffers = list(buffers_now)
@@ -710,8 +710,8 @@ class _ShardedAverage:
             self.tensors[key].copy_(value)
 
     def _exchange(self, live: dict[str, Tensor]) -> None:
-        mine = T._local([self.tensors[k] for k in live])
-        theirs = T._local(list(live.values()))
+        mine = T.local([self.tensors[k] for k in live])
+        theirs = T.local(list(live.values()))
         for a, b in zip(mine, theirs):
             kept = b.clone()
             b.copy_(a)

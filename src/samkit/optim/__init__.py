@@ -14,6 +14,7 @@ from samkit.optim.esam import ESAM
 from samkit.optim.fsam import FriendlySAM
 from samkit.optim.gsam import GSAM
 from samkit.optim.looksam import LookSAM
+from samkit.optim.mesa import MESA
 from samkit.optim.msam import MicroBatchSAM
 from samkit.optim.registry import (
     OptimizerInfo,
@@ -23,7 +24,7 @@ from samkit.optim.registry import (
     list_optimizers,
     register,
 )
-from samkit.optim.saf import MESA, SAF
+from samkit.optim.saf import SAF
 from samkit.optim.sam import ASAM, SAM
 from samkit.optim.ssam import SSAM
 

@@ -12,7 +12,7 @@ takes an optional ``buckets``; without one it groups the list it is given.
 Sharded tensors. Every helper also takes ``DTensor`` lists (the parameters and gradients of a
 model sharded with FSDP2's ``fully_shard``, or any ``torch.distributed.tensor`` layout whose
 placements are ``Shard`` or ``Replicate``). Elementwise helpers (:func:`add_`, :func:`copy_`,
-:func:`mul_`, :func:`scaled`, :func:`masked`) act on each rank's local shard (:func:`local`),
+:func:`mul_`, :func:`scaled`, :func:`masked`, :func:`lerp_`) act on each rank's local shard (:func:`local`),
 so they never communicate; :func:`scaled` and :func:`masked` return DTensors laid out as
 their inputs (:func:`like_layout`). The reductions
 (:func:`global_norm`, :func:`dot`) reduce the local shards and then add the shards' sums with
@@ -41,6 +41,7 @@ __all__ = [
     "mul_",
     "scaled",
     "masked",
+    "lerp_",
     "is_sharded",
     "local",
     "like_layout",
@@ -349,6 +350,23 @@ def copy_(
         return
     for t_bucket, s_bucket in zip(plan.split(targets), plan.split(sources)):
         torch._foreach_copy_(t_bucket, s_bucket)
+
+
+def lerp_(
+    targets: Sequence[Tensor], sources: Sequence[Tensor], weight: float, foreach: bool = True
+) -> None:
+    """In place ``targets[i] += weight·(sources[i] - targets[i])``, the sources cast to the
+    targets' dtypes (DTensors: shard by shard)."""
+    if not targets:
+        return
+    if is_sharded(targets) or is_sharded(sources):
+        targets, sources = local(targets), local(sources)
+    if not foreach:
+        for t, s in zip(targets, sources):
+            t.lerp_(s.to(t.dtype), weight)
+        return
+    for t_bucket, s_bucket in group_by_device_dtype(targets, sources):
+        torch._foreach_lerp_(t_bucket, [s.to(t.dtype) for s, t in zip(s_bucket, t_bucket)], weight)
 
 
 def masked(

@@ -275,7 +275,7 @@ class BatchClosure:
                 y = targets[lo:hi]
                 rows = hi - lo
                 with (
-                    self._autocast(),
+                    self.autocast(),
                     self._maybe_no_sync(backward and not (sync_gradients and last)),
                 ):
                     out = self.model(x)
@@ -315,7 +315,9 @@ class BatchClosure:
         assert total is not None
         return total
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of this closure's forward passes (``autocast_dtype`` on the
+        inputs' device; a null context without one)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         device_type = _device_of(self.inputs).type

@@ -20,8 +20,9 @@ from samkit.optim.esam import ESAM
 from samkit.optim.fsam import FriendlySAM
 from samkit.optim.gsam import GSAM
 from samkit.optim.looksam import LookSAM
+from samkit.optim.mesa import MESA
 from samkit.optim.msam import MicroBatchSAM
-from samkit.optim.saf import MESA, SAF
+from samkit.optim.saf import SAF
 from samkit.optim.sam import ASAM, SAM
 from samkit.optim.ssam import SSAM
 

@@ -310,6 +310,6 @@ def test_groups_must_share_the_sampling_settings():
 
 def test_registry_entry_builds_the_class_defaults():
     info = samkit.get_optimizer_info("ausam")
-    assert info.cls is samkit.AUSAM and info.needs_batch_closure and not info.defaults
+    assert info.cls is samkit.AUSAM and info.needs_batch_closure
     group = samkit.create_optimizer("ausam", tiny_net().parameters(), lr=0.1).param_groups[0]
     assert (group["rho"], group["fraction"], group["max_ratio"]) == (0.05, 0.5, 4.0)

@@ -377,7 +377,7 @@ def test_groups_must_share_gamma_but_not_beta():
 
 def test_registry_entry_builds_the_class_defaults():
     info = samkit.get_optimizer_info("esam")
-    assert info.cls is samkit.ESAM and info.needs_batch_closure and not info.defaults
+    assert info.cls is samkit.ESAM and info.needs_batch_closure
     opt = samkit.create_optimizer("esam", tiny_net().parameters(), lr=0.1)
     group = opt.param_groups[0]
     assert (group["rho"], group["beta"], group["gamma"]) == (0.05, 0.5, 0.5)

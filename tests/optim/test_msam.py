@@ -243,7 +243,6 @@ def test_manual_first_step_is_refused():
 def test_registry_entry():
     info = samkit.get_optimizer_info("msam")
     assert info.cls is samkit.MicroBatchSAM and info.passes == 2 and info.needs_batch_closure
-    assert not info.defaults
     opt = samkit.create_optimizer("msam", net().parameters(), lr=0.1)
     group = opt.param_groups[0]
     assert (group["rho"], group["micro_batches"]) == (0.05, 4)

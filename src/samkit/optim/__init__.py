@@ -23,6 +23,8 @@ from samkit.optim.registry import (
     is_sharpness_aware,
     list_optimizers,
     register,
+    registered,
+    unregister,
 )
 from samkit.optim.saf import SAF
 from samkit.optim.sam import ASAM, SAM
@@ -53,5 +55,7 @@ __all__ = [
     "list_optimizers",
     "make_closure",
     "register",
+    "registered",
     "resolve_base_optimizer",
+    "unregister",
 ]

@@ -124,7 +124,6 @@ class AUSAM(SharpnessAwareOptimizer):
         Sharpness-Aware Minimization. AAAI 2025. https://arxiv.org/abs/2406.08001
     """
 
-    method_name = "ausam"
     step_globals = ("fraction", "max_ratio")  # one subset of the batch per step
 
     def __init__(

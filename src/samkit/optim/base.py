@@ -119,9 +119,6 @@ class SharpnessAwareOptimizer(ManualSteps, ProcessGroups, FiniteChecks, Checkpoi
         **base_kwargs: passed to the base optimizer (``lr``, ``momentum``, ...).
     """
 
-    #: Registry-style name used in messages.
-    method_name = "sharpness-aware optimizer"
-
     #: Hyperparameters that configure the whole step rather than a param group (LookSAM's
     #: ``k``, ESAM's ``gamma``, SSAM's mask schedule): every group must hold the same value,
     #: which is checked when a group is built or added. Read them with :meth:`step_global`.

@@ -99,7 +99,6 @@ class BilateralSAM(SharpnessAwareOptimizer):
         code: https://github.com/ajiaaa/BSAM
     """
 
-    method_name = "bsam"
     own_passes = "three: the clean point, the max point and the min point"
 
     def __init__(

@@ -162,7 +162,6 @@ class ESAM(SharpnessAwareOptimizer):
         https://github.com/dydjw9/Efficient_SAM
     """
 
-    method_name = "esam"
     step_globals = ("gamma",)  # one subset of the batch per step
 
     def __init__(

@@ -92,8 +92,6 @@ class FriendlySAM(SharpnessAwareOptimizer):
         https://github.com/nblt/F-SAM
     """
 
-    method_name = "fsam"
-
     def __init__(
         self,
         params: Iterable[Any],

@@ -125,7 +125,6 @@ class GSAM(SharpnessAwareOptimizer):
         https://github.com/google-research/big_vision (JAX, ``trainers/proj/gsam``)
     """
 
-    method_name = "gsam"
     own_passes = "it needs the clean and the perturbed gradient together"
 
     def __init__(

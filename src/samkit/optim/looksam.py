@@ -103,7 +103,6 @@ class LookSAM(SharpnessAwareOptimizer):
         Sharpness-Aware Minimization. CVPR 2022. https://arxiv.org/abs/2203.02714
     """
 
-    method_name = "looksam"
     step_globals = ("k",)  # one pass serves the whole model
     own_passes = "whether a step takes a second pass is its own decision"
 

@@ -113,7 +113,6 @@ class MESA(TrajectoryLoss):
         https://github.com/AngusDujw/SAF (``MESA_train.py``)
     """
 
-    method_name = "mesa"
     step_globals = ("lmbda", "tau", "start_epoch", "decay")
 
     def __init__(

@@ -100,7 +100,6 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
         Generalization. ICLR 2021. https://arxiv.org/abs/2010.01412
     """
 
-    method_name = "msam"
     step_globals = ("micro_batches",)  # the batch is split once for the whole model
     own_passes = "its passes run on micro-batches of the batch"
 

@@ -233,7 +233,6 @@ class SAF(TrajectoryLoss):
         https://github.com/AngusDujw/SAF
     """
 
-    method_name = "saf"
     step_globals = ("lmbda", "tau", "start_epoch", "horizon")
 
     def __init__(

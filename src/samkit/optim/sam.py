@@ -60,8 +60,6 @@ class SAM(SharpnessAwareOptimizer):
         Efficiently Improving Generalization. ICLR 2021. https://arxiv.org/abs/2010.01412
     """
 
-    method_name = "sam"
-
     def __init__(
         self,
         params: Iterable[Any],
@@ -103,8 +101,6 @@ class ASAM(SAM):
         for Scale-Invariant Learning of Deep Neural Networks. ICML 2021.
         https://arxiv.org/abs/2102.11600
     """
-
-    method_name = "asam"
 
     def __init__(
         self,

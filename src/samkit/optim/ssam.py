@@ -129,7 +129,6 @@ class SSAM(SharpnessAwareOptimizer):
         https://github.com/Mi-Peng/Sparse-Sharpness-Aware-Minimization
     """
 
-    method_name = "ssam"
     needs_epoch = True
     #: The mask schedule: one for the whole model.
     step_globals = (

@@ -411,7 +411,7 @@ def build_run(config: TrainConfig, device: torch.device, procs: Processes | None
         procs=procs,
         opt=opt,
         opt_info=opt_info,
-        opt_settings={**opt_info.defaults, **opt_kwargs},
+        opt_settings=dict(opt_kwargs),
         scheduler=scheduler,
         # fp16: a GradScaler. Sharpness-aware methods take their base step through it (the
         # closure carries it); plain torch optimizers step as `closure(); scaler.step(opt)`.

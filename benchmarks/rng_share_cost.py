@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import samkit
-from samkit.optim.base import _get_rng, _set_rng
+from samkit.optim._rng import get_global_state, set_global_state
 
 
 def sync(device: torch.device) -> None:
@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     n = 20_000
     t0 = time.perf_counter()
     for _ in range(n):
-        first = _get_rng(cuda)
-        resume = _get_rng(cuda)
-        _set_rng(first, cuda)
-        _set_rng(resume, cuda)
+        first = get_global_state(cuda)
+        resume = get_global_state(cuda)
+        set_global_state(first, cuda)
+        set_global_state(resume, cuda)
     per_step_us = (time.perf_counter() - t0) / n * 1e6
 
     # 2. whole SAM steps, share_rng on and off, interleaved

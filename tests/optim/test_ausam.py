@@ -304,14 +304,12 @@ def test_invalid_hyperparameters(kw, message):
 def test_groups_must_share_the_sampling_settings():
     m = tiny_net()
     groups = [{"params": m[0].parameters(), "fraction": 0.25}, {"params": m[2].parameters()}]
-    opt = samkit.AUSAM(groups, lr=0.1)
-    x, y = dataset(8)
     with pytest.raises(ValueError, match="same fraction"):
-        opt.step(samkit.make_closure(m, loss_fn, x, y, indices=torch.arange(8)))
+        samkit.AUSAM(groups, lr=0.1)
 
 
 def test_registry_entry_builds_the_class_defaults():
     info = samkit.get_optimizer_info("ausam")
-    assert info.cls is samkit.AUSAM and info.needs_batch_closure and not info.defaults
+    assert info.cls is samkit.AUSAM and info.needs_batch_closure
     group = samkit.create_optimizer("ausam", tiny_net().parameters(), lr=0.1).param_groups[0]
     assert (group["rho"], group["fraction"], group["max_ratio"]) == (0.05, 0.5, 4.0)

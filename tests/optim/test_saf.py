@@ -316,7 +316,6 @@ def test_clear_errors_for_missing_inputs():
 def test_registry_entry_builds_the_paper_defaults():
     info = samkit.get_optimizer_info("saf")
     assert info.cls is samkit.SAF and info.passes == 1.0 and info.needs_batch_closure
-    assert info.defaults == {}
     opt = samkit.create_optimizer("saf", tiny_net().parameters(), lr=0.1)
     group = opt.param_groups[0]
     assert (group["lmbda"], group["tau"], group["start_epoch"], group["horizon"]) == (

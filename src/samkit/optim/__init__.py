@@ -14,6 +14,7 @@ from samkit.optim.esam import ESAM
 from samkit.optim.fsam import FriendlySAM
 from samkit.optim.gsam import GSAM
 from samkit.optim.looksam import LookSAM
+from samkit.optim.mesa import MESA
 from samkit.optim.msam import MicroBatchSAM
 from samkit.optim.registry import (
     OptimizerInfo,
@@ -22,8 +23,10 @@ from samkit.optim.registry import (
     is_sharpness_aware,
     list_optimizers,
     register,
+    registered,
+    unregister,
 )
-from samkit.optim.saf import MESA, SAF
+from samkit.optim.saf import SAF
 from samkit.optim.sam import ASAM, SAM
 from samkit.optim.ssam import SSAM
 
@@ -52,5 +55,7 @@ __all__ = [
     "list_optimizers",
     "make_closure",
     "register",
+    "registered",
     "resolve_base_optimizer",
+    "unregister",
 ]

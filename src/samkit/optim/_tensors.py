@@ -12,8 +12,9 @@ takes an optional ``buckets``; without one it groups the list it is given.
 Sharded tensors. Every helper also takes ``DTensor`` lists (the parameters and gradients of a
 model sharded with FSDP2's ``fully_shard``, or any ``torch.distributed.tensor`` layout whose
 placements are ``Shard`` or ``Replicate``). Elementwise helpers (:func:`add_`, :func:`copy_`,
-:func:`mul_`, :func:`scaled`) act on each rank's local shard (``to_local()``), so they never
-communicate; :func:`scaled` returns DTensors laid out as its inputs. The reductions
+:func:`mul_`, :func:`scaled`, :func:`masked`, :func:`lerp_`) act on each rank's local shard (:func:`local`),
+so they never communicate; :func:`scaled` and :func:`masked` return DTensors laid out as
+their inputs (:func:`like_layout`). The reductions
 (:func:`global_norm`, :func:`dot`) reduce the local shards and then add the shards' sums with
 one ``all_reduce`` over the mesh dimensions the tensors are sharded on, so every rank gets
 the value of the whole (unsharded) tensors; nothing is ever gathered. Plain tensors in the
@@ -39,7 +40,11 @@ __all__ = [
     "copy_",
     "mul_",
     "scaled",
+    "masked",
+    "lerp_",
     "is_sharded",
+    "local",
+    "like_layout",
 ]
 
 
@@ -94,7 +99,7 @@ def _plan(tensors: Sequence[Tensor], buckets: Buckets | None) -> Buckets:
     return buckets if buckets is not None else Buckets(tensors)
 
 
-def _local(tensors: Sequence[Tensor]) -> list[Tensor]:
+def local(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Each DTensor replaced by its local shard (a view: in-place changes reach the DTensor)."""
     cls = _dtensor_class()
     if cls is None:
@@ -198,8 +203,8 @@ def _sharded_reduction(a: Sequence[Tensor], b: Sequence[Tensor] | None, foreach:
             )
         kinds.setdefault(key, []).append(i)
     device = a[0].device  # a DTensor's device is its local shard's
-    local_a = _local(a)
-    local_b = _local(b) if b is not None else None
+    local_a = local(a)
+    local_b = local(b) if b is not None else None
     sums: dict[Any, Tensor] = {}
     for key, idx in kinds.items():
         xs = [local_a[i] for i in idx]
@@ -273,7 +278,7 @@ def scaled(
     plan = _plan(tensors, buckets)
     scale = _scalar(scale)
     if plan.sharded:
-        return _like_layout(_scaled(_local(tensors), scale, foreach, plan), tensors)
+        return like_layout(_scaled(local(tensors), scale, foreach, plan), tensors)
     return _scaled(tensors, scale, foreach, plan)
 
 
@@ -301,7 +306,7 @@ def add_(
     """In place ``targets[i] += alpha * others[i]`` (DTensors: shard by shard)."""
     plan = _plan(targets, buckets)
     if plan.sharded:
-        targets, others = _local(targets), _local(others)
+        targets, others = local(targets), local(others)
     if not foreach:
         for t, o in zip(targets, others):
             t.add_(o, alpha=alpha)
@@ -320,7 +325,7 @@ def mul_(
     plan = _plan(tensors, buckets)
     factor = _scalar(factor)
     if plan.sharded:
-        tensors = _local(tensors)
+        tensors = local(tensors)
     if not foreach:
         for t in tensors:
             t.mul_(_like(factor, t))
@@ -338,13 +343,59 @@ def copy_(
     """In place ``targets[i].copy_(sources[i])`` (DTensors: shard by shard)."""
     plan = _plan(targets, buckets)
     if plan.sharded:
-        targets, sources = _local(targets), _local(sources)
+        targets, sources = local(targets), local(sources)
     if not foreach:
         for t, s in zip(targets, sources):
             t.copy_(s)
         return
     for t_bucket, s_bucket in zip(plan.split(targets), plan.split(sources)):
         torch._foreach_copy_(t_bucket, s_bucket)
+
+
+def lerp_(
+    targets: Sequence[Tensor], sources: Sequence[Tensor], weight: float, foreach: bool = True
+) -> None:
+    """In place ``targets[i] += weight·(sources[i] - targets[i])``, the sources cast to the
+    targets' dtypes (DTensors: shard by shard)."""
+    if not targets:
+        return
+    if is_sharded(targets) or is_sharded(sources):
+        targets, sources = local(targets), local(sources)
+    if not foreach:
+        for t, s in zip(targets, sources):
+            t.lerp_(s.to(t.dtype), weight)
+        return
+    for t_bucket, s_bucket in group_by_device_dtype(targets, sources):
+        torch._foreach_lerp_(t_bucket, [s.to(t.dtype) for s, t in zip(s_bucket, t_bucket)], weight)
+
+
+def masked(
+    tensors: Sequence[Tensor], masks: Sequence[Tensor | None], foreach: bool = True
+) -> list[Tensor]:
+    """New tensors ``t ⊙ m`` (``m`` shaped and laid out as ``t``; ``None``: ``t`` itself).
+
+    DTensors give DTensors with the same layout (computed shard by shard).
+    """
+    pairs = [(i, t, m) for i, (t, m) in enumerate(zip(tensors, masks)) if m is not None]
+    out = list(tensors)
+    if not pairs:
+        return out
+    idx = [i for i, _, _ in pairs]
+    ts = [t for _, t, _ in pairs]
+    ms = [m for _, _, m in pairs]
+    if is_sharded(ts):  # shard by shard (the masks share the layout)
+        products = like_layout(masked(local(ts), local(ms), foreach), ts)
+    elif foreach:
+        products = [None] * len(ts)  # type: ignore[list-item]
+        plan = Buckets(ts)
+        for index, t_bucket, m_bucket in zip(plan.index, plan.split(ts), plan.split(ms)):
+            for k, r in zip(index, torch._foreach_mul(t_bucket, m_bucket)):
+                products[k] = r
+    else:
+        products = [t * m for t, m in zip(ts, ms)]
+    for i, r in zip(idx, products):
+        out[i] = r
+    return out
 
 
 def _like(scale: Tensor | float, ref: Tensor) -> Tensor | float:
@@ -361,12 +412,12 @@ def _scalar(scale: Tensor | float) -> Tensor | float:
     return scale
 
 
-def _like_layout(local: list[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
+def like_layout(shards: list[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
     """Local shards wrapped as DTensors with the layout of ``like`` (plain tensors stay)."""
     cls = _dtensor_class()
     assert cls is not None
     out = []
-    for r, t in zip(local, like):
+    for r, t in zip(shards, like):
         if isinstance(t, cls):
             r = cls.from_local(
                 r, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()

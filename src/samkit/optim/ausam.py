@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from samkit.optim._rng import OwnedGenerator, check_seed, initial_rng_state
-from samkit.optim.base import SharpnessAwareOptimizer
+from samkit.optim._validation import is_fraction
+from samkit.optim.base import ASAM_ETA, SharpnessAwareOptimizer, asam_defaults, invalid_value
 from samkit.optim.closure import BatchClosure
 from samkit.optim.esam import selection_size
 
@@ -123,7 +124,7 @@ class AUSAM(SharpnessAwareOptimizer):
         Sharpness-Aware Minimization. AAAI 2025. https://arxiv.org/abs/2406.08001
     """
 
-    method_name = "ausam"
+    step_globals = ("fraction", "max_ratio")  # one subset of the batch per step
 
     def __init__(
         self,
@@ -133,18 +134,13 @@ class AUSAM(SharpnessAwareOptimizer):
         fraction: float = 0.5,
         max_ratio: float = 4.0,
         adaptive: bool = False,
-        eta: float = 0.01,
+        eta: float = ASAM_ETA,
         seed: int | None = None,
         **kwargs: Any,
     ) -> None:
         seed = check_seed(seed)
         defaults = dict(
-            rho=rho,
-            fraction=fraction,
-            max_ratio=max_ratio,
-            adaptive=bool(adaptive),
-            eta=eta,
-            weight_scaling=None,
+            rho=rho, fraction=fraction, max_ratio=max_ratio, **asam_defaults(adaptive, eta)
         )
         super().__init__(params, base_optimizer, defaults, **kwargs)
         self.samkit_state["rng_state"] = initial_rng_state(seed)
@@ -154,39 +150,25 @@ class AUSAM(SharpnessAwareOptimizer):
 
     def validate_group(self, group: dict[str, Any]) -> None:
         super().validate_group(group)
-        fraction = group.get("fraction")
-        if not (
-            isinstance(fraction, (int, float))
-            and not isinstance(fraction, bool)
-            and 0.0 < fraction <= 1.0
-        ):
-            raise ValueError(f"Invalid fraction value: {fraction!r} (a number in (0, 1])")
+        if not is_fraction(group.get("fraction")):
+            raise invalid_value("fraction", group.get("fraction"), "a number in (0, 1]")
         ratio = group.get("max_ratio")
         if not (
             isinstance(ratio, (int, float))
             and not isinstance(ratio, bool)
             and 1.0 <= ratio < float("inf")
         ):
-            raise ValueError(f"Invalid max_ratio value: {ratio!r} (a finite number >= 1)")
-
-    def _step_setting(self, key: str) -> float:
-        values = {float(g[key]) for g in self.param_groups}
-        if len(values) != 1:
-            raise ValueError(
-                f"AUSAM samples one subset of the batch per step: every param group needs the "
-                f"same {key}, got {sorted(values)}"
-            )
-        return values.pop()
+            raise invalid_value("max_ratio", ratio, "a finite number >= 1")
 
     @property
     def fraction(self) -> float:
-        """The sampled fraction of each batch (every group's must agree)."""
-        return self._step_setting("fraction")
+        """The sampled fraction of each batch (one value for the whole step)."""
+        return float(self.step_global("fraction"))
 
     @property
     def max_ratio(self) -> float:
-        """The bound on the ratio of sampling weights (every group's must agree)."""
-        return self._step_setting("max_ratio")
+        """The bound on the ratio of sampling weights (one value for the whole step)."""
+        return float(self.step_global("max_ratio"))
 
     def scores(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         """The ADLP of dataset ``indices`` and whether each has one (CPU tensors)."""
@@ -209,17 +191,17 @@ class AUSAM(SharpnessAwareOptimizer):
             if k < n:
                 scores, seen = self.scores(indices)
                 weights = sampling_weights(scores, seen, max_ratio)
-                gen = self._draws.take(self.samkit_state)
+                gen = self._draws.take(self.samkit_state)  # S: k of B, without replacement
                 drawn = torch.multinomial(weights, k, replacement=False, generator=gen)
                 self.on_accept(lambda: self._draws.put(self.samkit_state))
                 subset = torch.sort(drawn).values
 
-        before = self.run_pass(closure, "clean", subset=subset, per_sample=True)
-        self.perturb()
+        before = self.run_pass(closure, "clean", subset=subset, per_sample=True)  # ℓ_i(w), i ∈ S
+        self.perturb()  # ε = ρ·g/‖g‖ with g = ∇L_S(w)
         after = self.run_pass(closure, "perturbed", perturbed=True, subset=subset, per_sample=True)
         self.restore()
         chosen = indices if subset is None else indices[subset.to(indices.device)]
-        dlp = (after - before).abs()
+        dlp = (after - before).abs()  # DLP_i = |ℓ_i(w + ε) - ℓ_i(w)|, into ADLP_i once accepted
         self.on_accept(lambda: self._record(chosen, dlp))
         self.base_step()
         return before.mean()

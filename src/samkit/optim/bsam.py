@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samkit.optim import _tensors as T
+from samkit.optim._tensors import add_, dot, global_norm, scaled
 from samkit.optim.base import SharpnessAwareOptimizer, invalid_value, is_finite_nonnegative
 
 __all__ = ["BilateralSAM"]
@@ -99,7 +99,7 @@ class BilateralSAM(SharpnessAwareOptimizer):
         code: https://github.com/ajiaaa/BSAM
     """
 
-    method_name = "bsam"
+    own_passes = "three: the clean point, the max point and the min point"
 
     def __init__(
         self,
@@ -128,9 +128,7 @@ class BilateralSAM(SharpnessAwareOptimizer):
         if not is_finite_nonnegative(rho_min):
             raise invalid_value("rho_min", rho_min, "a finite number >= 0")
         if group.get("ratio") not in _RATIOS:
-            raise ValueError(
-                f"Invalid ratio value: {group.get('ratio')!r} (use 'max_min' or 'one')"
-            )
+            raise invalid_value("ratio", group.get("ratio"), "'max_min' or 'one'")
         # The reference for rho_min's schedule; torch's LR schedulers use the same key.
         group.setdefault("initial_lr", group["lr"])
 
@@ -143,7 +141,7 @@ class BilateralSAM(SharpnessAwareOptimizer):
         return float(group["rho_min"]) * float(group["lr"]) / lr0
 
     def sharpness_step(self, closure: Callable[[], Any]) -> Any:
-        loss = self.run_pass(closure, "clean")
+        loss = self.run_pass(closure, "clean")  # g0 = ∇L_B(w)
         groups = self.collect()
         params = [p for gp in groups for p in gp.params]
         g0 = [g.detach().clone() for gp in groups for g in gp.grads]
@@ -155,47 +153,47 @@ class BilateralSAM(SharpnessAwareOptimizer):
             g0_update = [g.clone() for g in g0]
             self.all_reduce_mean_(g0_update)
 
-        # Pass 2: the max point w + rho * ĝ0.
+        # g_max = ∇L_B(w + rho·ĝ0): the max point.
         norm_g0 = self.perturb(g0_groups, radius="rho", sign=1.0)  # ‖g0‖, reused below
         self.run_pass(closure, "max", perturbed=True)
-        g_max = [_grad_or_zeros(p).clone() for p in params]
+        g_max = [g.clone() for g in self.gradients(params)]
         self.restore()
 
-        # Pass 3: the min point w - rho_min_t * ĝ0.
+        # g_min = ∇L_B(w - rho_min_t·ĝ0): the min point, one normalised descent step.
         self.perturb(g0_groups, radius=self.rho_min_t, sign=-1.0)
         self.run_pass(closure, "min", perturbed=True)
-        g_min = [_grad_or_zeros(p) for p in params]
+        g_min = self.gradients(params)
         self.restore()
 
         with torch.no_grad():
             eps = self.perturb_eps
-            norm_max = T.global_norm(g_max, self.foreach)
-            norm_min = T.global_norm(g_min, self.foreach)
-            ratio_mm = norm_max / (norm_min + eps)
-            # g = g_max + g0 - r * g_min, written into .grad (g_max's buffer is reused).
+            norm_max = global_norm(g_max, self.foreach)
+            norm_min = global_norm(g_min, self.foreach)
+            ratio_mm = norm_max / (norm_min + eps)  # r = ‖g_max‖ / ‖g_min‖
+            # g = g_max + g0 - r·g_min, written into .grad (g_max's buffer is reused).
             update = g_max
-            T.add_(update, g0_update, foreach=self.foreach)
+            add_(update, g0_update, foreach=self.foreach)
             offset = 0
             for gp in groups:
                 n = len(gp.params)
                 r: Tensor | float = ratio_mm if gp.group["ratio"] == "max_min" else 1.0
                 sl = slice(offset, offset + n)
-                T.add_(update[sl], T.scaled(g_min[sl], -r, self.foreach), foreach=self.foreach)
+                add_(update[sl], scaled(g_min[sl], -r, self.foreach), foreach=self.foreach)
                 offset += n
             stats = {"norm_g0": norm_g0, "norm_max": norm_max}
             stats.update(norm_min=norm_min, ratio=ratio_mm)
             norm_g0_update = norm_g0
             if g0_update is not g0:
-                norm_g0_update = T.global_norm(g0_update, self.foreach)
+                norm_g0_update = global_norm(g0_update, self.foreach)
             if self.collect_stats:
-                dot = T.dot(update, g0_update)  # global, also over FSDP2 shards
-                norm_u = T.global_norm(update, self.foreach)
-                stats["cos_update_g0"] = dot / (norm_u * norm_g0_update + eps)
+                inner = dot(update, g0_update)  # global, also over FSDP2 shards
+                norm_u = global_norm(update, self.foreach)
+                stats["cos_update_g0"] = inner / (norm_u * norm_g0_update + eps)
             self.last_stats = stats
             for p, u in zip(params, update):
                 p.grad = u
             self._official_shift(groups, _split(g0_update, groups), norm_g0_update)
-        self.base_step()
+        self.base_step()  # w ← base_step(w, g), at w
         return loss
 
     def _official_shift(self, groups: list, g0_groups: list[list[Tensor]], norm_g0: Tensor) -> None:
@@ -206,8 +204,8 @@ class BilateralSAM(SharpnessAwareOptimizer):
         for gp, g0 in zip(groups, g0_groups):
             if not gp.group["official_update"] or not gp.params:
                 continue
-            step = T.scaled(g0, self.rho_min_t(gp.group) / denom, self.foreach)
-            T.add_(gp.params, step, alpha=-1.0, foreach=self.foreach)
+            step = scaled(g0, self.rho_min_t(gp.group) / denom, self.foreach)
+            add_(gp.params, step, alpha=-1.0, foreach=self.foreach)
 
 
 def _split(flat: list[Tensor], groups: list) -> list[list[Tensor]]:
@@ -216,7 +214,3 @@ def _split(flat: list[Tensor], groups: list) -> list[list[Tensor]]:
         out.append(flat[offset : offset + len(gp.params)])
         offset += len(gp.params)
     return out
-
-
-def _grad_or_zeros(p: Tensor) -> Tensor:
-    return p.grad.detach() if p.grad is not None else torch.zeros_like(p)

@@ -61,6 +61,28 @@ __all__ = ["BatchClosure", "make_closure"]
 LossFn = Callable[[Any, Tensor], Tensor]
 ExtraLoss = Callable[[Any, Tensor | None, Tensor], Tensor]
 
+#: A standard closure, in one line, for error messages.
+STANDARD_CLOSURE = (
+    "def closure(): optimizer.zero_grad(); loss = loss_fn(model(inputs), targets); "
+    "loss.backward(); return loss"
+)
+
+#: What a sharpness-aware optimizer's ``step()`` without a closure answers (``{name}``: its
+#: class): both ways to drive it.
+NO_CLOSURE_MESSAGE = (
+    "{name}.step() needs a closure, because it evaluates the loss more than once per step. "
+    "Either pass a standard closure:\n"
+    "    def closure():\n"
+    "        optimizer.zero_grad()\n"
+    "        loss = loss_fn(model(inputs), targets)\n"
+    "        loss.backward()\n"
+    "        return loss\n"
+    "    loss = optimizer.step(closure)\n"
+    "(or closure = samkit.make_closure(model, loss_fn, inputs, targets)), or drive the passes "
+    "yourself: loss.backward(); optimizer.first_step(zero_grad=True); "
+    "loss_fn(model(inputs), targets).backward(); optimizer.second_step(zero_grad=True)."
+)
+
 
 class BatchClosure:
     """A standard closure over one batch, with extra entry points for richer methods.
@@ -253,7 +275,7 @@ class BatchClosure:
                 y = targets[lo:hi]
                 rows = hi - lo
                 with (
-                    self._autocast(),
+                    self.autocast(),
                     self._maybe_no_sync(backward and not (sync_gradients and last)),
                 ):
                     out = self.model(x)
@@ -293,7 +315,9 @@ class BatchClosure:
         assert total is not None
         return total
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of this closure's forward passes (``autocast_dtype`` on the
+        inputs' device; a null context without one)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         device_type = _device_of(self.inputs).type

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from samkit.optim._rng import OwnedGenerator, check_seed, initial_rng_state
-from samkit.optim.base import SharpnessAwareOptimizer
+from samkit.optim._validation import is_fraction
+from samkit.optim.base import ASAM_ETA, SharpnessAwareOptimizer, asam_defaults, invalid_value
 from samkit.optim.closure import BatchClosure
 
 __all__ = ["ESAM", "selection_size", "top_increase"]
@@ -161,7 +162,7 @@ class ESAM(SharpnessAwareOptimizer):
         https://github.com/dydjw9/Efficient_SAM
     """
 
-    method_name = "esam"
+    step_globals = ("gamma",)  # one subset of the batch per step
 
     def __init__(
         self,
@@ -171,35 +172,26 @@ class ESAM(SharpnessAwareOptimizer):
         beta: float = 0.5,
         gamma: float = 0.5,
         adaptive: bool = False,
-        eta: float = 0.01,
+        eta: float = ASAM_ETA,
         seed: int | None = None,
         **kwargs: Any,
     ) -> None:
         seed = check_seed(seed)
-        defaults = dict(
-            rho=rho, beta=beta, gamma=gamma, adaptive=bool(adaptive), eta=eta, weight_scaling=None
-        )
+        defaults = dict(rho=rho, beta=beta, gamma=gamma, **asam_defaults(adaptive, eta))
         super().__init__(params, base_optimizer, defaults, **kwargs)
         self.samkit_state["rng_state"] = initial_rng_state(seed)
         self._draws = OwnedGenerator("rng_state")
 
     def validate_group(self, group: dict[str, Any]) -> None:
         super().validate_group(group)
-        if not _is_fraction(group.get("beta")):
-            raise ValueError(f"Invalid beta value: {group.get('beta')!r} (a number in (0, 1])")
-        if not _is_fraction(group.get("gamma")):
-            raise ValueError(f"Invalid gamma value: {group.get('gamma')!r} (a number in (0, 1])")
+        for key in ("beta", "gamma"):
+            if not is_fraction(group.get(key)):
+                raise invalid_value(key, group.get(key), "a number in (0, 1]")
 
     @property
     def gamma(self) -> float:
-        """The data-selection fraction (one value for the whole step: every group's must agree)."""
-        values = {float(g["gamma"]) for g in self.param_groups}
-        if len(values) != 1:
-            raise ValueError(
-                f"ESAM selects one subset of the batch per step: every param group needs the "
-                f"same gamma, got {sorted(values)}"
-            )
-        return values.pop()
+        """The data-selection fraction (one value for the whole step, as every group's)."""
+        return float(self.step_global("gamma"))
 
     @staticmethod
     def _radius(group: dict[str, Any]) -> float:
@@ -215,9 +207,9 @@ class ESAM(SharpnessAwareOptimizer):
                 "closure with samkit.make_closure(model, loss_fn, inputs, targets) and a "
                 "loss_fn that returns one loss per sample (reduction='none'), or use gamma=1"
             )
-        left_out = self._draw_left_out(closure)
+        left_out = self._draw_left_out(closure)  # SWP: each tensor kept with probability β
 
-        # Pass 1 at w, without the weight gradients of the tensors left out.
+        # Pass 1 at w, ℓ_i(w), without the weight gradients of the tensors left out.
         sync = None if not left_out else False
         try:
             for p in left_out:
@@ -231,9 +223,10 @@ class ESAM(SharpnessAwareOptimizer):
             # tensors' gradients explicitly, the same tensors on every replica.
             self.all_reduce_mean_([g for gp in self.collect() for g in gp.grads])
 
-        self.perturb(radius=self._radius)  # the left-out tensors have no gradient: ε = 0
+        # ε = (ρ/β)·(m ⊙ g)/‖m ⊙ g‖: the left-out tensors have no gradient, so their ε is 0.
+        self.perturb(radius=self._radius)
         if select:
-            # SDS: per-sample increase of the loss, forward only, then pass 2 on the top k.
+            # SDS: ℓ_i(w + ε) forward only; B⁺ = the ⌈γ|B|⌉ largest increases; pass 2 on B⁺.
             perturbed = self.run_pass(
                 closure, "select", perturbed=True, backward=False, per_sample=True
             )
@@ -243,7 +236,7 @@ class ESAM(SharpnessAwareOptimizer):
         else:
             self.run_pass(closure, "perturbed", perturbed=True)
         self.restore()
-        self.base_step()
+        self.base_step()  # w ← base_step(w, g')
         return clean.mean() if select else clean
 
     def _draw_left_out(self, closure: Any) -> list[Tensor]:
@@ -279,7 +272,3 @@ class ESAM(SharpnessAwareOptimizer):
         flags = torch.tensor(chosen, dtype=torch.uint8)
         agreed = self.agree(flags, getattr(closure, "model", None), replicas=self.sync_ascent)
         return [bool(f) for f in agreed.tolist()]
-
-
-def _is_fraction(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value <= 1.0

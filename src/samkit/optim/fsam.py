@@ -8,10 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samkit.optim import _tensors as T
+from samkit.optim._tensors import add_, mul_
 from samkit.optim.base import (
+    ASAM_ETA,
     GroupParams,
     SharpnessAwareOptimizer,
+    asam_defaults,
     invalid_value,
     is_finite_nonnegative,
 )
@@ -90,8 +92,6 @@ class FriendlySAM(SharpnessAwareOptimizer):
         https://github.com/nblt/F-SAM
     """
 
-    method_name = "fsam"
-
     def __init__(
         self,
         params: Iterable[Any],
@@ -100,17 +100,10 @@ class FriendlySAM(SharpnessAwareOptimizer):
         sigma: float = 1.0,
         lmbda: float = 0.6,
         adaptive: bool = False,
-        eta: float = 0.01,
+        eta: float = ASAM_ETA,
         **kwargs: Any,
     ) -> None:
-        defaults = dict(
-            rho=rho,
-            sigma=sigma,
-            lmbda=lmbda,
-            adaptive=bool(adaptive),
-            eta=eta,
-            weight_scaling=None,
-        )
+        defaults = dict(rho=rho, sigma=sigma, lmbda=lmbda, **asam_defaults(adaptive, eta))
         super().__init__(params, base_optimizer, defaults, **kwargs)
 
     def validate_group(self, group: dict[str, Any]) -> None:
@@ -132,32 +125,35 @@ class FriendlySAM(SharpnessAwareOptimizer):
         """
         directions: list[list[Tensor]] = []
         updates: list[tuple[float, list[Tensor], list[Tensor]]] = []
-        fresh: list[tuple[Tensor, Tensor]] = []
+        first_seen: list[tuple[Tensor, Tensor]] = []  # parameters without an average yet
         for gp in groups:
             sigma = float(gp.group["sigma"])
             lmbda = float(gp.group["lmbda"])
             d: list[Tensor] = list(gp.grads)
-            # Parameters seen before: d = g - sigma*m_{t-1}.
+            # t > 1 (the parameter has an average m_{t-1}): d_t = g_t - sigma·m_{t-1}.
             idx = [i for i, p in enumerate(gp.params) if "ema" in self.state[p]]
             if idx:
                 grads = [gp.grads[i] for i in idx]
                 emas = [self.state[gp.params[i]]["ema"] for i in idx]
                 new_d = [g.clone() for g in grads]
-                T.add_(new_d, emas, alpha=-sigma, foreach=self.foreach)
+                add_(new_d, emas, alpha=-sigma, foreach=self.foreach)
                 for i, di in zip(idx, new_d):
                     d[i] = di
                 updates.append((lmbda, emas, grads))
-            # First step of a parameter: plain SAM, the average starts at g.
-            fresh.extend((p, g) for p, g in zip(gp.params, gp.grads) if "ema" not in self.state[p])
+            # t = 1: d_1 = g_1 (plain SAM), and the average starts at m_1 = g_1.
+            first_seen.extend(
+                (p, g) for p, g in zip(gp.params, gp.grads) if "ema" not in self.state[p]
+            )
             directions.append(d)
 
         def update_emas() -> None:
-            # The gradients of this pass are still the tensors captured here: every later
-            # pass starts from .grad = None (set_to_none), so none was overwritten in place.
+            # m_t = lmbda·m_{t-1} + (1 - lmbda)·g_t, with the raw g_t (never d_t). The
+            # gradients of this pass are still the tensors captured here: every later pass
+            # starts from .grad = None (set_to_none), so none was overwritten in place.
             for lmbda, emas, grads in updates:
-                T.mul_(emas, lmbda, self.foreach)
-                T.add_(emas, grads, alpha=1.0 - lmbda, foreach=self.foreach)
-            for p, g in fresh:
+                mul_(emas, lmbda, self.foreach)
+                add_(emas, grads, alpha=1.0 - lmbda, foreach=self.foreach)
+            for p, g in first_seen:
                 self.state[p]["ema"] = g.detach().clone(memory_format=torch.preserve_format)
 
         self.on_accept(update_emas)

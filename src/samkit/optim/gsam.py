@@ -6,10 +6,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from samkit.optim import _tensors as T
-from samkit.optim.base import SharpnessAwareOptimizer, invalid_value, is_finite_nonnegative
+from samkit.optim._tensors import add_, dot, global_norm, mul_
+from samkit.optim.base import (
+    ASAM_ETA,
+    SharpnessAwareOptimizer,
+    asam_defaults,
+    invalid_value,
+    is_finite_nonnegative,
+)
 
 __all__ = ["GSAM"]
 
@@ -120,7 +125,7 @@ class GSAM(SharpnessAwareOptimizer):
         https://github.com/google-research/big_vision (JAX, ``trainers/proj/gsam``)
     """
 
-    method_name = "gsam"
+    own_passes = "it needs the clean and the perturbed gradient together"
 
     def __init__(
         self,
@@ -130,17 +135,10 @@ class GSAM(SharpnessAwareOptimizer):
         alpha: float = 0.4,
         rho_min: float | None = None,
         adaptive: bool = False,
-        eta: float = 0.01,
+        eta: float = ASAM_ETA,
         **kwargs: Any,
     ) -> None:
-        defaults = dict(
-            rho=rho,
-            alpha=alpha,
-            rho_min=rho_min,
-            adaptive=bool(adaptive),
-            eta=eta,
-            weight_scaling=None,
-        )
+        defaults = dict(rho=rho, alpha=alpha, rho_min=rho_min, **asam_defaults(adaptive, eta))
         super().__init__(params, base_optimizer, defaults, **kwargs)
 
     def validate_group(self, group: dict[str, Any]) -> None:
@@ -172,57 +170,31 @@ class GSAM(SharpnessAwareOptimizer):
         return float(rho_min) + (rho - float(rho_min)) * float(group["lr"]) / lr0
 
     def sharpness_step(self, closure: Callable[[], Any]) -> Any:
-        loss = self.run_pass(closure, "clean")
+        loss = self.run_pass(closure, "clean")  # g = ∇L_B(w)
         groups = self.collect()
         params = [p for gp in groups for p in gp.params]
         # A copy: the next pass may reuse the gradient buffers (DDP bucket views).
         g = [t.detach().clone() for gp in groups for t in gp.grads]
-        self.perturb(radius=self.rho_t)  # ε from this replica's own g
+        self.perturb(radius=self.rho_t)  # ε = ρ_t·g/‖g‖, from this replica's own g
         # g enters the update through g_perp: the replicas' mean (no-op without DDP).
         self.all_reduce_mean_(g)
-        self.run_pass(closure, "perturbed", perturbed=True)
+        self.run_pass(closure, "perturbed", perturbed=True)  # g_p = ∇L_B(w + ε)
         self.restore()
         alphas = [float(gp.group["alpha"]) for gp in groups]
         if any(a != 0.0 for a in alphas):
             with torch.no_grad():
-                g_p = [_grad_or_zeros(p) for p in params]
-                norm_p = T.global_norm(g_p, self.foreach)
+                g_p = self.gradients(params, fill=True)  # the update is written into .grad
+                norm_p = global_norm(g_p, self.foreach)
                 self._check_unchecked_grads(norm_p)  # the finiteness check reuses this norm
                 # d = g_p - alpha·(g - (g·ĝ_p)·ĝ_p) = (1 + alpha·c)·g_p - alpha·g, in place in
                 # .grad, with c = g·g_p / (‖g_p‖ + eps)²: no temporary the size of the model.
-                c = T.dot(g, g_p) / (norm_p + self.perturb_eps) ** 2
+                c = dot(g, g_p) / (norm_p + self.perturb_eps) ** 2
                 offset = 0
                 for gp, alpha in zip(groups, alphas):
                     sl = slice(offset, offset + len(gp.params))
                     offset += len(gp.params)
                     if alpha != 0.0 and gp.params:
-                        _mul_(g_p[sl], 1.0 + alpha * c, self.foreach)
-                        T.add_(g_p[sl], g[sl], alpha=-alpha, foreach=self.foreach)
-        self.base_step()
+                        mul_(g_p[sl], 1.0 + alpha * c, self.foreach)
+                        add_(g_p[sl], g[sl], alpha=-alpha, foreach=self.foreach)
+        self.base_step()  # w ← base_step(w, d)
         return loss
-
-    def first_step(self, *args: Any, **kwargs: Any) -> None:
-        raise RuntimeError(
-            "GSAM needs the clean and the perturbed gradient together: use "
-            "optimizer.step(closure) (first_step/second_step are not available)"
-        )
-
-    def second_step(self, *args: Any, **kwargs: Any) -> None:
-        self.first_step()
-
-
-def _mul_(tensors: list[Tensor], factor: Tensor, foreach: bool) -> None:
-    """In place ``t *= factor`` with a 0-dim tensor ``factor`` (no host synchronisation)."""
-    if not foreach:
-        for t in tensors:
-            t.mul_(factor.to(t.device, t.dtype))
-        return
-    for bucket in T.Buckets(tensors).split(tensors):
-        torch._foreach_mul_(bucket, factor.to(bucket[0].device, bucket[0].dtype))
-
-
-def _grad_or_zeros(p: Tensor) -> Tensor:
-    """``p.grad`` (in place updates reach the optimizer); zeros set as the gradient if None."""
-    if p.grad is None:
-        p.grad = torch.zeros_like(p)
-    return p.grad

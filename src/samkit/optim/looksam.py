@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from samkit.optim import _tensors as T
+from samkit.optim._tensors import add_, dot, global_norm, scaled
+from samkit.optim._validation import is_count
 from samkit.optim.base import SharpnessAwareOptimizer, invalid_value, is_finite_nonnegative
 
 __all__ = ["LookSAM"]
@@ -103,7 +103,8 @@ class LookSAM(SharpnessAwareOptimizer):
         Sharpness-Aware Minimization. CVPR 2022. https://arxiv.org/abs/2203.02714
     """
 
-    method_name = "looksam"
+    step_globals = ("k",)  # one pass serves the whole model
+    own_passes = "whether a step takes a second pass is its own decision"
 
     def __init__(
         self,
@@ -119,9 +120,8 @@ class LookSAM(SharpnessAwareOptimizer):
 
     def validate_group(self, group: dict[str, Any]) -> None:
         super().validate_group(group)
-        k = group.get("k")
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise ValueError(f"Invalid k value: {k!r} (an integer >= 1)")
+        if not is_count(group.get("k")):
+            raise invalid_value("k", group.get("k"), "an integer >= 1")
         alpha = group.get("alpha")
         if not is_finite_nonnegative(alpha):
             raise invalid_value("alpha", alpha, "a finite number >= 0")
@@ -130,13 +130,7 @@ class LookSAM(SharpnessAwareOptimizer):
     @property
     def k(self) -> int:
         """The refresh period, common to every param group."""
-        ks = {int(group["k"]) for group in self.param_groups}
-        if len(ks) != 1:
-            raise ValueError(
-                f"Invalid k value: LookSAM needs the same k in every param group (one pass "
-                f"serves the whole model), got {sorted(ks)}"
-            )
-        return ks.pop()
+        return int(self.step_global("k"))
 
     def refresh_due(self) -> bool:
         """Whether the next step computes SAM's gradient and refreshes the cached ``g_v``.
@@ -159,22 +153,22 @@ class LookSAM(SharpnessAwareOptimizer):
 
     def _refresh_step(self, closure: Callable[[], Any]) -> Any:
         """SAM's two passes; the update is ``g_s``; ``g_v`` is cached once accepted."""
-        loss = self.run_pass(closure, "clean")
+        loss = self.run_pass(closure, "clean")  # g = ∇L_B(w)
         groups = self.collect()
         params = [p for gp in groups for p in gp.params]
         # A copy: the next pass may reuse the gradient buffers (DDP bucket views).
         g = [t.detach().clone() for gp in groups for t in gp.grads]
-        self.perturb()  # ε from this replica's own g (SAM's m-sharpness under DDP)
+        self.perturb()  # ε = ρ·ĝ, from this replica's own g (SAM's m-sharpness under DDP)
         # g builds g_v, which enters later updates: the replicas' mean (no-op without DDP).
         self.all_reduce_mean_(g)
-        self.run_pass(closure, "perturbed", perturbed=True)
+        self.run_pass(closure, "perturbed", perturbed=True)  # g_s = ∇L_B(w + ε)
         self.restore()
         with torch.no_grad():
-            g_s = [_grad_or_zeros(p) for p in params]
-            norm_g = T.global_norm(g, self.foreach)
-            unit = T.scaled(g, 1.0 / (norm_g + self.perturb_eps), self.foreach)
-            g_v = T.scaled(unit, -T.dot(g_s, unit), self.foreach)
-            T.add_(g_v, g_s, foreach=self.foreach)  # g_v = g_s - (g_s·ĝ) ĝ
+            g_s = self.gradients(params)
+            norm_g = global_norm(g, self.foreach)
+            unit = scaled(g, 1.0 / (norm_g + self.perturb_eps), self.foreach)
+            g_v = scaled(unit, -dot(g_s, unit), self.foreach)
+            add_(g_v, g_s, foreach=self.foreach)  # g_v = g_s - (g_s·ĝ) ĝ
 
         def store() -> None:
             for p, v in zip(params, g_v):
@@ -186,10 +180,10 @@ class LookSAM(SharpnessAwareOptimizer):
 
     def _reuse_step(self, closure: Callable[[], Any]) -> Any:
         """One synchronised pass; the update is ``g + alpha·‖g‖/‖g_v‖·g_v``."""
-        loss = self.run_pass(closure, "clean", sync=True)
+        loss = self.run_pass(closure, "clean", sync=True)  # g = ∇L_B(w)
         groups = self.collect()
         with torch.no_grad():
-            norm_g = T.global_norm([t for gp in groups for t in gp.grads], self.foreach)
+            norm_g = global_norm([t for gp in groups for t in gp.grads], self.foreach)
             self._check_unchecked_grads(norm_g)  # the finiteness check reuses this norm
             per_group: list[tuple[float, list[Tensor], list[Tensor]]] = []
             cached: list[Tensor] = []
@@ -203,25 +197,11 @@ class LookSAM(SharpnessAwareOptimizer):
                 cached.extend(g_vs)
                 per_group.append((float(gp.group["alpha"]), grads, g_vs))
             if cached:
-                norm_v = T.global_norm(cached, self.foreach)
+                norm_v = global_norm(cached, self.foreach)
                 ratio = norm_g / (norm_v + self.perturb_eps)
-                for alpha, grads, g_vs in per_group:
+                for alpha, grads, g_vs in per_group:  # u = g + alpha·‖g‖/‖g_v‖·g_v, in .grad
                     if alpha == 0.0 or not grads:
                         continue
-                    T.add_(grads, T.scaled(g_vs, alpha * ratio, self.foreach), foreach=self.foreach)
-        self.base_step()
+                    add_(grads, scaled(g_vs, alpha * ratio, self.foreach), foreach=self.foreach)
+        self.base_step()  # w ← base_step(w, u)
         return loss
-
-    # ------------------------------------------------------------------ manual steps
-    def first_step(self, *args: Any, **kwargs: Any) -> None:
-        raise RuntimeError(
-            "LookSAM decides at every step whether a second pass is needed: use "
-            "optimizer.step(closure) (first_step/second_step are not available)"
-        )
-
-    def second_step(self, *args: Any, **kwargs: Any) -> None:
-        self.first_step()
-
-
-def _grad_or_zeros(p: Tensor) -> Tensor:
-    return p.grad.detach() if p.grad is not None else torch.zeros_like(p)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from samkit.optim import _tensors as T
-from samkit.optim.base import SharpnessAwareOptimizer
+from samkit.optim._tensors import add_
+from samkit.optim._validation import is_count
+from samkit.optim.base import ASAM_ETA, SharpnessAwareOptimizer, asam_defaults, invalid_value
 from samkit.optim.closure import BatchClosure
 
 __all__ = ["MicroBatchSAM"]
@@ -100,7 +100,8 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
         Generalization. ICLR 2021. https://arxiv.org/abs/2010.01412
     """
 
-    method_name = "msam"
+    step_globals = ("micro_batches",)  # the batch is split once for the whole model
+    own_passes = "its passes run on micro-batches of the batch"
 
     def __init__(
         self,
@@ -109,34 +110,21 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
         rho: float = 0.05,
         micro_batches: int = 4,
         adaptive: bool = False,
-        eta: float = 0.01,
+        eta: float = ASAM_ETA,
         **kwargs: Any,
     ) -> None:
-        defaults = dict(
-            rho=rho,
-            micro_batches=micro_batches,
-            adaptive=bool(adaptive),
-            eta=eta,
-            weight_scaling=None,
-        )
+        defaults = dict(rho=rho, micro_batches=micro_batches, **asam_defaults(adaptive, eta))
         super().__init__(params, base_optimizer, defaults, **kwargs)
 
     def validate_group(self, group: dict[str, Any]) -> None:
         super().validate_group(group)
-        m = group.get("micro_batches")
-        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
-            raise ValueError(f"Invalid micro_batches value: {m!r} (an integer >= 1)")
+        if not is_count(group.get("micro_batches")):
+            raise invalid_value("micro_batches", group.get("micro_batches"), "an integer >= 1")
 
     @property
     def micro_batches(self) -> int:
         """:math:`M`, common to every param group."""
-        ms = {int(group["micro_batches"]) for group in self.param_groups}
-        if len(ms) != 1:
-            raise ValueError(
-                f"Invalid micro_batches value: mSAM needs the same micro_batches in every "
-                f"param group (the batch is split once for the whole model), got {sorted(ms)}"
-            )
-        return ms.pop()
+        return int(self.step_global("micro_batches"))
 
     def sharpness_step(self, closure: Callable[[], Any]) -> Any:
         if not isinstance(closure, BatchClosure):
@@ -158,10 +146,11 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
                 weight = len(idx) / n
                 if j:
                     stats.reset()  # every clean pass starts from the step's statistics
+                # g_j = ∇L_{B_j}(w)
                 loss_j = self.run_pass(closure, f"clean micro-batch {j + 1}", subset=idx)
                 stats.add(weight)
-                self.perturb()  # ε_j from this micro-batch's own gradient
-                self.run_pass(
+                self.perturb()  # ε_j = ρ·g_j/‖g_j‖, from this micro-batch's own gradient
+                self.run_pass(  # g'_j = ∇L_{B_j}(w + ε_j)
                     closure,
                     f"perturbed micro-batch {j + 1}",
                     perturbed=True,
@@ -169,7 +158,7 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
                     subset=idx,
                 )
                 self.restore()
-                self._accumulate(acc, weight)
+                self._accumulate(acc, weight)  # g' = Σ_j |B_j|/n · g'_j
                 loss = loss_j * weight if loss is None else loss + loss_j * weight
             stats.finish()
         except BaseException:
@@ -195,16 +184,7 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
                 else:  # a copy: the next pass may reuse the gradient buffers
                     acc[p] = g.detach() * weight
         if known:
-            T.add_(known, grads, alpha=weight, foreach=self.foreach)
-
-    def first_step(self, *args: Any, **kwargs: Any) -> None:
-        raise RuntimeError(
-            "MicroBatchSAM runs its passes on micro-batches of the batch: use "
-            "optimizer.step(samkit.make_closure(...)) (first_step/second_step are not available)"
-        )
-
-    def second_step(self, *args: Any, **kwargs: Any) -> None:
-        self.first_step()
+            add_(known, grads, alpha=weight, foreach=self.foreach)
 
 
 class _RunningStatsAverage:

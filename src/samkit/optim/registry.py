@@ -1,14 +1,17 @@
 """The optimizer registry: ``create_optimizer(name, params, ...)`` and ``list_optimizers()``.
 
-A method registers itself with one :func:`register` call next to its class; the registry is
-what the CLI, the benchmarks and the registry-parametrised tests iterate over.
+A method is one :func:`register` call at the end of this module; the registry is what the
+CLI, the benchmarks and the registry-parametrised tests iterate over. :func:`registered`
+adds a method for the duration of a ``with`` block (an experiment, a test) and leaves the
+registry as it was; :func:`unregister` removes one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from torch.optim import Optimizer
@@ -20,12 +23,21 @@ from samkit.optim.esam import ESAM
 from samkit.optim.fsam import FriendlySAM
 from samkit.optim.gsam import GSAM
 from samkit.optim.looksam import LookSAM
+from samkit.optim.mesa import MESA
 from samkit.optim.msam import MicroBatchSAM
-from samkit.optim.saf import MESA, SAF
+from samkit.optim.saf import SAF
 from samkit.optim.sam import ASAM, SAM
 from samkit.optim.ssam import SSAM
 
-__all__ = ["OptimizerInfo", "register", "create_optimizer", "list_optimizers", "get_optimizer_info"]
+__all__ = [
+    "OptimizerInfo",
+    "register",
+    "registered",
+    "unregister",
+    "create_optimizer",
+    "list_optimizers",
+    "get_optimizer_info",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +53,6 @@ class OptimizerInfo:
         cls: the optimizer class; for plain baselines, the torch class.
         description: one line for ``samkit list`` and the docs.
         sharpness_aware: False for the plain baselines (``sgd``, ``adamw``).
-        defaults: kept for compatibility and must stay empty (:func:`register` refuses
-            anything else): a name never means other values than its class.
         passes: forward+backward passes per step, on average (for planning an equal budget;
             reports use the passes each run measured).
         needs_batch_closure: the method needs a :class:`~samkit.BatchClosure` (per-sample
@@ -54,7 +64,6 @@ class OptimizerInfo:
     cls: type[Optimizer]
     description: str
     sharpness_aware: bool = True
-    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
     passes: float = 2.0
     needs_batch_closure: bool = False
     reference: str = ""
@@ -89,19 +98,33 @@ _REGISTRY: dict[str, OptimizerInfo] = {}
 
 
 def register(info: OptimizerInfo) -> OptimizerInfo:
-    """Add ``info`` to the registry (``ValueError`` if the name is taken, or if ``info`` carries
-    ``defaults``: the class's own defaults are the method's, tuned values go in recipes)."""
+    """Add ``info`` to the registry (``ValueError`` if the name is taken)."""
     key = info.name.lower()
-    if info.defaults:
-        raise ValueError(
-            f"optimizer {info.name!r}: registry defaults {info.defaults} would make the name "
-            "differ from its class; put the paper's values in the class and tuned values in a "
-            "recipe"
-        )
     if key in _REGISTRY:
         raise ValueError(f"optimizer name {info.name!r} is already registered")
     _REGISTRY[key] = info
     return info
+
+
+def unregister(name: str) -> OptimizerInfo:
+    """Remove ``name`` from the registry and return its entry (``ValueError`` if unknown)."""
+    info = get_optimizer_info(name)
+    del _REGISTRY[info.name.lower()]
+    return info
+
+
+@contextlib.contextmanager
+def registered(info: OptimizerInfo) -> Iterator[OptimizerInfo]:
+    """``info`` registered inside the ``with`` block, removed afterwards (also on an error)::
+
+    with samkit.optim.registered(OptimizerInfo(name="mysam", cls=MySAM, description="...")):
+        opt = samkit.create_optimizer("mysam", model.parameters(), lr=0.1)
+    """
+    register(info)
+    try:
+        yield info
+    finally:
+        _REGISTRY.pop(info.name.lower(), None)
 
 
 def list_optimizers(sharpness_aware: bool | None = None) -> list[str]:

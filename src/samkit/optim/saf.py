@@ -1,145 +1,32 @@
-"""SAF and MESA: sharpness-aware training for free (Du et al., NeurIPS 2022).
+"""SAF: sharpness-aware training for free (Du et al., NeurIPS 2022).
 
-Both replace SAM's second pass by a *trajectory loss*: a KL divergence between the model's
-current outputs and reference outputs along the training trajectory, added to the loss of
-the one ordinary forward/backward pass of a step.
-
-* :class:`SAF` takes the reference from a bank of each sample's logits recorded
-  ``horizon`` epochs earlier (looked up by dataset index);
-* :class:`MESA` takes it from an exponential moving average of the weights (one extra
-  forward pass of the averaged model per step, no bank).
+SAF replaces SAM's second pass by a trajectory loss (:mod:`samkit.optim._trajectory`): a KL
+divergence between each sample's current logits and its logits recorded ``horizon`` epochs
+earlier, kept in a bank by dataset index (:class:`_LogitBank`). MESA, the same loss with the
+logits of an average of the weights instead of a bank, is :mod:`samkit.optim.mesa`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
-from torch.utils._pytree import tree_leaves
+from torch import Tensor
 
-from samkit.optim import _tensors as T
-from samkit.optim._replicas import replicas_of
-from samkit.optim.base import (
-    SharpnessAwareOptimizer,
-    _mesh_groups,
-    invalid_value,
-    is_finite_nonnegative,
-)
-from samkit.optim.closure import BatchClosure
+from samkit.optim._distributed import replicas_of
+from samkit.optim._trajectory import TrajectoryLoss, trajectory_kl
+from samkit.optim._validation import is_count
+from samkit.optim.base import invalid_value
+from samkit.optim.mesa import MESA  # noqa: F401  (importable from here, as before MESA's module)
 
-__all__ = ["SAF", "MESA", "trajectory_kl"]
+__all__ = ["SAF", "trajectory_kl"]
 
 #: Bank rows are added in steps of at least this many samples, and by at least 1/4 of the
 #: rows already held (amortised growth with at most 25% unused rows).
 _GROWTH_ROWS = 1024
 
 
-def trajectory_kl(logits: Tensor, reference: Tensor, tau: float, valid: Tensor | None = None):
-    r"""Per-sample :math:`\mathrm{KL}(\mathrm{softmax}(r/\tau)\,\|\,\mathrm{softmax}(z/\tau))`.
-
-    ``logits`` ``z`` and ``reference`` ``r`` are ``[B, C]``; the reference is treated as a
-    constant (no gradient). Computed in float32 at least (float64 stays float64). Rows where
-    ``valid`` is False give 0. Returns ``[B]``.
-    """
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    log_p = F.log_softmax(logits.to(dtype) / tau, dim=-1)
-    log_q = F.log_softmax(reference.detach().to(logits.device, dtype) / tau, dim=-1)
-    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
-    if valid is not None:
-        kl = torch.where(valid.to(kl.device), kl, kl.new_zeros(()))
-    return kl
-
-
-def _as_logits(outputs: Any, method: str) -> Tensor:
-    if not isinstance(outputs, Tensor) or outputs.dim() != 2:
-        shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
-        raise TypeError(
-            f"{method}'s trajectory loss needs the model to return logits of shape "
-            f"[batch, classes]; got {shape}"
-        )
-    return outputs
-
-
-class _TrajectoryLoss(SharpnessAwareOptimizer):
-    """Shared by SAF and MESA: one pass per step, loss + lmbda·tau²·KL(reference ‖ current)."""
-
-    needs_epoch = True
-    #: Hyperparameters that define the one loss term: equal in every param group.
-    _shared = ("lmbda", "tau", "start_epoch")
-
-    def validate_group(self, group: dict[str, Any]) -> None:
-        super().validate_group(group)
-        lmbda = group.get("lmbda")
-        if not is_finite_nonnegative(lmbda):
-            raise invalid_value("lmbda", lmbda, "a finite number >= 0")
-        tau = group.get("tau")
-        if not (is_finite_nonnegative(tau) and tau > 0):
-            raise ValueError(f"Invalid tau value: {tau!r} (a temperature > 0)")
-        for key in ("start_epoch", "horizon"):
-            if key not in group:
-                continue
-            value = group[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {key} value: {value!r} (an integer >= 1)")
-        first = self.param_groups[0] if self.param_groups else group
-        for key in self._shared:
-            if key in first and group.get(key) != first[key]:
-                raise ValueError(
-                    f"Invalid {key} value: {group.get(key)!r} in a param group: "
-                    f"{type(self).__name__}'s trajectory loss is one term of the loss, so "
-                    f"{key} must be the same in every group (the first group has {first[key]!r})"
-                )
-
-    def _setting(self, key: str) -> Any:
-        return self.param_groups[0][key]
-
-    def _check_closure(self, closure: Any) -> BatchClosure:
-        if not isinstance(closure, BatchClosure):
-            raise TypeError(
-                f"{type(self).__name__} adds a trajectory loss to the batch's loss and needs "
-                "the batch: build the closure with samkit.make_closure(model, loss_fn, inputs, "
-                "targets, indices=idx)"
-            )
-        return closure
-
-    def _term(
-        self, reference: Callable[[Tensor, Tensor | None, int], tuple[Tensor | None, Any]]
-    ) -> Callable[[Any, Tensor | None, Tensor], Tensor]:
-        """The ``extra_loss`` of the pass: ``lmbda·tau²·mean_i KL_i`` on each micro-batch.
-
-        ``reference(z, idx, rows)`` gives the reference logits of the micro-batch (or
-        ``None``: no term) and a ``valid`` row mask (or ``None``: every row).
-        """
-        lmbda = float(self._setting("lmbda"))
-        tau = float(self._setting("tau"))
-        name = type(self).__name__
-
-        def extra_loss(outputs: Any, indices: Tensor | None, targets: Tensor) -> Tensor:
-            z = _as_logits(outputs, name)
-            ref, valid = reference(z, indices, z.shape[0])
-            if ref is None or lmbda == 0.0:
-                return z.new_zeros((), dtype=torch.promote_types(z.dtype, torch.float32))
-            kl = trajectory_kl(z, ref, tau, valid)
-            return (lmbda * tau * tau) * kl.sum() / z.shape[0]
-
-        return extra_loss
-
-    # Manual steps cannot express a loss term: refuse clearly instead of perturbing.
-    def first_step(self, zero_grad: bool = False) -> None:
-        raise RuntimeError(
-            f"{type(self).__name__} takes one pass per step with a loss term: call "
-            "optimizer.step(samkit.make_closure(model, loss_fn, inputs, targets, indices=idx))"
-        )
-
-    second_step = first_step  # type: ignore[assignment]
-
-
-# ------------------------------------------------------------------------------------- SAF
 class _LogitBank:
     """Each sample's logits of the last ``slots`` epochs, keyed by dataset index.
 
@@ -254,7 +141,7 @@ class _LogitBank:
         self.values, self.epochs = values.clone(), epochs.to(torch.int32).clone()
 
 
-class SAF(_TrajectoryLoss):
+class SAF(TrajectoryLoss):
     r"""Sharpness-Aware training for Free: a trajectory loss instead of SAM's second pass.
 
     SAM needs a second forward/backward pass at perturbed weights. SAF instead penalises how
@@ -346,8 +233,7 @@ class SAF(_TrajectoryLoss):
         https://github.com/AngusDujw/SAF
     """
 
-    method_name = "saf"
-    _shared = ("lmbda", "tau", "start_epoch", "horizon")
+    step_globals = ("lmbda", "tau", "start_epoch", "horizon")
 
     def __init__(
         self,
@@ -366,14 +252,17 @@ class SAF(_TrajectoryLoss):
             isinstance(bank_dtype, torch.dtype) and bank_dtype.is_floating_point
         ):
             raise TypeError(f"Invalid bank_dtype value: {bank_dtype!r} (a floating torch.dtype)")
-        if bank_rows is not None and (
-            isinstance(bank_rows, bool) or not isinstance(bank_rows, int) or bank_rows < 1
-        ):
-            raise ValueError(f"Invalid bank_rows value: {bank_rows!r} (an integer >= 1)")
+        if bank_rows is not None and not is_count(bank_rows):
+            raise invalid_value("bank_rows", bank_rows, "an integer >= 1 or None")
         defaults = dict(lmbda=lmbda, tau=tau, start_epoch=start_epoch, horizon=horizon)
         super().__init__(params, base_optimizer, defaults, **kwargs)
         device = None if bank_device is None else torch.device(bank_device)
-        self._bank = _LogitBank(int(self._setting("horizon")) + 1, bank_dtype, device, bank_rows)
+        self._bank = _LogitBank(int(self.step_global("horizon")) + 1, bank_dtype, device, bank_rows)
+
+    def validate_group(self, group: dict[str, Any]) -> None:
+        super().validate_group(group)
+        if not is_count(group.get("horizon")):
+            raise invalid_value("horizon", group.get("horizon"), "an integer >= 1")
 
     @property
     def bank(self) -> _LogitBank:
@@ -394,7 +283,7 @@ class SAF(_TrajectoryLoss):
                 f"{tuple(indices.shape)}"
             )
         epoch = self.current_epoch()
-        start, horizon = int(self._setting("start_epoch")), int(self._setting("horizon"))
+        start, horizon = int(self.step_global("start_epoch")), int(self.step_global("horizon"))
         if epoch < start - horizon:  # no record made now is ever read: plain step
             loss = self.run_pass(closure, "clean", sync=True)
             self.base_step()
@@ -405,18 +294,18 @@ class SAF(_TrajectoryLoss):
         bank, read_epoch = self._bank, epoch - horizon
         recorded: list[tuple[Tensor, Tensor]] = []
 
-        def reference(z: Tensor, idx: Tensor | None, rows: int):
+        def reference(z: Tensor, idx: Tensor | None, rows: int):  # z̃_i: logits of epoch e - Ẽ
             assert idx is not None
             recorded.append((idx, z.detach()))
             if epoch < start:
                 return None, None
             return bank.read(idx, read_epoch, z)
 
-        def record() -> None:
+        def record() -> None:  # this pass's z_i become the records of epoch e
             idx = torch.cat([i for i, _ in recorded]).to(torch.long)
             logits = torch.cat([z for _, z in recorded])
             largest = hi
-            replicas = replicas_of(closure)
+            replicas = replicas_of(closure.model)
             if replicas is not None:  # every replica records every replica's samples
                 idx = replicas.all_gather_rows(idx.to(logits.device))
                 logits = replicas.all_gather_rows(logits)
@@ -424,9 +313,10 @@ class SAF(_TrajectoryLoss):
             idx, logits = _first_occurrences(idx, logits)
             bank.write(idx, logits, epoch, largest)
 
+        # L = L_B(w) + λτ²·mean_i KL(softmax(z̃_i/τ) ‖ softmax(z_i/τ)), one pass
         loss = self.run_pass(closure, "clean", sync=True, extra_loss=self._term(reference))
         self.on_accept(record)
-        self.base_step()
+        self.base_step()  # w ← base_step(w, ∇L)
         return loss
 
     def state_dict(self) -> dict[str, Any]:
@@ -451,355 +341,3 @@ def _first_occurrences(idx: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
     first = torch.full((uniq.numel(),), idx.numel(), device=idx.device, dtype=torch.long)
     first.scatter_reduce_(0, inverse, position, reduce="amin")
     return idx[first], rows[first]
-
-
-# ------------------------------------------------------------------------------------ MESA
-class MESA(_TrajectoryLoss):
-    r"""Memory-Efficient Sharpness-Aware training: SAF with an averaged model as reference.
-
-    The reference outputs of the trajectory loss come from an exponential moving average
-    (EMA) of the weights instead of a bank of past logits, so memory does not grow with the
-    dataset. One step at epoch :math:`e`, with :math:`\bar w` the EMA of the weights:
-
-    .. math::
-
-        \bar z &= f(x; \bar w) \quad\text{(eval mode, no gradient)},\\
-        L &= L_B(w) + \lambda\,\tau^2\,\frac{1}{|B|}\sum_{i \in B}
-            \mathrm{KL}\!\left(\mathrm{softmax}(\bar z_i/\tau)\,\middle\|\,
-            \mathrm{softmax}(z_i/\tau)\right) \qquad (e \ge \text{start\_epoch}),\\
-        w &\leftarrow \mathrm{base\_step}(w, \nabla L), \qquad
-        \bar w \leftarrow \beta\,\bar w + (1 - \beta)\,w .
-
-    The averaged model is a copy of the model made at the first step (in eval mode, no
-    gradients); every entry of its ``state_dict`` is averaged (parameters and BatchNorm
-    statistics; integer buffers are copied), after each accepted step, with the updated
-    weights. It is part of :meth:`state_dict`.
-
-    **Cost.** One forward/backward pass plus one forward pass of the averaged model under
-    ``no_grad`` per step from ``start_epoch`` on (``passes`` 4/3 with forward = 1/3 of a
-    pass; the forward is counted in the closure's ``forward_evals``); before ``start_epoch``
-    the step is one pass plus the average's update. Memory: one copy of the model.
-
-    **Needs** the model (``model=`` or the :class:`~samkit.BatchClosure`'s) and the epoch
-    (``set_epoch``); the closure must be a ``BatchClosure`` (indices are not needed).
-
-    **DDP.** The one pass is synchronised. The replicas' weights are identical, hence so are
-    their averages; BatchNorm statistics (updated by each replica's own batch) are averaged
-    over the replicas before entering the EMA (one small all-reduce per step), so the
-    averaged models stay identical too.
-
-    **FSDP2.** On sharded (``DTensor``) parameters the average is not a copy of the model
-    (FSDP2 modules cannot be deep-copied): it is kept as tensors laid out as the model's
-    ``state_dict`` (parameters sharded like the model's, so each process holds its shards of
-    the average, never the whole tensors), and the averaged forward exchanges them with the
-    model's weights and buffers shard by shard, runs the model in eval mode and exchanges
-    them back (bit-exact; one extra tensor at a time). The result equals the DDP run's.
-    BatchNorm statistics, which FSDP2 does not synchronise, are averaged over the
-    processes of the parameters' mesh before entering the EMA. :attr:`ema_model` is then
-    ``None``; the average is ``state_dict()["mesa_ema"]`` (sharded, as the model's).
-
-    Args:
-        params: parameters, named parameters or param groups (``lmbda``, ``tau``,
-            ``start_epoch`` and ``decay`` must be the same in every group).
-        base_optimizer: a ``torch.optim.Optimizer`` class or a name.
-        lmbda: weight :math:`\lambda` of the trajectory loss (default 0.8, the official
-            README's and ImageNet command's value for MESA).
-        tau: temperature :math:`\tau` (default 5).
-        start_epoch: first epoch (from 0) with the term (default 6: ``epoch > 5`` in the
-            official code).
-        decay: :math:`\beta`, decay of the weight average (default 0.9998, timm's
-            ``ModelEmaV2`` value used by the official code; for short runs use less, e.g.
-            0.99 for a few thousand steps).
-        **kwargs: samkit's options and the base optimizer's arguments.
-
-    Example::
-
-        opt = samkit.MESA(model.parameters(), "sgd", model=model, lr=0.1, momentum=0.9)
-        for epoch in range(epochs):
-            opt.set_epoch(epoch)
-            for x, y in loader:
-                loss = opt.step(samkit.make_closure(model, loss_fn, x, y))
-
-    Differences from the paper / official code:
-        * The official code runs the averaged model on every step, also before the term
-          starts; samkit runs it only while the term is on.
-        * The average is updated only after accepted steps (a skipped step leaves it as it
-          was); the official update follows every ``optimizer.step()``.
-        * Under DDP, BatchNorm statistics are averaged over replicas before entering the EMA
-          (timm's EMA takes each process's own statistics).
-        * The averaged model's forward runs on the whole batch at once (no micro-batches)
-          under the closure's autocast dtype.
-        * The returned loss includes the trajectory term (the official code logs it too).
-
-    References:
-        J. Du, D. Zhou, J. Feng, V. Y. F. Tan, J. T. Zhou. Sharpness-Aware Training for
-        Free. NeurIPS 2022. https://arxiv.org/abs/2205.14083 ; official code:
-        https://github.com/AngusDujw/SAF (``MESA_train.py``)
-    """
-
-    method_name = "mesa"
-    _shared = ("lmbda", "tau", "start_epoch", "decay")
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        base_optimizer: Any = "sgd",
-        lmbda: float = 0.8,
-        tau: float = 5.0,
-        start_epoch: int = 6,
-        decay: float = 0.9998,
-        **kwargs: Any,
-    ) -> None:
-        defaults = dict(lmbda=lmbda, tau=tau, start_epoch=start_epoch, decay=decay)
-        super().__init__(params, base_optimizer, defaults, **kwargs)
-        #: The averaged model: a copy of the model, or (sharded parameters) a
-        #: :class:`_ShardedAverage` whose tensors are swapped into the model for its forward.
-        self._ema: nn.Module | _ShardedAverage | None = None
-        self._ema_source: nn.Module | None = None
-        self._ema_pending: dict[str, Tensor] | None = None
-        #: (EMA parameters, parameters, EMA buffers, buffers): views, paired once per model.
-        self._ema_pairs: tuple[list[Tensor], ...] | None = None
-
-    def validate_group(self, group: dict[str, Any]) -> None:
-        decay = group.get("decay")
-        if not (is_finite_nonnegative(decay) and decay < 1.0):
-            raise ValueError(f"Invalid decay value: {decay!r} (in [0, 1))")
-        super().validate_group(group)
-
-    @property
-    def ema_model(self) -> nn.Module | None:
-        """The averaged model (``None`` before the first step and on sharded parameters).
-
-        On sharded (FSDP2) parameters there is no separate model: the averaged weights are
-        in ``state_dict()["mesa_ema"]`` (laid out as the model's own ``state_dict``).
-        """
-        return self._ema if isinstance(self._ema, nn.Module) else None
-
-    def _module(self, closure: BatchClosure) -> nn.Module:
-        model = self.model if self.model is not None else closure.model
-        return getattr(model, "module", model) if hasattr(model, "no_sync") else model
-
-    def _averaged_model(self, module: nn.Module) -> nn.Module | _ShardedAverage:
-        """The EMA model of ``module`` (a fresh copy if there is none yet)."""
-        if self._ema is not None:
-            if self._ema_source is not module:  # another model object: re-pair the tensors
-                self._ema_source, self._ema_pairs = module, None
-            return self._ema
-        if T.is_sharded([p for g in self.param_groups for p in g["params"]]):
-            # FSDP2 refuses deepcopy (and a copy would hold whole tensors): keep the
-            # average as tensors laid out as the model's, swapped in for the forward.
-            return _ShardedAverage(module, self._ema_pending)
-        ema = copy.deepcopy(module)
-        ema.eval()
-        ema.requires_grad_(False)
-        if self._ema_pending is not None:
-            ema.load_state_dict(self._ema_pending)
-        return ema
-
-    def sharpness_step(self, closure: Callable[[], Any]) -> Any:
-        batch = self._check_closure(closure)
-        epoch = self.current_epoch()
-        module = self._module(batch)
-        ema = self._averaged_model(module)
-        decay = float(self._setting("decay"))
-
-        extra = None
-        if epoch >= int(self._setting("start_epoch")):
-            with torch.no_grad(), _autocast_like(batch):
-                if isinstance(ema, _ShardedAverage):
-                    reference = _as_logits(ema.forward(module, batch.inputs), "MESA")
-                else:
-                    reference = _as_logits(ema(batch.inputs), "MESA")
-            batch.forward_evals += 1.0  # the averaged model's forward: 1/3 of a pass
-            batch.passes += 1
-            offset = [0]
-
-            def rows_of(z: Tensor, idx: Tensor | None, rows: int):
-                lo = offset[0]
-                offset[0] = lo + rows
-                return reference[lo : lo + rows], None
-
-            extra = self._term(rows_of)
-
-        loss = self.run_pass(closure, "clean", sync=True, extra_loss=extra)
-
-        def update() -> None:
-            if self._ema is None:
-                self._ema, self._ema_source, self._ema_pending = ema, module, None
-            self._update_average(module, decay, closure)
-
-        self.on_accept(update)
-        self.base_step()
-        return loss
-
-    @torch.no_grad()
-    def _update_average(self, module: nn.Module, decay: float, closure: Any) -> None:
-        assert self._ema is not None
-        sharded = isinstance(self._ema, _ShardedAverage)
-        if self._ema_pairs is None or sharded:
-            # Sharded: paired anew each time (FSDP2 may re-create its parameters' shards).
-            src, dst = module.state_dict(), self._ema.state_dict()
-            if list(src) != list(dst):
-                raise RuntimeError("MESA: the model's state_dict keys changed during training")
-            floats = [k for k, v in dst.items() if v.is_floating_point()]
-            others = [k for k, v in dst.items() if not v.is_floating_point()]
-            buffers = {n for n, _ in module.named_buffers()}
-            self._ema_pairs = (
-                [dst[k] for k in floats if k not in buffers],
-                [src[k] for k in floats if k not in buffers],
-                [dst[k] for k in floats if k in buffers] + [dst[k] for k in others],
-                [src[k] for k in floats if k in buffers] + [src[k] for k in others],
-            )
-        ema_params, params, ema_buffers, buffers_now = self._ema_pairs
-        weight = 1.0 - decay
-        _lerp_(T._local(ema_params), T._local(params), weight, self.foreach)  # shards
-        if not ema_buffers:
-            return
-        buffers = list(buffers_now)
-        replicas = replicas_of(closure)
-        # FSDP2 does not synchronise buffers: average them over the mesh, as over replicas.
-        mesh = _mesh_groups(self.param_groups) if sharded else []
-        float_idx = [i for i, b in enumerate(buffers) if b.is_floating_point()]
-        if (replicas is not None or mesh) and float_idx:
-            # Each replica's BatchNorm statistics come from its own batch: average them.
-            import torch.distributed as dist
-
-            flat = torch.cat([buffers[i].reshape(-1).double() for i in float_idx])
-            if replicas is not None:
-                replicas.all_reduce_sum_(flat).div_(replicas.world)
-            for group in mesh:
-                dist.all_reduce(flat, group=group)
-                flat.div_(dist.get_world_size(group))
-            offset = 0
-            for i in float_idx:
-                n = buffers[i].numel()
-                buffers[i] = flat[offset : offset + n].view_as(buffers[i]).to(buffers[i].dtype)
-                offset += n
-        _lerp_(
-            [ema_buffers[i] for i in float_idx],
-            [buffers[i] for i in float_idx],
-            weight,
-            self.foreach,
-        )
-        for e, b in zip(ema_buffers, buffers):
-            if not e.is_floating_point():
-                e.copy_(b)
-
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        if self._ema is not None:
-            sd["mesa_ema"] = self._ema.state_dict()
-        elif self._ema_pending is not None:
-            sd["mesa_ema"] = self._ema_pending
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        sd = dict(state_dict)
-        ema = sd.pop("mesa_ema", None)
-        super().load_state_dict(sd)
-        if ema is None:
-            return
-        if self._ema is not None:
-            self._ema.load_state_dict(ema)
-        else:
-            self._ema_pending = dict(ema)
-
-
-class _ShardedAverage:
-    """MESA's averaged weights for a model with sharded (``DTensor``, FSDP2) parameters.
-
-    FSDP2 modules cannot be deep-copied, and a copy of the whole model is what sharding
-    avoids. The average is kept instead as one tensor per entry of the model's
-    ``state_dict`` and with its layout (parameters: DTensors sharded like the model's,
-    ``clone`` of each; buffers: plain tensors). Its forward exchanges these tensors with the
-    model's own, shard by shard, runs the model in eval mode and exchanges them back, so the
-    model's weights and buffers end bit for bit as they were; the exchange holds one extra
-    tensor at a time.
-    """
-
-    def __init__(self, module: nn.Module, saved: dict[str, Tensor] | None = None) -> None:
-        live = module.state_dict()
-        if saved is not None and list(saved) != list(live):
-            raise ValueError(
-                "MESA.load_state_dict: the saved average has the entries "
-                f"{sorted(saved)}, the model has {sorted(live)}"
-            )
-        source = saved if saved is not None else live
-        with torch.no_grad():
-            self.tensors = {k: source[k].detach().clone() for k in live}
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return dict(self.tensors)
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if list(state) != list(self.tensors):
-            raise ValueError(
-                f"MESA.load_state_dict: the saved average has the entries {sorted(state)}, "
-                f"the model has {sorted(self.tensors)}"
-            )
-        for key, value in state.items():
-            self.tensors[key].copy_(value)
-
-    def _exchange(self, live: dict[str, Tensor]) -> None:
-        mine = T._local([self.tensors[k] for k in live])
-        theirs = T._local(list(live.values()))
-        for a, b in zip(mine, theirs):
-            kept = b.clone()
-            b.copy_(a)
-            a.copy_(kept)
-
-    @torch.no_grad()
-    def forward(self, module: nn.Module, inputs: Any) -> Any:
-        """``module(inputs)`` in eval mode with the averaged weights and buffers."""
-        live = module.state_dict(keep_vars=True)  # the parameter and buffer objects
-        if list(live) != list(self.tensors):
-            raise RuntimeError("MESA: the model's state_dict keys changed during training")
-        modes = [m.training for m in module.modules()]
-        _reshard(module)
-        self._exchange(live)
-        try:
-            module.eval()
-            return module(inputs)
-        finally:
-            for m, training in zip(module.modules(), modes):
-                m.training = training
-            _reshard(module)
-            self._exchange(live)
-
-
-def _reshard(module: nn.Module) -> None:
-    """Free the whole (gathered) parameters FSDP2 may keep after a forward.
-
-    FSDP2 keeps the root module's parameters gathered after a forward (for the backward
-    that usually follows); a forward under ``no_grad`` has none, and a later forward would
-    reuse those gathered values instead of gathering the shards again. Resharding makes the
-    next forward read the shards as they are now.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in module.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
-
-
-def _lerp_(targets: list[Tensor], sources: list[Tensor], weight: float, foreach: bool) -> None:
-    """In place ``t += weight · (s - t)``, grouped by device and dtype."""
-    if not targets:
-        return
-    if not foreach:
-        for t, s in zip(targets, sources):
-            t.lerp_(s.to(t.dtype), weight)
-        return
-    for t_bucket, s_bucket in T.group_by_device_dtype(targets, sources):
-        torch._foreach_lerp_(t_bucket, [s.to(t.dtype) for s, t in zip(s_bucket, t_bucket)], weight)
-
-
-def _autocast_like(closure: BatchClosure):
-    """The closure's autocast context (its ``autocast_dtype`` on the inputs' device)."""
-    dtype = getattr(closure, "autocast_dtype", None)
-    if dtype is None:
-        return contextlib.nullcontext()
-    leaves = [t for t in tree_leaves(closure.inputs) if isinstance(t, Tensor)]
-    device_type = leaves[0].device.type if leaves else "cpu"
-    return torch.autocast(device_type=device_type, dtype=dtype)

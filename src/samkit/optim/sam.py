@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from samkit.optim.base import SharpnessAwareOptimizer, invalid_value, is_finite_nonnegative
+from samkit.optim.base import ASAM_ETA, SharpnessAwareOptimizer, asam_defaults
 
 __all__ = ["SAM", "ASAM"]
 
@@ -60,22 +60,16 @@ class SAM(SharpnessAwareOptimizer):
         Efficiently Improving Generalization. ICLR 2021. https://arxiv.org/abs/2010.01412
     """
 
-    method_name = "sam"
-
     def __init__(
         self,
         params: Iterable[Any],
         base_optimizer: Any = "sgd",
         rho: float = 0.05,
         adaptive: bool = False,
-        eta: float = 0.01,
+        eta: float = ASAM_ETA,
         **kwargs: Any,
     ) -> None:
-        if not is_finite_nonnegative(rho):
-            raise invalid_value("rho", rho, "a finite number >= 0")
-        if not is_finite_nonnegative(eta):
-            raise invalid_value("eta", eta, "a finite number >= 0")
-        defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta, weight_scaling=None)
+        defaults = dict(rho=rho, **asam_defaults(adaptive, eta))
         super().__init__(params, base_optimizer, defaults, **kwargs)
 
 
@@ -108,14 +102,12 @@ class ASAM(SAM):
         https://arxiv.org/abs/2102.11600
     """
 
-    method_name = "asam"
-
     def __init__(
         self,
         params: Iterable[Any],
         base_optimizer: Any = "sgd",
         rho: float = 0.5,
-        eta: float = 0.01,
+        eta: float = ASAM_ETA,
         **kwargs: Any,
     ) -> None:
         if kwargs.pop("adaptive", True) is not True:

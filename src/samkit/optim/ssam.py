@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch import Tensor
 
-from samkit.optim import _tensors as T
-from samkit.optim._replicas import Replicas, replicas_of
+from samkit.optim._coordinates import Coordinates, coordinates
+from samkit.optim._distributed import Group, first_replica_flags, replicas_of
+from samkit.optim._per_sample import fisher_scores, per_sample_squared_gradients
 from samkit.optim._rng import check_seed
-from samkit.optim.base import SharpnessAwareOptimizer, is_finite_nonnegative
+from samkit.optim._tensors import dot, masked
+from samkit.optim._validation import is_count
+from samkit.optim.base import SharpnessAwareOptimizer, invalid_value, is_finite_nonnegative
 from samkit.optim.closure import BatchClosure
 
 __all__ = ["SSAM", "per_sample_squared_gradients"]
@@ -21,8 +24,18 @@ __all__ = ["SSAM", "per_sample_squared_gradients"]
 MODES = ("fisher", "dynamic")
 SCORES = ("gradient", "weight", "random")
 
-#: Per-sample gradients are computed in chunks whose gradients hold at most this many values.
-_CHUNK_VALUES = 1 << 25
+
+class _Draw(enum.IntEnum):
+    """What a seeded draw of SSAM-D is for: part of its seed, so that the draws differ."""
+
+    INITIAL = 0  # the initial mask (drawn with epoch _INITIAL_EPOCH)
+    DROP = 1  # drop_score="random"
+    GROW = 2  # grow_score="random"
+
+
+_INITIAL_EPOCH = -1
+#: A draw's seed: (seed·SEED + (epoch + 1)·EPOCH + group·GROUP + draw) mod 2^63.
+_SEED_STRIDE, _EPOCH_STRIDE, _GROUP_STRIDE = 1_000_003, 10_007, 101
 
 
 class SSAM(SharpnessAwareOptimizer):
@@ -48,11 +61,9 @@ class SSAM(SharpnessAwareOptimizer):
     first step of epochs :math:`e` with :math:`e \bmod \text{update\_freq} = 0`. The samples
     are the first samples of that step's batch (and of the following steps' batches when
     ``num_samples`` exceeds the batch size; the old mask stays in use until the new one is
-    complete). Per-sample gradients come from ``torch.func`` (``functional_call`` +
-    ``vmap(grad(...))``), in chunks, with the model in eval mode (no dropout, BatchNorm
-    running statistics; nothing in the model changes). Until the first mask exists the step is
-    plain SGD with the clean gradient (one pass): with ``num_samples`` at most the batch size
-    this never happens, since the first step computes its mask before its passes.
+    complete). Per-sample gradients come from ``torch.func``, with the model in eval mode.
+    Until the first mask exists the step is plain SGD (one pass): with ``num_samples`` at
+    most the batch size this never happens (the first step computes its mask first).
 
     **SSAM-D** (``mode="dynamic"``): starts from a random mask; every ``update_freq``
     epochs (at the first step of the epoch, epoch 0 included) it drops the
@@ -64,32 +75,12 @@ class SSAM(SharpnessAwareOptimizer):
     come from a generator seeded by ``(seed, epoch, group)``, so they are reproducible and
     need no saved generator state.
 
-    **State.** The mask is a ``bool`` tensor per parameter (``state[p]["mask"]``, one byte
-    per coordinate, part of :meth:`state_dict` and restored as ``bool``), so a resumed run
-    continues with the same mask; a Fisher sum being accumulated over several steps is saved
-    too (``state[p]["fisher"]``). Masks and sums change only when a step is accepted.
-
-    **Cost.** SAM's two passes plus, per refresh, ``num_samples`` per-sample gradients (SSAM-F;
-    counted in the closure's ``grad_evals``/``forward_evals`` as ``num_samples`` samples of
-    forward and backward) or a top-k over the coordinates (SSAM-D). Nothing is saved per step
-    by the sparsity: the perturbed pass is a dense pass (the paper's speed-up needs sparse
-    kernels).
-
-    **FSDP2.** SSAM-D runs on sharded (``DTensor``) parameters (FSDP2's layouts: ``Shard(0)``
-    on one mesh dimension, ``Replicate`` on any others) and takes the same masks as on one
-    process, without gathering: masks are ``bool`` DTensors laid out as their parameters,
-    each process scores its own shards (its slice of the same seeded random draws, streamed),
-    and the global top-k is a radix selection over the shards (four all-reduces of a
-    256-bin histogram and one all-gather of one count per selection, at refresh steps only;
-    ties at the k-th score are taken by process rank, then in order). SSAM-F refuses sharded
-    parameters with a ``TypeError`` (:attr:`fsdp_unsupported`): its per-sample gradients
-    through ``torch.func`` need whole parameters and cannot run through FSDP2's hooks.
-
-    **DDP.** The clean (ascent) pass is local by default, as in SAM. The mask is identical on
-    every replica: SSAM-F sums the Fisher scores and sample counts over the replicas (each
-    replica scores its own samples), SSAM-D scores with the replicas' mean gradient, random
-    draws are seeded identically, and in both modes the finished mask is broadcast from the
-    first replica, so it is the same bit for bit.
+    **State, cost, processes** (details: ``docs/methods/ssam.md``). The masks
+    (``state[p]["mask"]``, ``bool``) and a Fisher sum in progress are in :meth:`state_dict`
+    and change only when a step is accepted. A refresh costs ``num_samples`` per-sample
+    gradients (SSAM-F, in the closure's counters) or a top-k (SSAM-D); the sparsity saves
+    nothing (the perturbed pass is dense). The mask is the same on every DDP replica. SSAM-D
+    runs on FSDP2's shards without gathering; SSAM-F refuses them (:attr:`fsdp_unsupported`).
 
     Args:
         params: parameters, named parameters or param groups; groups may set their own
@@ -97,8 +88,7 @@ class SSAM(SharpnessAwareOptimizer):
         base_optimizer: a ``torch.optim.Optimizer`` class or a name (``"sgd"``, ...).
         rho: radius (default 0.1; the official argparse default is 0.05, the authors'
             CIFAR-100 command lines use 0.2).
-        sparsity: fraction :math:`s` of coordinates *not* perturbed, in ``[0, 1]``
-            (default 0.5).
+        sparsity: fraction :math:`s` of coordinates *not* perturbed, in ``[0, 1]`` (default 0.5).
         mode: ``"fisher"`` (SSAM-F, default) or ``"dynamic"`` (SSAM-D).
         num_samples: samples of the Fisher information (SSAM-F; default 128).
         update_freq: refresh the mask every this many epochs (default 1).
@@ -115,27 +105,21 @@ class SSAM(SharpnessAwareOptimizer):
 
     Example::
 
-        opt = samkit.SSAM(model.parameters(), "sgd", rho=0.1, sparsity=0.5, lr=0.05,
-                          momentum=0.9)
+        opt = samkit.SSAM(model.parameters(), "sgd", rho=0.1, sparsity=0.5, lr=0.05, momentum=0.9)
         for epoch in range(epochs):
             opt.set_epoch(epoch)
             for x, y in loader:
                 loss = opt.step(samkit.make_closure(model, loss_fn, x, y))
 
     Differences from the paper / official code:
-        * The official SSAM-F computes the Fisher with a separate batch-size-1 loader over
-          the training set, with the model in train mode, and refreshes the mask *after* the
-          first step of a refresh epoch, so the run's first step has an all-zero mask (an
-          SGD step, with two passes). samkit scores the first samples of the batches it is
-          given, in eval mode, before the step's passes: the first step already uses its
-          mask. When a mask needs more samples than a batch holds, the steps before the
-          first mask are SGD steps with one pass.
-        * The official SSAM-D refreshes after the perturbation of the refresh step (the new
-          mask takes effect at the next step); samkit refreshes before the perturbation. Its
-          kept/regrown counts round separately (the live count may drift by one); samkit
-          keeps exactly :math:`k` live coordinates.
-        * Per-group sparsity (top-k within each param group); the official code has one
-          global value.
+        * The official SSAM-F scores with a separate batch-size-1 loader, in train mode, and
+          refreshes *after* the first step of a refresh epoch (the run's first step has an
+          all-zero mask). samkit scores the first samples of the batches it is given, in
+          eval mode, before the step's passes.
+        * The official SSAM-D refreshes after the refresh step's perturbation and rounds its
+          kept/regrown counts separately (the live count may drift by one); samkit
+          refreshes before it and keeps exactly :math:`k` live coordinates.
+        * Per-group sparsity (a top-k per param group); the official code has one global value.
         * The norm in :math:`\varepsilon` has ``perturb_eps`` 1e-12 (official: 1e-7).
 
     References:
@@ -145,18 +129,12 @@ class SSAM(SharpnessAwareOptimizer):
         https://github.com/Mi-Peng/Sparse-Sharpness-Aware-Minimization
     """
 
-    method_name = "ssam"
     needs_epoch = True
-    #: Options of the mask schedule: one value for the whole model.
-    _shared = (
-        "mode",
-        "num_samples",
-        "update_freq",
-        "drop_rate",
-        "drop_score",
-        "grow_score",
-        "epochs",
-    )
+    #: The mask schedule: one for the whole model.
+    step_globals = (
+        "mode", "num_samples", "update_freq", "drop_rate", "drop_score", "grow_score", "epochs"
+    )  # fmt: skip
+    own_passes = "its mask is refreshed inside step()"
 
     def __init__(
         self,
@@ -176,17 +154,9 @@ class SSAM(SharpnessAwareOptimizer):
     ) -> None:
         if seed is not None:
             check_seed(seed)  # the same rule as ESAM's and AUSAM's seeds; None is kept
-        defaults = dict(
-            rho=rho,
-            sparsity=sparsity,
-            mode=mode,
-            num_samples=num_samples,
-            update_freq=update_freq,
-            drop_rate=drop_rate,
-            drop_score=drop_score,
-            grow_score=grow_score,
-            epochs=epochs,
-        )
+        defaults = dict(rho=rho, sparsity=sparsity, mode=mode, num_samples=num_samples)
+        defaults.update(update_freq=update_freq, drop_rate=drop_rate, drop_score=drop_score)
+        defaults.update(grow_score=grow_score, epochs=epochs)
         super().__init__(params, base_optimizer, defaults, **kwargs)
         self.samkit_state.update(
             ssam_seed=0 if seed is None else seed,
@@ -194,7 +164,6 @@ class SSAM(SharpnessAwareOptimizer):
             ssam_fisher_count=0,  # samples in the Fisher sum being accumulated
         )
 
-    # ------------------------------------------------------------------ hyperparameters
     def validate_group(self, group: dict[str, Any]) -> None:
         super().validate_group(group)
         s = group.get("sparsity")
@@ -202,124 +171,85 @@ class SSAM(SharpnessAwareOptimizer):
             raise ValueError(f"Invalid sparsity value: {s!r} (in [0, 1])")
         mode = group.get("mode")
         if mode not in MODES:
-            raise ValueError(f"Invalid mode value: {mode!r} (use 'fisher' or 'dynamic')")
+            raise invalid_value("mode", mode, "'fisher' or 'dynamic'")
         for key in ("num_samples", "update_freq"):
-            v = group.get(key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"Invalid {key} value: {v!r} (an integer >= 1)")
+            if not is_count(group.get(key)):
+                raise invalid_value(key, group.get(key), "an integer >= 1")
         r = group.get("drop_rate")
         if not (is_finite_nonnegative(r) and r <= 1.0):
-            raise ValueError(f"Invalid drop_rate value: {r!r} (in [0, 1])")
+            raise invalid_value("drop_rate", r, "a number in [0, 1]")
         for key in ("drop_score", "grow_score"):
             if group.get(key) not in SCORES:
-                raise ValueError(
-                    f"Invalid {key} value: {group.get(key)!r} (use one of {', '.join(SCORES)})"
-                )
+                raise invalid_value(key, group.get(key), f"one of {', '.join(SCORES)}")
         epochs = group.get("epochs")
-        if epochs is not None and (
-            isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1
-        ):
-            raise ValueError(f"Invalid epochs value: {epochs!r} (an integer >= 1)")
+        if epochs is not None and not is_count(epochs):
+            raise invalid_value("epochs", epochs, "an integer >= 1 or None")
         if mode == "dynamic" and epochs is None:
             raise ValueError(
                 "Invalid epochs value: None: SSAM mode='dynamic' needs epochs= (the length of "
                 "the run, for its drop-rate schedule)"
             )
-        first = self.param_groups[0] if self.param_groups else group
-        for key in self._shared:
-            if group.get(key) != first.get(key):
-                raise ValueError(
-                    f"Invalid {key} value: {group.get(key)!r} in a param group: SSAM's mask "
-                    f"schedule is global, so {key} must be the same in every group (the first "
-                    f"group has {first.get(key)!r})"
-                )
-
-    def _setting(self, key: str) -> Any:
-        return self.param_groups[0][key]
 
     @property
     def fsdp_unsupported(self) -> str | None:  # type: ignore[override]
         """SSAM-F cannot run on sharded parameters (the reason); SSAM-D can (``None``)."""
-        if self._setting("mode") != "fisher":
+        if self.step_global("mode") != "fisher":
             return None
         return (
-            "SSAM mode='fisher' scores coordinates with per-sample gradients through "
-            "torch.func (vmap over a functional_call), which needs whole parameters and cannot "
-            "run through FSDP2's gather and reduce-scatter hooks; use mode='dynamic'"
-        )
-
-    # ------------------------------------------------------------------ masks
-    def _mask_params(self) -> list[list[Tensor]]:
-        """Per group, the parameters a mask covers (those that require a gradient)."""
-        return [[p for p in g["params"] if p.requires_grad] for g in self.param_groups]
-
-    def _current_masks(self) -> dict[Tensor, Tensor] | None:
-        masks = {p: st["mask"] for p, st in self.state.items() if "mask" in st}
-        return masks or None
-
-    def _refresh_due(self, epoch: int) -> bool:
-        if self.samkit_state.get("ssam_fisher_count", 0) > 0:
-            return True  # a Fisher sum is being completed
-        return (
-            epoch % int(self._setting("update_freq")) == 0
-            and self.samkit_state.get("ssam_mask_epoch") != epoch
+            "SSAM mode='fisher' scores coordinates with per-sample gradients through torch.func "
+            "(vmap over a functional_call), which needs whole parameters; use mode='dynamic'"
         )
 
     @property
     def masks(self) -> dict[Tensor, Tensor]:
         """The current mask of every parameter (``bool``, shaped like the parameter)."""
-        return self._current_masks() or {}
+        return {p: st["mask"] for p, st in self.state.items() if "mask" in st}
 
     def density(self) -> float:
         """Fraction of the covered coordinates that are perturbed (``1 - sparsity``)."""
-        masks = self.masks
-        total = sum(m.numel() for m in masks.values())
-        if not total:
-            return float("nan")
-        if T.is_sharded(list(masks.values())):  # sum the shards' counts: one all-reduce
-            ms = [m.double() for m in masks.values()]
-            return float(T.dot(ms, ms)) / total
-        return sum(int(m.sum()) for m in masks.values()) / total
+        ms = [m.double() for m in self.masks.values()]
+        total = sum(m.numel() for m in ms)
+        return float(dot(ms, ms)) / total if total else float("nan")  # live count, all shards
 
     # ------------------------------------------------------------------ the step
     def sharpness_step(self, closure: Callable[[], Any]) -> Any:
         epoch = self.current_epoch()
-        mode = self._setting("mode")
-        replicas = replicas_of(closure)
-        refresh = self._refresh_due(epoch)
-        masks = self._current_masks()
-        fresh = False  # SSAM-D's initial masks, drawn in this step
-
-        if mode == "fisher" and refresh:
+        mode = self.step_global("mode")
+        replicas = replicas_of(getattr(closure, "model", None))
+        refresh = self.samkit_state["ssam_fisher_count"] > 0 or (  # a Fisher sum to complete
+            epoch % int(self.step_global("update_freq")) == 0
+            and self.samkit_state["ssam_mask_epoch"] != epoch
+        )
+        masks = self.masks or None
+        initial_draw = False  # SSAM-D's initial masks are drawn in this step
+        if mode == "fisher" and refresh:  # m = the top k of the Fisher scores
             new = self._fisher_refresh(closure, epoch, replicas)  # committed on accept
-            if new is not None:
-                masks = new
-        elif mode == "dynamic" and masks is None:
-            masks, fresh = self._random_masks(replicas), True
+            masks = masks if new is None else new
+        elif mode == "dynamic" and masks is None:  # m = k coordinates drawn at random
+            masks, initial_draw = self._random_masks(replicas), True
         if masks is None:  # SSAM-F before its first mask: a plain (synchronised) SGD step
             loss = self.run_pass(closure, "clean", sync=True)
             self.base_step()
             return loss
 
-        loss = self.run_pass(closure, "clean")
+        loss = self.run_pass(closure, "clean")  # g = ∇L_B(w)
         groups = self.collect()
-        if mode == "dynamic" and refresh:
+        if mode == "dynamic" and refresh:  # drop the weakest live coordinates, regrow as many
             masks = self._drop_and_regrow(groups, masks, epoch, replicas)
             self._commit_masks(masks, epoch)
-        elif fresh:
+        elif initial_draw:
             self._commit_masks(masks, None)
-
-        directions: list[list[Tensor]] = []
-        for gp in groups:
-            if gp.group["sparsity"] == 0.0:  # all coordinates live: g ⊙ 1 = g
-                directions.append(gp.grads)
-                continue
-            m = [masks.get(p) for p in gp.params]
-            directions.append(_masked(gp.grads, m, self.foreach))
+        directions = [  # g ⊙ m (all coordinates live: g ⊙ 1 = g)
+            gp.grads
+            if gp.group["sparsity"] == 0.0
+            else masked(gp.grads, [masks.get(p) for p in gp.params], self.foreach)
+            for gp in groups
+        ]
+        # ε = ρ·(g ⊙ m)/‖g‖: normalised by the whole gradient's norm
         self.perturb(directions, norm_of=[gp.grads for gp in groups])
-        self.run_pass(closure, "perturbed", perturbed=True)
+        self.run_pass(closure, "perturbed", perturbed=True)  # g' = ∇L_B(w + ε)
         self.restore()
-        self.base_step()
+        self.base_step()  # w ← base_step(w, g')
         return loss
 
     def _commit_masks(self, new: dict[Tensor, Tensor], epoch: int | None) -> None:
@@ -331,13 +261,17 @@ class SSAM(SharpnessAwareOptimizer):
 
         self.on_accept(commit)
 
+    def _mask_params(self) -> list[list[Tensor]]:
+        """Per group, the parameters a mask covers (those that require a gradient)."""
+        return [[p for p in g["params"] if p.requires_grad] for g in self.param_groups]
+
+    # ------------------------------------------------------------------ SSAM-F
     def _fisher_refresh(
-        self, closure: Any, epoch: int, replicas: Replicas | None
+        self, closure: Any, epoch: int, replicas: Group | None
     ) -> dict[Tensor, Tensor] | None:
         """Score this batch's samples; the new masks once ``num_samples`` are scored."""
-        covered = self._mask_params()
-        if all(g["sparsity"] in (0.0, 1.0) for g in self.param_groups):
-            masks = self._top_k(covered, [[torch.zeros_like(p) for p in ps] for ps in covered])
+        if all(g["sparsity"] in (0.0, 1.0) for g in self.param_groups):  # no scores needed
+            masks = self._top_k(lambda gi, c: c.flat([torch.zeros_like(p) for p in c.params]))
             self._commit_masks(masks, epoch)
             return masks
         if not isinstance(closure, BatchClosure):
@@ -346,49 +280,32 @@ class SSAM(SharpnessAwareOptimizer):
                 "the batch: build the closure with samkit.make_closure(model, loss_fn, inputs, "
                 "targets), or use mode='dynamic'"
             )
-        needed = int(self._setting("num_samples"))
-        count = int(self.samkit_state.get("ssam_fisher_count", 0))
-        k = min(needed - count, closure.batch_size)
-        flat_params = [p for ps in covered for p in ps]
+        needed = int(self.step_global("num_samples"))
+        count = int(self.samkit_state["ssam_fisher_count"])
+        covered = self._mask_params()
+        params = [p for ps in covered for p in ps]
         model = self.model if self.model is not None else closure.model
-        module = model.module if hasattr(model, "no_sync") else model
-        scores = per_sample_squared_gradients(
-            module, closure.loss_fn, closure.inputs, closure.targets, flat_params, k
-        )
-        closure.forward_evals += k / closure.batch_size
-        closure.grad_evals += k / closure.batch_size
-        scored = k
-        if replicas is not None:  # sum the replicas' scores and sample counts
-            flat = torch.cat([s.reshape(-1) for s in scores] + [scores[0].new_tensor([k])])
-            replicas.all_reduce_sum_(flat)
-            scored = int(flat[-1])
-            scores = _unflatten(flat[:-1], scores)
+        # F_j = Σ_n (∂_j ℓ_n)² over the first samples of this batch (and of every replica's)
+        k = min(needed - count, closure.batch_size)
+        scores, scored = fisher_scores(model, closure, params, k, replicas)
         if self.on_nonfinite != "ignore":
-            total = torch.stack([s.sum() for s in scores]).sum()
-            self._record_finite("fisher", total, False)
-        sums = [
-            s if "fisher" not in self.state[p] else self.state[p]["fisher"] + s
-            for p, s in zip(flat_params, scores)
-        ]
+            self._record_finite("fisher", torch.stack([s.sum() for s in scores]).sum(), False)
+        old = [self.state[p].get("fisher") for p in params]
+        sums = [s if f is None else f + s for f, s in zip(old, scores)]
         if count + scored < needed:
 
             def keep_accumulating() -> None:
-                for p, s in zip(flat_params, sums):
+                for p, s in zip(params, sums):
                     self.state[p]["fisher"] = s
                 self.samkit_state["ssam_fisher_count"] = count + scored
 
             self.on_accept(keep_accumulating)
             return None
-        per_group, i = [], 0
-        for ps in covered:
-            per_group.append(sums[i : i + len(ps)])
-            i += len(ps)
-        masks = self._top_k(covered, per_group)
-        if replicas is not None:
-            _broadcast_masks(masks, replicas)
+        fisher = dict(zip(params, sums))
+        masks = self._top_k(lambda gi, c: c.flat([fisher[p] for p in c.params]).float(), replicas)
 
         def finish() -> None:
-            for p in flat_params:
+            for p in params:
                 self.state[p].pop("fisher", None)
             self.samkit_state["ssam_fisher_count"] = 0
 
@@ -397,167 +314,75 @@ class SSAM(SharpnessAwareOptimizer):
         return masks
 
     def _top_k(
-        self, covered: list[list[Tensor]], scores: list[list[Tensor]]
+        self, scores: Callable[[int, Coordinates], Tensor], replicas: Group | None = None
     ) -> dict[Tensor, Tensor]:
-        """Per group, the masks keeping the ``d - round(d·s)`` highest-scoring coordinates."""
+        """Per group, the masks keeping the ``k = d - round(d·s)`` coordinates with the highest
+        ``scores(group index, coordinates)``; under DDP the first replica's."""
         masks: dict[Tensor, Tensor] = {}
-        for group, params, sc in zip(self.param_groups, covered, scores):
-            if not params:
-                continue
-            flat = torch.cat([s.reshape(-1).float() for s in sc])
-            keep = _kept(flat.numel(), group["sparsity"])
-            chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-            if keep == flat.numel():
-                chosen.fill_(True)
-            elif keep > 0:
-                chosen[torch.topk(flat, keep, sorted=False).indices] = True
-            masks.update(zip(params, _split(chosen, params)))
-        return masks
+        for gi, (group, params) in enumerate(zip(self.param_groups, self._mask_params())):
+            if params:
+                coords = coordinates(params)
+                keep = _kept(coords.numel, group["sparsity"])
+                masks.update(zip(params, coords.masks(coords.top(scores(gi, coords), keep))))
+        return first_replica_flags(masks, replicas)
 
-    def _generator_seed(self, epoch: int, group: int, purpose: int) -> int:
-        seed = int(self.samkit_state.get("ssam_seed", 0))
-        return (seed * 1_000_003 + (epoch + 1) * 10_007 + group * 101 + purpose) % (1 << 63)
-
-    def _random_scores(self, params: list[Tensor], epoch: int, group: int, purpose: int):
-        gen = torch.Generator().manual_seed(self._generator_seed(epoch, group, purpose))
-        n = sum(p.numel() for p in params)
-        return torch.rand(n, generator=gen).to(params[0].device)
-
-    def _random_local(self, layout: _ShardLayout, epoch: int, group: int, purpose: int):
-        """This process's entries of :meth:`_random_scores` (the same draws, streamed)."""
-        gen = torch.Generator().manual_seed(self._generator_seed(epoch, group, purpose))
-        out = torch.empty(layout.local_numel)
-        drawn = filled = 0
-        for begin, length in layout.ranges:
-            while drawn < begin:  # draws of other processes' shards: discarded
-                n = min(begin - drawn, _CHUNK_VALUES)
-                torch.rand(n, generator=gen)
-                drawn += n
-            if length:
-                out[filled : filled + length] = torch.rand(length, generator=gen)
-                drawn, filled = drawn + length, filled + length
-        return out.to(layout.device)
-
-    def _random_masks(self, replicas: Replicas | None) -> dict[Tensor, Tensor]:
-        """SSAM-D's initial masks: ``k`` coordinates drawn uniformly per group."""
-        covered = self._mask_params()
-        if T.is_sharded([p for ps in covered for p in ps]):
-            masks: dict[Tensor, Tensor] = {}
-            for gi, (group, ps) in enumerate(zip(self.param_groups, covered)):
-                if not ps:
-                    continue
-                layout = _ShardLayout(ps)
-                scores = self._random_local(layout, -1, gi, 0)
-                keep = _kept(layout.numel, group["sparsity"])
-                masks.update(zip(ps, layout.masks(_select_top(scores, keep, layout.group))))
-            return masks
-        scores = [
-            [self._random_scores(ps, -1, gi, 0)] if ps else [] for gi, ps in enumerate(covered)
-        ]
-        masks = self._top_k(covered, scores)
-        if replicas is not None:
-            _broadcast_masks(masks, replicas)
-        return masks
+    # ------------------------------------------------------------------ SSAM-D
+    def _random_masks(self, replicas: Group | None) -> dict[Tensor, Tensor]:
+        """The initial masks: ``k`` coordinates drawn uniformly per group."""
+        draw = _Draw.INITIAL
+        return self._top_k(lambda gi, c: c.random(self._seed(_INITIAL_EPOCH, gi, draw)), replicas)
 
     @torch.no_grad()
     def _drop_and_regrow(
-        self,
-        groups: list[Any],
-        masks: dict[Tensor, Tensor],
-        epoch: int,
-        replicas: Replicas | None,
+        self, groups: list[Any], masks: dict[Tensor, Tensor], epoch: int, replicas: Group | None
     ) -> dict[Tensor, Tensor]:
+        """Drop the ⌊n_live·r_e⌋ live coordinates with the lowest ``drop_score``, regrow as many
+        dead ones with the highest ``grow_score``."""
         grads = {p: g for gp in groups for p, g in zip(gp.params, gp.grads)}
-        needs_grad = "gradient" in (self._setting("drop_score"), self._setting("grow_score"))
+        needs_grad = "gradient" in (self.step_global("drop_score"), self.step_global("grow_score"))
         if needs_grad and self.local_gradients:  # score with the replicas' mean gradient
             mean = [g.clone() for g in grads.values()]
             self.all_reduce_mean_(mean)
             grads = dict(zip(grads, mean))
-        rate = float(self._setting("drop_rate"))
-        total = int(self._setting("epochs"))
+        total = int(self.step_global("epochs"))  # r_e = drop_rate·(1 + cos(π e/E))/2
+        rate = float(self.step_global("drop_rate"))
         rate *= (1.0 + math.cos(math.pi * min(epoch, total) / total)) / 2.0
         new: dict[Tensor, Tensor] = {}
-        if T.is_sharded([p for ps in self._mask_params() for p in ps]):
-            for gi, params in enumerate(self._mask_params()):
-                if params:
-                    new.update(self._drop_and_regrow_shards(params, grads, masks, rate, epoch, gi))
-            return new
         for gi, params in enumerate(self._mask_params()):
             if not params:
                 continue
-            live = torch.cat([masks[p].reshape(-1) for p in params])
-            n_live = int(live.sum())
-            n_drop = min(int(n_live * rate), live.numel() - n_live)
+            coords = coordinates(params)
+            live = coords.flat([masks[p] for p in params])
+            n_live = coords.count(live)
+            n_drop = min(int(n_live * rate), coords.numel - n_live)
             if n_drop == 0:
                 new.update((p, masks[p]) for p in params)
                 continue
-            keep_score = self._scores("drop_score", params, grads, epoch, gi, 1)
-            grow_score = self._scores("grow_score", params, grads, epoch, gi, 2)
+            keep_score = self._score("drop_score", coords, grads, self._seed(epoch, gi, _Draw.DROP))
+            grow_score = self._score("grow_score", coords, grads, self._seed(epoch, gi, _Draw.GROW))
             lowest = torch.tensor(-math.inf, device=live.device)
-            kept = torch.topk(torch.where(live, keep_score, lowest), n_live - n_drop).indices
-            grown = torch.topk(torch.where(live, lowest, grow_score), n_drop).indices
-            chosen = torch.zeros_like(live)
-            chosen[kept] = True
-            chosen[grown] = True
-            new.update(zip(params, _split(chosen, params)))
-        if replicas is not None:
-            _broadcast_masks(new, replicas)
-        return new
+            kept = coords.top(torch.where(live, keep_score, lowest), n_live - n_drop)
+            grown = coords.top(torch.where(live, lowest, grow_score), n_drop)
+            new.update(zip(params, coords.masks(kept | grown)))
+        return first_replica_flags(new, replicas)
 
-    def _drop_and_regrow_shards(self, params, grads, masks, rate, epoch, gi):
-        """:meth:`_drop_and_regrow` of one group on shards: the same selection, no gather."""
-        import torch.distributed as dist
+    def _score(
+        self, key: str, coords: Coordinates, grads: dict[Tensor, Tensor], seed: int
+    ) -> Tensor:
+        """The ``drop_score`` or ``grow_score`` (``key``) of every coordinate of a group."""
+        kind = self.step_global(key)
+        if kind == "random":  # drawn from ``seed``
+            return coords.random(seed)
+        if kind == "weight":  # |w|
+            parts = [p.detach() for p in coords.params]
+        else:  # |g|, 0 for a parameter without a gradient
+            parts = [grads[p] if p in grads else torch.zeros_like(p) for p in coords.params]
+        return coords.flat(parts).abs().float()
 
-        layout = _ShardLayout(params)
-        live = torch.cat([m.reshape(-1) for m in T._local([masks[p] for p in params])])
-        n_live = live.sum().to(torch.int64).reshape(1)
-        if layout.group is not None:
-            dist.all_reduce(n_live, group=layout.group)
-        n_live = int(n_live)
-        n_drop = min(int(n_live * rate), layout.numel - n_live)
-        if n_drop == 0:
-            return {p: masks[p] for p in params}
-
-        def scores(key: str, purpose: int) -> Tensor:
-            kind = self._setting(key)
-            if kind == "random":
-                return self._random_local(layout, epoch, gi, purpose)
-            if kind == "weight":
-                parts = T._local([p.detach() for p in params])
-            else:
-                zeros = [torch.zeros_like(p) for p in params]
-                parts = T._local([grads.get(p, z) for p, z in zip(params, zeros)])
-            return torch.cat([t.abs().reshape(-1).float() for t in parts])
-
-        lowest = torch.tensor(-math.inf, device=live.device)
-        keep_score, grow_score = scores("drop_score", 1), scores("grow_score", 2)
-        kept = _select_top(torch.where(live, keep_score, lowest), n_live - n_drop, layout.group)
-        grown = _select_top(torch.where(live, lowest, grow_score), n_drop, layout.group)
-        return dict(zip(params, layout.masks(kept | grown)))
-
-    def _scores(self, key, params, grads, epoch, group, purpose) -> Tensor:
-        kind = self._setting(key)
-        if kind == "random":
-            return self._random_scores(params, epoch, group, purpose)
-        if kind == "weight":
-            parts = [p.detach().abs().reshape(-1).float() for p in params]
-        else:
-            parts = [
-                grads[p].abs().reshape(-1).float()
-                if p in grads
-                else torch.zeros(p.numel(), device=p.device)
-                for p in params
-            ]
-        return torch.cat(parts)
-
-    # ------------------------------------------------------------------ manual steps / state
-    def first_step(self, zero_grad: bool = False) -> None:
-        raise RuntimeError(
-            "SSAM refreshes its mask inside step(): call optimizer.step(closure) "
-            "(closure = samkit.make_closure(model, loss_fn, inputs, targets))"
-        )
-
-    second_step = first_step  # type: ignore[assignment]
+    def _seed(self, epoch: int, group: int, draw: _Draw) -> int:
+        seed = int(self.samkit_state["ssam_seed"])
+        value = seed * _SEED_STRIDE + (epoch + 1) * _EPOCH_STRIDE + group * _GROUP_STRIDE + draw
+        return value % (1 << 63)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -567,224 +392,6 @@ class SSAM(SharpnessAwareOptimizer):
                 st["mask"] = st["mask"].to(torch.bool)
 
 
-def _kept(n: int, sparsity: float) -> int:
-    return n - min(n, int(round(n * sparsity)))
-
-
-def _split(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
-    out, i = [], 0
-    for p in params:
-        out.append(flat[i : i + p.numel()].view(p.shape).to(p.device))
-        i += p.numel()
-    return out
-
-
-def _unflatten(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
-    out, i = [], 0
-    for t in like:
-        out.append(flat[i : i + t.numel()].view_as(t))
-        i += t.numel()
-    return out
-
-
-def _broadcast_masks(masks: dict[Tensor, Tensor], replicas: Replicas) -> None:
-    """Make ``masks`` the first replica's, bit for bit (in place)."""
-    if not masks:
-        return
-    params = list(masks)
-    flat = torch.cat([masks[p].reshape(-1) for p in params]).to(torch.uint8)
-    replicas.broadcast_(flat)
-    for p, m in zip(params, _split(flat.to(torch.bool), params)):
-        masks[p] = m
-
-
-def _masked(grads: list[Tensor], masks: list[Tensor | None], foreach: bool) -> list[Tensor]:
-    """``g ⊙ m`` per tensor (``m`` None: the whole tensor)."""
-    pairs = [(i, g, m) for i, (g, m) in enumerate(zip(grads, masks)) if m is not None]
-    out = list(grads)
-    if not pairs:
-        return out
-    if T.is_sharded([g for _, g, _ in pairs]):  # shard by shard (masks share the layout)
-        gs = [g for _, g, _ in pairs]
-        local = _masked(T._local(gs), T._local([m for _, _, m in pairs]), foreach)
-        for (i, _, _), r in zip(pairs, T._like_layout(local, gs)):
-            out[i] = r
-        return out
-    if foreach:
-        idx = [i for i, _, _ in pairs]
-        gs = [g for _, g, _ in pairs]
-        ms = [m for _, _, m in pairs]
-        plan = T.Buckets(gs)
-        for index, g_bucket, m_bucket in zip(plan.index, plan.split(gs), plan.split(ms)):
-            for k, r in zip(index, torch._foreach_mul(g_bucket, m_bucket)):
-                out[idx[k]] = r
-    else:
-        for i, g, m in pairs:
-            out[i] = g * m
-    return out
-
-
-def per_sample_squared_gradients(
-    module: nn.Module,
-    loss_fn: Callable[[Any, Tensor], Tensor],
-    inputs: Any,
-    targets: Tensor,
-    params: list[Tensor],
-    k: int,
-) -> list[Tensor]:
-    r""":math:`\sum_{n<k} (\nabla_p \ell(x_n, y_n))^2` for each of ``params``.
-
-    ``ℓ(x_n, y_n) = loss_fn(module(x_n[None]), y_n[None]).sum()`` on the first ``k`` samples,
-    computed with ``torch.func`` (``vmap`` over ``grad`` of a ``functional_call``) in chunks,
-    with ``module`` in eval mode (restored afterwards). Parameters that are not ``module``'s
-    get zeros. Returns float tensors shaped like ``params`` (float64 stays float64).
-    """
-    from torch.func import functional_call, grad, vmap
-
-    names = {p: n for n, p in module.named_parameters()}
-    wanted = {names[p]: p.detach() for p in params if p in names}
-    acc = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
-    if not wanted or k <= 0:
-        return acc
-
-    def sample_loss(weights: dict[str, Tensor], x: Any, y: Tensor) -> Tensor:
-        x1 = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, x)
-        out = functional_call(module, weights, (x1,), strict=False)
-        return loss_fn(out, y.unsqueeze(0)).sum()
-
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-    size = sum(p.numel() for p in wanted.values())
-    chunk = max(1, min(k, _CHUNK_VALUES // max(size, 1)))
-    position = {names[p]: i for i, p in enumerate(params) if p in names}
-    modes = [m.training for m in module.modules()]
-    module.eval()
-    try:
-        for lo in range(0, k, chunk):
-            hi = min(k, lo + chunk)
-            xs = tree_map(lambda t, a=lo, b=hi: t[a:b] if isinstance(t, Tensor) else t, inputs)
-            gs = per_sample(wanted, xs, targets[lo:hi])
-            for name, g in gs.items():
-                a = acc[position[name]]
-                a.add_(g.to(a.dtype).square().sum(0))
-    except (RuntimeError, TypeError, NotImplementedError) as e:
-        raise RuntimeError(
-            "SSAM (mode='fisher') computes per-sample gradients with torch.func "
-            "(functional_call + vmap(grad)), which this model or loss_fn does not support: "
-            f"{e}. Use mode='dynamic' instead."
-        ) from e
-    finally:
-        for m, training in zip(module.modules(), modes):
-            m.training = training
-    return acc
-
-
-class _ShardLayout:
-    """Where each parameter's local shard lies in its param group's flat vector (FSDP2).
-
-    The flat vector is the concatenation of the whole parameters, flattened, in group order,
-    as SSAM's single-process selection sees it. Supported layouts are FSDP2's: every
-    parameter a ``DTensor`` on one mesh with one placement list, ``Shard(0)`` on at most one
-    mesh dimension and ``Replicate`` on the others (HSDP), so each local shard is one
-    contiguous range of its parameter's flattened elements.
-    """
-
-    def __init__(self, params: list[Tensor]) -> None:
-        from torch.distributed.tensor import DTensor
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        layouts = {
-            (p.device_mesh, tuple(p.placements)) if isinstance(p, DTensor) else None for p in params
-        }
-        mesh_placements = layouts.pop() if len(layouts) == 1 else None
-        sharded = (
-            []
-            if mesh_placements is None
-            else [d for d, pl in enumerate(mesh_placements[1]) if not pl.is_replicate()]
-        )
-        if (
-            mesh_placements is None
-            or len(sharded) > 1
-            or any(mesh_placements[1][d] != _shard0() for d in sharded)
-        ):
-            raise TypeError(
-                "SSAM mode='dynamic' on sharded parameters needs every parameter of a param "
-                "group to be a DTensor with the same mesh and placements, Shard(0) on at most "
-                "one mesh dimension and Replicate on the others (FSDP2's layouts); got "
-                f"{sorted(map(str, layouts | {mesh_placements}))}"
-            )
-        mesh, placements = mesh_placements
-        self.group = mesh.get_group(sharded[0]) if sharded else None
-        self.params = params
-        self.ranges: list[tuple[int, int]] = []
-        self.local_shapes: list[tuple[int, ...]] = []
-        offset = 0
-        for p in params:
-            shape, origin = compute_local_shape_and_global_offset(p.shape, mesh, placements)
-            row = math.prod(p.shape[1:])
-            length = math.prod(shape)
-            self.ranges.append((offset + origin[0] * row if length else offset, length))
-            self.local_shapes.append(tuple(shape))
-            offset += p.numel()
-        self.numel = offset
-        self.local_numel = sum(n for _, n in self.ranges)
-        self.device = params[0].device
-
-    def masks(self, chosen: Tensor) -> list[Tensor]:
-        """The local flat selection as ``bool`` DTensors laid out as the parameters."""
-        out, i = [], 0
-        for shape, (_, n) in zip(self.local_shapes, self.ranges):
-            out.append(chosen[i : i + n].view(shape).clone())
-            i += n
-        return T._like_layout(out, self.params)
-
-
-def _shard0() -> Any:
-    from torch.distributed.tensor import Shard
-
-    return Shard(0)
-
-
-def _select_top(scores: Tensor, k: int, group: Any) -> Tensor:
-    """Which local entries are among the ``k`` largest of every process's ``scores``.
-
-    ``scores`` (float32) are this process's part of a vector split over the processes of
-    ``group`` (``None``: not split). A radix selection on the scores' order-preserving
-    32-bit keys, one byte at a time: four all-reduces of a 256-bin histogram find the
-    ``k``-th largest key; nothing is gathered. Entries tied with it are taken by process
-    rank, then in local order (one all-gather of one count). Without ties at the ``k``-th
-    value the selection equals ``torch.topk``'s.
-    """
-    import torch.distributed as dist
-
-    chosen = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k <= 0:
-        return chosen
-    bits = scores.float().view(torch.int32).to(torch.int64)
-    key = torch.where(bits >= 0, bits + (1 << 31), -1 - bits)  # float order, in [0, 2^32)
-    candidates = torch.ones_like(chosen)
-    remaining = k
-    for shift in (24, 16, 8, 0):
-        byte = (key >> shift) & 255
-        hist = torch.bincount(byte[candidates], minlength=256).to(torch.int64)
-        if group is not None:
-            dist.all_reduce(hist, group=group)
-        counts = hist.tolist()
-        above = 0
-        for b in range(255, -1, -1):
-            if above + counts[b] >= remaining:
-                break
-            above += counts[b]
-        chosen |= candidates & (byte > b)
-        candidates &= byte == b
-        remaining -= above
-    ties = candidates.nonzero().reshape(-1)
-    before = 0
-    if group is not None:
-        count = torch.tensor([ties.numel()], dtype=torch.int64, device=scores.device)
-        counts_all = [torch.empty_like(count) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(counts_all, count, group=group)
-        rank = dist.get_rank(group)
-        before = sum(int(c) for c in counts_all[:rank])
-    take = max(0, min(ties.numel(), remaining - before))
-    chosen[ties[:take]] = True
-    return chosen
+def _kept(d: int, sparsity: float) -> int:
+    """The paper's ``k = d - round(d·s)`` live coordinates."""
+    return d - min(d, int(round(d * sparsity)))

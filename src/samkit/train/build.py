@@ -222,7 +222,7 @@ class Run:
     procs: Processes
     opt: torch.optim.Optimizer
     opt_info: OptimizerInfo
-    opt_settings: dict[str, Any]  # the optimizer's resolved settings, registry defaults included
+    opt_settings: dict[str, Any]  # the optimizer's resolved settings (recipe, method table, flags)
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
     loss_fn: nn.Module

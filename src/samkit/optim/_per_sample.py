@@ -1,0 +1,100 @@
+r"""Per-sample squared gradients summed over samples: an empirical Fisher diagonal.
+
+SSAM-F (Sparse SAM with a Fisher mask) scores every coordinate ``j`` of the model by
+:math:`F_j = \sum_n (\partial_j \ell_n)^2` over a number of samples. The per-sample
+gradients come from ``torch.func``: ``vmap`` over ``grad`` of a ``functional_call``, in
+chunks that bound the memory, with the model in eval mode (restored afterwards).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from samkit.optim._distributed import Group, through_flat
+
+__all__ = ["fisher_scores", "per_sample_squared_gradients"]
+
+#: Per-sample gradients are computed in chunks whose gradients hold at most this many values.
+_CHUNK_VALUES = 1 << 25
+
+
+def per_sample_squared_gradients(
+    module: nn.Module,
+    loss_fn: Callable[[Any, Tensor], Tensor],
+    inputs: Any,
+    targets: Tensor,
+    params: list[Tensor],
+    k: int,
+) -> list[Tensor]:
+    r""":math:`\sum_{n<k} (\nabla_p \ell(x_n, y_n))^2` for each of ``params``.
+
+    ``ℓ(x_n, y_n) = loss_fn(module(x_n[None]), y_n[None]).sum()`` on the first ``k`` samples,
+    computed with ``torch.func`` (``vmap`` over ``grad`` of a ``functional_call``) in chunks,
+    with ``module`` in eval mode (restored afterwards). Parameters that are not ``module``'s
+    get zeros. Returns float tensors shaped like ``params`` (float64 stays float64).
+    """
+    from torch.func import functional_call, grad, vmap
+
+    names = {p: n for n, p in module.named_parameters()}
+    wanted = {names[p]: p.detach() for p in params if p in names}
+    acc = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
+    if not wanted or k <= 0:
+        return acc
+
+    def sample_loss(weights: dict[str, Tensor], x: Any, y: Tensor) -> Tensor:
+        x1 = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, x)
+        out = functional_call(module, weights, (x1,), strict=False)
+        return loss_fn(out, y.unsqueeze(0)).sum()
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    size = sum(p.numel() for p in wanted.values())
+    chunk = max(1, min(k, _CHUNK_VALUES // max(size, 1)))
+    position = {names[p]: i for i, p in enumerate(params) if p in names}
+    modes = [m.training for m in module.modules()]
+    module.eval()
+    try:
+        for lo in range(0, k, chunk):
+            hi = min(k, lo + chunk)
+            xs = tree_map(lambda t, a=lo, b=hi: t[a:b] if isinstance(t, Tensor) else t, inputs)
+            gs = per_sample(wanted, xs, targets[lo:hi])
+            for name, g in gs.items():
+                a = acc[position[name]]
+                a.add_(g.to(a.dtype).square().sum(0))
+    except (RuntimeError, TypeError, NotImplementedError) as e:
+        raise RuntimeError(
+            "SSAM (mode='fisher') computes per-sample gradients with torch.func "
+            "(functional_call + vmap(grad)), which this model or loss_fn does not support: "
+            f"{e}. Use mode='dynamic' instead."
+        ) from e
+    finally:
+        for m, training in zip(module.modules(), modes):
+            m.training = training
+    return acc
+
+
+def fisher_scores(
+    model: nn.Module, closure: Any, params: list[Tensor], k: int, replicas: Group | None
+) -> tuple[list[Tensor], int]:
+    """The Fisher scores of ``params`` over the first ``k`` samples of a batch, and how many
+    samples they hold.
+
+    ``closure`` (a :class:`~samkit.BatchClosure`) gives the batch and ``loss_fn``, and counts
+    the ``k`` samples' forward and backward passes in its ``forward_evals``/``grad_evals``.
+    Under DDP (``replicas``) the scores and the counts are summed over the replicas, each of
+    which scored its own samples.
+    """
+    module = model.module if hasattr(model, "no_sync") else model
+    scores = per_sample_squared_gradients(
+        module, closure.loss_fn, closure.inputs, closure.targets, params, k
+    )
+    closure.forward_evals += k / closure.batch_size
+    closure.grad_evals += k / closure.batch_size
+    if replicas is None:
+        return scores, k
+    *scores, n = through_flat(scores + [scores[0].new_tensor([k])], replicas.all_reduce_)
+    return scores, int(n)

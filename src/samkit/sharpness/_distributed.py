@@ -160,16 +160,17 @@ def _error_text(exc: BaseException) -> str:
 
 
 class Comm:
-    """The processes of one measurement (all ranks of the default process group)."""
+    """The processes of one measurement: the ranks of ``group`` (None: the default group)."""
 
-    def __init__(self, measure: str) -> None:
+    def __init__(self, measure: str, group: Any = None) -> None:
         import torch.distributed as dist
 
         self.dist = dist
+        self.group = group
         self.measure = measure
-        self.rank = dist.get_rank()
-        self.world = dist.get_world_size()
-        backend = str(dist.get_backend())
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        backend = str(dist.get_backend(group))
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
             if "nccl" in backend and torch.cuda.is_available()
@@ -181,24 +182,32 @@ class Comm:
 
     @staticmethod
     def resolve(distributed: Any, measure: str) -> Comm | None:
-        """The processes for ``distributed`` (None: all of them when ``torch.distributed`` is
-        initialised with more than one process; True: required; False: this one only)."""
+        """The processes for ``distributed``: None — all of them when ``torch.distributed`` is
+        initialised with more than one process; True — the same, required; False — this one
+        only; a ``ProcessGroup`` — its processes (e.g. the data-parallel replicas of a model
+        whose tensor-parallel ranks see the same data)."""
+        group = None
         if distributed is not None and not isinstance(distributed, bool):
-            raise TypeError(f"distributed must be None or a bool, got {distributed!r}")
+            pg = getattr(sys.modules.get("torch.distributed"), "ProcessGroup", None)
+            if pg is None or not isinstance(distributed, pg):
+                raise TypeError(
+                    f"distributed must be None, a bool or a ProcessGroup, got {distributed!r}"
+                )
+            group = distributed
         if distributed is False:
             return None
         if not _initialised():
-            if distributed:
+            if distributed is not None:
                 raise ValueError(
-                    "distributed=True but torch.distributed is not initialised: call "
-                    "torch.distributed.init_process_group first (torchrun does it for you)"
+                    f"distributed={distributed!r} but torch.distributed is not initialised: "
+                    "call torch.distributed.init_process_group first (torchrun does it for you)"
                 )
             return None
         import torch.distributed as dist
 
-        if dist.get_world_size() == 1:
+        if dist.get_world_size(group) == 1:
             return None
-        return Comm(measure)
+        return Comm(measure, group)
 
     # -- collectives with a timeout ---------------------------------------------------
     def _wait(self, work: Any, what: str) -> None:
@@ -214,12 +223,14 @@ class Comm:
             ) from e
 
     def all_reduce(self, t: Tensor, what: str = "sum", group: Any = None) -> Tensor:
+        """Sum over this measurement's processes (or over ``group``: a mesh dimension's)."""
+        group = self.group if group is None else group
         self._wait(self.dist.all_reduce(t, group=group, async_op=True), what)
         return t
 
     def all_gather(self, t: Tensor, what: str) -> list[Tensor]:
         out = [torch.empty_like(t) for _ in range(self.world)]
-        self._wait(self.dist.all_gather(out, t, async_op=True), what)
+        self._wait(self.dist.all_gather(out, t, group=self.group, async_op=True), what)
         return out
 
     # -- agreement ------------------------------------------------------------------------
@@ -264,7 +275,7 @@ class Comm:
 
         mine = None if error is None else (type(error).__name__, _error_text(error))
         texts: list[Any] = [None] * self.world
-        dist.all_gather_object(texts, mine)
+        dist.all_gather_object(texts, mine, group=self.group)
         if error is not None:
             raise error
         first = next(r for r, t in enumerate(texts) if t is not None)
@@ -393,7 +404,8 @@ class Space:
             )
         if len(vectors) != len(self.params):
             raise ValueError(
-                f"{name} has {len(vectors)} tensors but {len(self.params)} parameters are measured"
+                f"{name} has {len(vectors)} tensors but the model has {len(self.params)} "
+                "parameters measured (those that require grad, or the params= selection)"
             )
         for i, (v, p) in enumerate(zip(vectors, self.params)):
             if not isinstance(v, Tensor):

@@ -361,7 +361,7 @@ class Evaluator:
         train_mode: bool = False,
         seed: int = 0,
         params: Any = None,
-        distributed: bool | None = False,
+        distributed: Any = False,
         measure: str = "",
         settings: Any = (),
         checks: Callable[[], None] | None = None,

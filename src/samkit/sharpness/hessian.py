@@ -283,7 +283,7 @@ def gradient(
     train_mode: bool = False,
     seed: int = 0,
     params: Any = None,
-    distributed: bool | None = None,
+    distributed: Any = None,
 ) -> list[torch.Tensor]:
     """Gradient ``∇L(w) = Σ_b n_b ∇L_b(w) / Σ_b n_b`` of the batch-size-weighted mean loss.
 
@@ -308,7 +308,7 @@ def hvp(
     train_mode: bool = False,
     seed: int = 0,
     params: Any = None,
-    distributed: bool | None = None,
+    distributed: Any = None,
 ) -> list[torch.Tensor]:
     """Hessian-vector product ``H v`` with ``H = Σ_b n_b ∇²L_b(w) / Σ_b n_b``.
 
@@ -501,7 +501,7 @@ def top_eigenvalues(
     reuse_graph: bool | None = None,
     max_vectors: int | None = None,
     params: Any = None,
-    distributed: bool | None = None,
+    distributed: Any = None,
 ) -> EigenResult:
     """Top-``k`` eigenvalues (largest first) and eigenvectors of the Hessian ``H``.
 
@@ -704,7 +704,7 @@ def hessian_trace(
     train_mode: bool = False,
     reuse_graph: bool | None = None,
     params: Any = None,
-    distributed: bool | None = None,
+    distributed: Any = None,
 ) -> TraceResult:
     """Stochastic estimate of ``Tr(H)`` with exactly ``num_samples`` HVPs.
 
@@ -784,7 +784,7 @@ def spectral_density(
     reuse_graph: bool | None = None,
     max_vectors: int | None = None,
     params: Any = None,
-    distributed: bool | None = None,
+    distributed: Any = None,
 ) -> SpectralDensity:
     """Hessian eigenvalue density by stochastic Lanczos quadrature (Ubaru et al. 2017).
 

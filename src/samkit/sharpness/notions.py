@@ -302,7 +302,7 @@ def worst_direction_sharpness(
     init_scale: float = 0.01,
     seed: int = 0,
     train_mode: bool = False,
-    distributed: bool | None = None,
+    distributed: Any = None,
 ) -> SharpnessResult:
     """Worst-direction (worst-case) sharpness, per batch then averaged (m-sharpness):
 
@@ -350,7 +350,7 @@ def min_sharpness(
     init_scale: float = 0.01,
     seed: int = 0,
     train_mode: bool = False,
-    distributed: bool | None = None,
+    distributed: Any = None,
 ) -> SharpnessResult:
     """Min-sharpness (Bilateral SAM), per batch then averaged:
 
@@ -373,7 +373,7 @@ def ascent_direction_sharpness(
     *,
     train_mode: bool = False,
     seed: int = 0,
-    distributed: bool | None = None,
+    distributed: Any = None,
 ) -> SharpnessResult:
     """Ascent-direction sharpness (Wen et al. 2023), per batch then averaged:
 
@@ -451,7 +451,7 @@ def average_direction_sharpness(
     distribution: str = "sphere",
     seed: int = 0,
     train_mode: bool = False,
-    distributed: bool | None = None,
+    distributed: Any = None,
 ) -> SharpnessResult:
     """Average-direction sharpness, a Monte-Carlo estimate of
 
@@ -551,7 +551,7 @@ def gradient_eigenvector_alignment(
     seed: int = 0,
     train_mode: bool = False,
     max_vectors: int | None = None,
-    distributed: bool | None = None,
+    distributed: Any = None,
 ) -> AlignmentResult:
     """``|cos(∇L(w), v₁)| = |∇Lᵀv₁| / ‖∇L‖`` with ``v₁`` the top Hessian eigenvector (Lanczos,
     :func:`~samkit.sharpness.top_eigenvalues`, with ``max_vectors``) and ``∇L`` the full
@@ -608,7 +608,7 @@ def measure_all(
     reuse_graph: bool | None = None,
     trace_method: str | None = None,
     max_vectors: int | None = None,
-    distributed: bool | None = None,
+    distributed: Any = None,
 ) -> dict[str, Any]:
     """The main sharpness measures in one call, as a flat JSON-serialisable dict.
 
@@ -620,7 +620,7 @@ def measure_all(
     both are requested (else it runs its own Lanczos) plus one gradient pass.
 
     Keys: ``loss``, ``lambda_max``, ``lambda_max_converged``, ``trace``, ``trace_std_error``,
-    ``trace_method``, ``worst_direction``, ``ascent_direction``, ``average_direction``,
+    ``worst_direction``, ``ascent_direction``, ``average_direction``,
     ``average_direction_std_error``, ``alignment``, ``num_hvp``, ``rho``, ``seconds``,
     ``errors`` (only the keys of the selected measures, plus ``loss``, ``rho``, ``num_hvp``,
     ``seconds`` and ``errors``). ``reuse_graph`` is passed to the λ₁ and trace computations
@@ -729,7 +729,6 @@ def measure_all(
         else:
             num_hvp += tr.num_samples
             out["trace"] = tr.trace
-            out["trace_method"] = tr.method
             out["trace_std_error"] = None if math.isnan(tr.std_error) else tr.std_error
     if "worst_direction" in selected:
         try:

@@ -19,6 +19,7 @@ from ._distributed import (
     set_collective_timeout,
     shard_batches,
 )
+from .blocks import BlockRow, BlockTable, block_table, default_blocks
 from .hessian import (
     EigenResult,
     SpectralDensity,
@@ -53,6 +54,8 @@ from .notions import (
 
 __all__ = [
     "AlignmentResult",
+    "BlockRow",
+    "BlockTable",
     "PeerError",
     "EigenResult",
     "Landscape1D",
@@ -62,7 +65,9 @@ __all__ = [
     "TraceResult",
     "ascent_direction_sharpness",
     "average_direction_sharpness",
+    "block_table",
     "collective_timeout",
+    "default_blocks",
     "density_on_grid",
     "gradient",
     "gradient_eigenvector_alignment",

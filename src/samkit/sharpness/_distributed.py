@@ -183,8 +183,8 @@ class Comm:
     @staticmethod
     def resolve(distributed: Any, measure: str) -> Comm | None:
         """The processes for ``distributed``: None — all of them when ``torch.distributed`` is
-        initialised with more than one process; True — the same, required; False — this one
-        only; a ``ProcessGroup`` — its processes (e.g. the data-parallel replicas of a model
+        initialised (one process too: its DTensor parameters are then measured as shards of
+        a mesh of one); True — the same, required; False — this one only; a ``ProcessGroup`` — its processes (e.g. the data-parallel replicas of a model
         whose tensor-parallel ranks see the same data)."""
         group = None
         if distributed is not None and not isinstance(distributed, bool):
@@ -202,10 +202,6 @@ class Comm:
                     f"distributed={distributed!r} but torch.distributed is not initialised: "
                     "call torch.distributed.init_process_group first (torchrun does it for you)"
                 )
-            return None
-        import torch.distributed as dist
-
-        if dist.get_world_size(group) == 1:
             return None
         return Comm(measure, group)
 
@@ -434,20 +430,22 @@ class Space:
             self.comm.all_reduce(out, what, group=mesh.get_group(d))
         return out.to(partial.device)
 
-    def dots(self, rows: Tensor, z: Tensor) -> np.ndarray:
-        """``rows @ z`` over the whole vectors (one all-reduce per process-group set)."""
-        rows2 = rows.reshape(-1, self.local_dim)
-        if len(self.keys) == 1:  # one layout for all (every plain case; FSDP2)
-            ((key, _),) = self.keys.items()
-            part = (rows2 @ z).double()
-            return (part if key is None else self._reduce(part, key, "dot products")).cpu().numpy()
-        total = torch.zeros(rows2.shape[0], dtype=torch.float64, device=z.device)
+    def dots(self, rows: Tensor | Sequence[Tensor], z: Tensor) -> np.ndarray:
+        """``rows @ z`` over the whole vectors; ``rows`` is a matrix of vectors or a list of
+        such blocks (their products are concatenated). One all-reduce per process-group set
+        (one for FSDP2, none for plain parameters)."""
+        blocks = [rows] if isinstance(rows, Tensor) else list(rows)
+        blocks = [r.reshape(-1, self.local_dim) for r in blocks]
+        total = torch.zeros(sum(r.shape[0] for r in blocks), dtype=torch.float64, device=z.device)
         for key, idx in self.keys.items():
-            part = torch.zeros(rows2.shape[0], dtype=torch.float64, device=z.device)
-            for i in idx:
-                s = slice(self.offsets[i], self.offsets[i + 1])
-                part += (rows2[:, s] @ z[s]).double()
-            total += part if key is None else self._reduce(part, key, "a dot product")
+            if len(self.keys) == 1:  # one layout for all (every plain case; FSDP2)
+                part = torch.cat([(r @ z).double() for r in blocks])
+            else:
+                part = torch.zeros_like(total)
+                for i in idx:
+                    s = slice(self.offsets[i], self.offsets[i + 1])
+                    part += torch.cat([(r[:, s] @ z[s]).double() for r in blocks])
+            total += part if key is None else self._reduce(part, key, "dot products")
         return total.cpu().numpy()
 
     def dot(self, a: Tensor, b: Tensor) -> float:

@@ -354,6 +354,53 @@ def _combine_rows(V: torch.Tensor, n: int, C: np.ndarray) -> None:
         V[:m, s : s + step] = Ct @ V[:n, s : s + step]
 
 
+class _Basis:
+    """Lanczos vectors as rows of blocks of ``block`` rows, allocated when first needed, so
+    that the memory held is that of the vectors stored (rounded up to a block), not of the
+    most there could be. A bounded basis is one block of ``cap`` rows."""
+
+    def __init__(self, like: torch.Tensor, cap: int, block: int = 16) -> None:
+        self.like, self.cap, self.block = like, cap, min(block, cap)
+        self.blocks: list[torch.Tensor] = []
+
+    def _room(self, i: int) -> tuple[torch.Tensor, int]:
+        b, r = divmod(i, self.block)
+        while len(self.blocks) <= b:
+            rows = min(self.block, self.cap - len(self.blocks) * self.block)
+            self.blocks.append(self.like.new_zeros((rows, self.like.numel())))
+        return self.blocks[b], r
+
+    def __setitem__(self, i: int, v: torch.Tensor) -> None:
+        blk, r = self._room(i)
+        blk[r] = v
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        blk, r = self._room(i)
+        return blk[r]
+
+    def rows(self, n: int) -> list[torch.Tensor]:
+        """Views of the first ``n`` rows, block by block."""
+        out, left = [], n
+        for blk in self.blocks:
+            if left <= 0:
+                break
+            out.append(blk[: min(left, blk.shape[0])])
+            left -= out[-1].shape[0]
+        return out
+
+    def combine(self, coeffs: np.ndarray, n: int) -> torch.Tensor:
+        """``Σ_i coeffs[i] · row_i`` over the first ``n`` rows."""
+        out, pos = None, 0
+        for blk in self.rows(n):
+            c = torch.as_tensor(
+                coeffs[pos : pos + blk.shape[0]], dtype=blk.dtype, device=blk.device
+            )
+            part = c @ blk
+            out = part if out is None else out + part
+            pos += blk.shape[0]
+        return out
+
+
 def _lanczos(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     q0: torch.Tensor,
@@ -378,7 +425,7 @@ def _lanczos(
     their eigenvectors) appear in the next ``h``. At most ``max_vectors`` vectors are held.
 
     Returns ``(theta, S, V, converged, restarts)``: Ritz values (ascending), the eigenvectors
-    of ``T`` (columns), the basis (rows) and whether the top ``k`` Ritz pairs met
+    of ``T`` (columns), the basis (a :class:`_Basis` of ``len(theta)`` rows) and whether the top ``k`` Ritz pairs met
     ``β |S[last, i]| ≤ tol · |θ_i|`` (the residual ‖H y_i − θ_i y_i‖ of Ritz pair i — in both
     modes ``H Vᵀ = Vᵀ T + z e_lastᵀ``; for symmetric H some eigenvalue lies within that
     residual of θ_i).
@@ -387,7 +434,7 @@ def _lanczos(
     restarting = max_vectors is not None and max_vectors < min(num_iter, dim)
     total = num_iter if restarting else min(num_iter, dim)
     cap = min(max_vectors, total) if restarting else total
-    V = torch.zeros(cap, q0.numel(), dtype=q0.dtype, device=q0.device)
+    V = _Basis(q0, cap, block=cap if restarting else 16)
     T = np.zeros((cap, cap))
     q = q0 / space.norm(q0)
     theta, S = np.zeros(0), np.zeros((0, 0))
@@ -396,17 +443,17 @@ def _lanczos(
         if n == cap:  # thick restart (only reached when restarting)
             theta_f, S_f = np.linalg.eigh(T[:n, :n])
             kept = _kept(k or 1, cap)
-            _combine_rows(V, n, S_f[:, n - kept :])
+            _combine_rows(V.blocks[0], n, S_f[:, n - kept :])
             T[:] = 0.0
             T[np.arange(kept), np.arange(kept)] = theta_f[n - kept :]
             n, restarts = kept, restarts + 1
         V[n] = q
         z = matvec(q)
-        basis = V[: n + 1]
+        basis = V.rows(n + 1)
         h = space.dots(basis, z)
-        z = z - torch.as_tensor(h, dtype=z.dtype, device=z.device) @ basis
+        z = z - V.combine(h, n + 1)
         h2 = space.dots(basis, z)
-        z = z - torch.as_tensor(h2, dtype=z.dtype, device=z.device) @ basis
+        z = z - V.combine(h2, n + 1)
         h = h + h2
         b = space.norm(z)
         T[: n + 1, n] = h
@@ -428,7 +475,7 @@ def _lanczos(
             converged = True
             break
         q = z / b
-    return theta, S, V[:n], converged, restarts
+    return theta, S, V, converged, restarts
 
 
 def _lanczos_quadrature(
@@ -444,7 +491,7 @@ def _lanczos_quadrature(
     dim = space.dim
     total = min(num_iter, dim)
     cap = total if max_vectors is None else max(2, min(max_vectors, total))
-    V = torch.zeros(cap, q0.numel(), dtype=q0.dtype, device=q0.device)
+    V = _Basis(q0, cap, block=16 if max_vectors is None else cap)
     alphas: list[float] = []
     betas: list[float] = []
     q = q0 / space.norm(q0)
@@ -457,9 +504,9 @@ def _lanczos_quadrature(
         z = z - a * q
         if j > 0:
             z = z - betas[-1] * V[(j - 1) % cap]
-        basis = V[: min(j + 1, cap)]
+        held = min(j + 1, cap)
         for _ in range(2):
-            z = z - torch.as_tensor(space.dots(basis, z), dtype=z.dtype, device=z.device) @ basis
+            z = z - V.combine(space.dots(V.rows(held), z), held)
         b = space.norm(z)
         alphas.append(a)
         T = np.diag(np.array(alphas)) + np.diag(np.array(betas), 1) + np.diag(np.array(betas), -1)
@@ -586,8 +633,7 @@ def top_eigenvalues(
                 )
             order = np.argsort(theta)[::-1][:k]
             vals = [float(theta[i]) for i in order]
-            S_t = torch.as_tensor(S[:, order].T.copy(), dtype=Q.dtype, device=Q.device)
-            Y = S_t @ Q
+            Y = [Q.combine(S[:, i], theta.size) for i in order]
             vecs = [_outputs(ev, y / space.norm(y)) for y in Y]
             return EigenResult(vals, vecs, op.num_hvp, converged, "lanczos", history)
 

@@ -86,7 +86,10 @@ def test_hutchpp_is_unbiased_and_beats_hutchinson_on_a_decaying_spectrum():
             S.hessian_trace(_quad(a), loss_fn, DATA, 30, method="hutch++", seed=s).trace
             for s in range(40)
         ]
-        hu = [S.hessian_trace(_quad(a), loss_fn, DATA, 30, seed=s).trace for s in range(40)]
+        hu = [
+            S.hessian_trace(_quad(a), loss_fn, DATA, 30, method="hutchinson", seed=s).trace
+            for s in range(40)
+        ]
         se = np.std(pp, ddof=1) / np.sqrt(len(pp))
         assert abs(np.mean(pp) - exact) < 4 * se + 1e-12
         assert np.mean((np.array(pp) - exact) ** 2) < 0.1 * np.mean((np.array(hu) - exact) ** 2)
@@ -98,7 +101,10 @@ def test_trace_methods_are_checked():
         S.hessian_trace(model, loss_fn, DATA, 2, method="hutch++")
     with pytest.raises(ValueError, match="unknown method 'hutch'"):
         S.hessian_trace(model, loss_fn, DATA, 5, method="hutch")
-    assert S.hessian_trace(model, loss_fn, DATA, 5).method == S.hessian.DEFAULT_TRACE_METHOD
+    # the default: Hutch++ from 3 HVPs on (it needs a third each for its three parts)
+    assert S.hessian.DEFAULT_TRACE_METHOD == "hutch++"
+    assert S.hessian_trace(model, loss_fn, DATA, 3).method == "hutch++"
+    assert S.hessian_trace(model, loss_fn, DATA, 2).method == "hutchinson"
 
 
 # ----------------------------------------------------------------------------- bounded Lanczos

@@ -94,7 +94,7 @@ CALLS = {
     ),
     "block": lambda m, d, t: S.top_eigenvalues(m, LOSS, d, max_iter=4, params="fc", train_mode=t),
     "block_table": lambda m, d, t: S.block_table(
-        m, LOSS, d, lanczos_iter=3, trace_samples=3, train_mode=t
+        m, LOSS, d, measures=["lambda_max"], lanczos_iter=2, train_mode=t
     ),
     "default_blocks": lambda m, d, t: S.default_blocks(m),
     "slq": lambda m, d, t: S.spectral_density(m, LOSS, d, num_iter=4, train_mode=t),

@@ -12,8 +12,9 @@ two objects that make those work across processes:
   raises the same error on every process, before any computation. Every later collective
   carries a failure flag, so an exception in one process's forward or backward pass is raised
   on every process (its own error there, :class:`PeerError` naming it elsewhere) instead of
-  leaving the others waiting. Each collective of this module waits at most
-  :func:`collective_timeout` seconds (a process that never joins — for instance a measure
+  leaving the others waiting. Each collective issued here waits at most
+  :func:`collective_timeout` seconds (the DTensor gathers and reduce-scatters of sharded
+  parameters wait as long as their process group's timeout) (a process that never joins — for instance a measure
   called on rank 0 only — gives :class:`PeerError` after that time, not a hang).
 * :class:`Space` — the vectors of one measurement, as flat tensors of this process's
   elements. For plain (replicated) parameters, a vector is the whole vector on every process;

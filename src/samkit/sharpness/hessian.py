@@ -9,6 +9,10 @@ restricted to the parameters that require grad. One *HVP* is one product ``H v``
 over all of ``data`` (forward, backward with ``create_graph=True`` and a second backward per
 batch — Pearlmutter's trick, "double backward").
 
+``params=`` restricts every function to a block of parameters (the diagonal block ``H_BB``);
+under ``torch.distributed`` the batches are those of every process and the vectors are this
+process's elements (shards, for DTensor parameters): see :mod:`samkit.sharpness._distributed`.
+
 The forward and first backward of every HVP run with ``scaled_dot_product_attention`` forced to
 its math implementation (:func:`~samkit.sharpness._utils.math_attention`): the fused attention
 kernels cannot be differentiated twice, so models with ``nn.MultiheadAttention`` or the
@@ -21,6 +25,10 @@ References
 * Z. Yao, A. Gholami, K. Keutzer, M. Mahoney, "PyHessian: neural networks through the lens of
   the Hessian", IEEE BigData 2020 (power iteration, Hutchinson, SLQ on neural networks).
 * M. F. Hutchinson, "A stochastic estimator of the trace of the influence matrix", 1989.
+* R. A. Meyer, C. Musco, C. Musco, D. P. Woodruff, "Hutch++: Optimal Stochastic Trace
+  Estimation", SOSA 2021.
+* K. Wu, H. Simon, "Thick-restart Lanczos method for large symmetric eigenvalue problems",
+  SIAM J. Matrix Anal. Appl. 22(2), 2000.
 * S. Ubaru, J. Chen, Y. Saad, "Fast estimation of tr(f(A)) via stochastic Lanczos
   quadrature", SIAM J. Matrix Anal. Appl. 2017; B. Ghorbani, S. Krishnan, Y. Xiao,
   "An investigation into neural net optimization via Hessian eigenvalue density", ICML 2019.

@@ -185,8 +185,9 @@ class Comm:
     def resolve(distributed: Any, measure: str) -> Comm | None:
         """The processes for ``distributed``: None — all of them when ``torch.distributed`` is
         initialised (one process too: its DTensor parameters are then measured as shards of
-        a mesh of one); True — the same, required; False — this one only; a ``ProcessGroup`` — its processes (e.g. the data-parallel replicas of a model
-        whose tensor-parallel ranks see the same data)."""
+        a mesh of one); True — the same, required; False — this one only; a
+        ``ProcessGroup`` — its processes (e.g. the data-parallel replicas of a model whose
+        tensor-parallel ranks see the same data)."""
         group = None
         if distributed is not None and not isinstance(distributed, bool):
             pg = getattr(sys.modules.get("torch.distributed"), "ProcessGroup", None)
@@ -214,9 +215,9 @@ class Comm:
         except RuntimeError as e:
             raise PeerError(
                 f"{self.measure}: process {self.rank} waited {_TIMEOUT_SECONDS:g} s for the "
-                f"other processes ({what}) without an answer: every process must run the same "
-                "measurement (call it on every rank and write from rank 0: "
-                f"samkit.sharpness.is_writer()); {e}"
+                f"other processes ({what}) without an answer, or lost them: every process must "
+                "run the same measurement (call it on every rank and write from rank 0: "
+                f"samkit.sharpness.is_writer()); {_error_text(e)}"
             ) from e
 
     def all_reduce(self, t: Tensor, what: str = "sum", group: Any = None) -> Tensor:

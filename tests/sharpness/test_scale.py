@@ -50,6 +50,13 @@ def _hutchpp_reference(a: np.ndarray, m: int, seed: int) -> float:
     return float(t1 + np.mean(rest))
 
 
+@pytest.fixture(scope="module")
+def mlp():
+    model, batches = make_mlp(), make_batches()
+    H, g = dense_hessian(model, batches)
+    return model, batches, H, g
+
+
 DECAY = 1.0 / np.arange(1, 61) ** 2  # λ_i = 1/i², D = 60
 
 
@@ -143,9 +150,8 @@ def test_bounded_lanczos_matches_eigvalsh_and_holds_at_most_max_vectors():
     np.testing.assert_allclose(np.sort(theta)[::-1][:3], exact, rtol=1e-8)
 
 
-def test_bounded_lanczos_on_a_network_matches_the_dense_hessian():
-    model, batches = make_mlp(), make_batches()
-    H, _ = dense_hessian(model, batches)
+def test_bounded_lanczos_on_a_network_matches_the_dense_hessian(mlp):
+    model, batches, H, _ = mlp
     exact = torch.linalg.eigvalsh(H).flip(0)[:2].numpy()
     r = S.top_eigenvalues(model, LOSS, batches, k=2, max_iter=300, tol=1e-9, max_vectors=6)
     assert r.converged and r.num_hvp > 6
@@ -170,13 +176,6 @@ def test_windowed_quadrature_keeps_the_moments():
 
 
 # ----------------------------------------------------------------------------- blocks
-
-
-@pytest.fixture(scope="module")
-def mlp():
-    model, batches = make_mlp(), make_batches()
-    H, g = dense_hessian(model, batches)
-    return model, batches, H, g
 
 
 def _block(H, lo, hi):

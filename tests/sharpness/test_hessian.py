@@ -96,7 +96,7 @@ def test_top_eigenvalues_match_dense(setup):
 
 def test_trace_matches_dense(setup):
     model, batches, H, _ = setup
-    r = S.hessian_trace(model, LOSS, batches, num_samples=200, seed=0)
+    r = S.hessian_trace(model, LOSS, batches, num_samples=200, seed=0, method="hutchinson")
     # 4 standard errors of a mean of 200 i.i.d. samples (CLT); the seed is fixed.
     assert abs(r.trace - float(torch.trace(H))) <= 4 * r.std_error
     # SLQ with the full Krylov space reproduces the spectrum's extremes
@@ -168,6 +168,6 @@ def test_against_pyhessian_if_installed():
         torch.set_rng_state(rng)
     # PyHessian's power iteration finds the largest |λ|; here that is the top eigenvalue
     assert ours.eigenvalues[0] == pytest.approx(eig[0], rel=1e-3)
-    our_tr = S.hessian_trace(model, LOSS, [(x, y)], num_samples=200)
+    our_tr = S.hessian_trace(model, LOSS, [(x, y)], num_samples=200, method="hutchinson")
     se = math.hypot(our_tr.std_error, torch.tensor(tr).std().item() / math.sqrt(len(tr)))
     assert abs(our_tr.trace - sum(tr) / len(tr)) <= 5 * se

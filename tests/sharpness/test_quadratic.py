@@ -102,7 +102,7 @@ def test_lanczos_is_not_fooled_by_a_start_point_away_from_the_minimum():
 
 def test_hutchinson_exact_for_diagonal_hessian():
     # zᵀ diag(λ) z = Σλ_i for every Rademacher z: zero variance, so the estimate is exact.
-    r = S.hessian_trace(quad(a=torch.diag(LAM)), loss_fn, DATA, num_samples=5)
+    r = S.hessian_trace(quad(a=torch.diag(LAM)), loss_fn, DATA, num_samples=5, method="hutchinson")
     assert r.trace == pytest.approx(float(LAM.sum()), rel=1e-12)
     assert r.std_error == pytest.approx(0.0, abs=1e-12)
 
@@ -112,7 +112,7 @@ def test_hutchinson_within_four_standard_errors():
     # ~normal (CLT); |error| ≤ 4 SE fails for ~6e-5 of seeds (the seed is fixed, so the test
     # is deterministic). The reported SE must also match the exact sqrt(Var/n) to 20%.
     n = 400
-    r = S.hessian_trace(quad(), loss_fn, DATA, num_samples=n, seed=3)
+    r = S.hessian_trace(quad(), loss_fn, DATA, num_samples=n, seed=3, method="hutchinson")
     exact_var = 2 * float((A**2).sum() - (torch.diagonal(A) ** 2).sum())
     exact_se = math.sqrt(exact_var / n)
     assert r.num_samples == n and len(r.samples) == n

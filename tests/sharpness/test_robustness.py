@@ -159,7 +159,7 @@ def test_eigenvalues_and_trace_through_attention_are_exact(case):
         torch.tensor(r.eigenvalues, dtype=torch.float64), evals.flip(0)[:2], rtol=0, atol=1e-8
     )
     # each Hutchinson sample is zᵢᵀHzᵢ for the i-th Rademacher vector of the seeded stream
-    tr = S.hessian_trace(model, LOSS, data, num_samples=3, seed=5)
+    tr = S.hessian_trace(model, LOSS, data, num_samples=3, seed=5, method="hutchinson")
     gen = torch.Generator().manual_seed(5)
     for sample in tr.samples:
         z = torch.randint(0, 2, (D,), generator=gen).to(torch.float64) * 2 - 1

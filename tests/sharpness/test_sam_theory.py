@@ -174,7 +174,8 @@ def _manifold_measures(x1: float, x2: float) -> tuple[float, float]:
     model = Toy((x1, x2, 0.0, 0.0))
     data = [(FULL, torch.zeros(2))]
     lam = S.top_eigenvalues(model, _mean_loss, data, k=1, tol=1e-10).eigenvalues[0]
-    tr = S.hessian_trace(model, _mean_loss, data, num_samples=4).trace  # diagonal H: exact
+    tr = S.hessian_trace(model, _mean_loss, data, num_samples=4, method="hutchinson").trace
+    # (Hutchinson: exact for a diagonal H)
     f1, f2 = F(x1, x2)
     assert abs(lam - 2 * max(f1, f2)) < 1e-9
     assert abs(tr - 2 * (f1 + f2)) < 1e-9
@@ -286,8 +287,10 @@ def test_reused_first_order_graph_gives_identical_results_and_exact_products():
     # Hutchinson in chunks of 8 (11 = 8 + 3), batch-major: each sample is exactly zᵢᵀHzᵢ for
     # the i-th Rademacher vector of the seeded stream
     n = 11
-    t_auto = S.hessian_trace(model, loss, data, num_samples=n, seed=3)
-    t_reuse = S.hessian_trace(model, loss, data, num_samples=n, seed=3, reuse_graph=True)
+    t_auto = S.hessian_trace(model, loss, data, num_samples=n, seed=3, method="hutchinson")
+    t_reuse = S.hessian_trace(
+        model, loss, data, num_samples=n, seed=3, reuse_graph=True, method="hutchinson"
+    )
     gen = torch.Generator().manual_seed(3)
     dim = H.shape[0]
     for i in range(n):

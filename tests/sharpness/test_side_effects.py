@@ -88,6 +88,15 @@ CALLS = {
         m, LOSS, d, k=2, method="power", max_iter=4, train_mode=t
     ),
     "trace": lambda m, d, t: S.hessian_trace(m, LOSS, d, num_samples=2, train_mode=t),
+    "trace_hutchpp": lambda m, d, t: S.hessian_trace(m, LOSS, d, num_samples=4, train_mode=t),
+    "lanczos_bounded": lambda m, d, t: S.top_eigenvalues(
+        m, LOSS, d, max_iter=8, max_vectors=3, train_mode=t
+    ),
+    "block": lambda m, d, t: S.top_eigenvalues(m, LOSS, d, max_iter=4, params="fc", train_mode=t),
+    "block_table": lambda m, d, t: S.block_table(
+        m, LOSS, d, measures=["lambda_max"], lanczos_iter=2, train_mode=t
+    ),
+    "default_blocks": lambda m, d, t: S.default_blocks(m),
     "slq": lambda m, d, t: S.spectral_density(m, LOSS, d, num_iter=4, train_mode=t),
     "worst_l2": lambda m, d, t: S.worst_direction_sharpness(m, LOSS, d, 0.1, steps=3, train_mode=t),
     "worst_linf": lambda m, d, t: S.worst_direction_sharpness(
@@ -141,10 +150,13 @@ def test_every_public_function_is_covered():
         "gradient", "hvp", "top_eigenvalues", "hessian_trace", "spectral_density",
         "worst_direction_sharpness", "ascent_direction_sharpness", "average_direction_sharpness",
         "min_sharpness", "gradient_eigenvector_alignment", "measure_all", "random_directions",
-        "landscape_1d", "landscape_2d", "interpolate",
+        "landscape_1d", "landscape_2d", "interpolate", "block_table", "default_blocks",
     }  # fmt: skip
-    # the rest of __all__ are result classes, density_on_grid and the plots (no model)
+    # the rest of __all__ are result classes, density_on_grid, the plots (no model) and the
+    # helpers for processes (no model)
+    helpers = {"is_writer", "shard_batches", "collective_timeout", "set_collective_timeout"}
     functions = {n for n in S.__all__ if n[0].islower() and not n.startswith(("plot_", "density_"))}
+    functions -= helpers
     assert functions == covered
 
 

@@ -5,8 +5,21 @@ Every function takes ``(model, loss_fn, data, ...)`` with ``data`` an iterable o
 losses (batch first, ``reduction="none"``) or their mean, reduced like ``make_closure`` does;
 results are averaged over batches with batch-size weights (m-sharpness for batches of size m).
 Models run in eval mode by default and are left exactly as they were. See ``docs/sharpness.md``.
+
+Under ``torch.distributed`` every measure is over the union of every process's batches and
+returns the same result on every process (``distributed=False``: this process's batches);
+parameters sharded with FSDP2 are measured shard by shard. Call a measure on every process
+and write its result from the one where :func:`is_writer` is true.
 """
 
+from ._distributed import (
+    PeerError,
+    collective_timeout,
+    is_writer,
+    set_collective_timeout,
+    shard_batches,
+)
+from .blocks import BlockRow, BlockTable, block_table, default_blocks
 from .hessian import (
     EigenResult,
     SpectralDensity,
@@ -41,6 +54,9 @@ from .notions import (
 
 __all__ = [
     "AlignmentResult",
+    "BlockRow",
+    "BlockTable",
+    "PeerError",
     "EigenResult",
     "Landscape1D",
     "Landscape2D",
@@ -49,12 +65,16 @@ __all__ = [
     "TraceResult",
     "ascent_direction_sharpness",
     "average_direction_sharpness",
+    "block_table",
+    "collective_timeout",
+    "default_blocks",
     "density_on_grid",
     "gradient",
     "gradient_eigenvector_alignment",
     "hessian_trace",
     "hvp",
     "interpolate",
+    "is_writer",
     "landscape_1d",
     "landscape_2d",
     "measure_all",
@@ -62,6 +82,8 @@ __all__ = [
     "plot_landscape_1d",
     "plot_landscape_2d",
     "random_directions",
+    "set_collective_timeout",
+    "shard_batches",
     "spectral_density",
     "top_eigenvalues",
     "worst_direction_sharpness",

@@ -32,6 +32,8 @@ from torch.func import functional_call
 
 from samkit._losses import LossReduction
 
+from ._distributed import Comm, Space, gather_parameters, unsupported_wrapper, without_fsdp_hooks
+
 LossFn = Callable[[Any, Any], torch.Tensor]
 Data = Iterable[tuple[Any, Any]]
 
@@ -91,8 +93,9 @@ def make_generator(seed: int) -> torch.Generator:
 # ----------------------------------------------------------------------------- data
 
 
-def prepare_data(data: Any) -> Iterable[Any]:
-    """Return a re-iterable view of ``data`` (materialising one-shot iterators) after basic checks."""
+def prepare_data(data: Any, allow_empty: bool = False) -> Iterable[Any]:
+    """Return a re-iterable view of ``data`` (materialising one-shot iterators) after basic
+    checks (empty data is refused unless ``allow_empty``)."""
     if isinstance(data, (torch.Tensor, str, bytes, Mapping)):
         raise TypeError(
             f"data must be an iterable of (inputs, targets) batches, got {type(data).__name__}"
@@ -112,7 +115,7 @@ def prepare_data(data: Any) -> Iterable[Any]:
         )
     if iter(data) is data:  # generator / iterator: one pass only
         data = list(data)
-    if hasattr(data, "__len__") and len(data) == 0:
+    if not allow_empty and hasattr(data, "__len__") and len(data) == 0:
         raise ValueError("data is empty: it must contain at least one (inputs, targets) batch")
     return data
 
@@ -163,6 +166,91 @@ def trainable_params(model: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
     if not params:
         raise ValueError("model has no parameter with requires_grad=True: nothing to measure")
     return names, params
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` (its hooks are for training steps; a
+    measurement reduces over processes itself)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+#: How a ``params=`` selection may be given, for error messages.
+PARAMS_FORMS = (
+    "None (every parameter that requires grad), a module or parameter name, a submodule, "
+    "a parameter, an optimizer parameter group (a dict with 'params') or a list of these"
+)
+
+
+def select_params(model: nn.Module, spec: Any = None) -> tuple[list[str], list[torch.Tensor]]:
+    """Names and tensors of the parameters a measure is restricted to, in model order.
+
+    ``spec``: see :data:`PARAMS_FORMS`. A module (or its name) selects its parameters that
+    require grad (recursively); the root module is ``""``. Raises ValueError/TypeError naming
+    what was not found, and when the selection holds no parameter that requires grad.
+    """
+    names, params = trainable_params(model)
+    if spec is None:
+        return names, params
+    modules = dict(model.named_modules())
+    by_name = dict(model.named_parameters())
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    if isinstance(spec, Mapping):
+        if "params" not in spec:
+            raise TypeError(
+                f"params: a dict must be a parameter group with 'params', got keys {list(spec)}"
+            )
+        spec = spec["params"]
+    if isinstance(spec, (str, nn.Module, torch.Tensor)):
+        spec = [spec]
+    if not isinstance(spec, Iterable):
+        raise TypeError(f"params must be {PARAMS_FORMS}; got {type(spec).__name__}")
+    chosen: set[str] = set()
+    for i, item in enumerate(spec):
+        if isinstance(item, str):
+            if item in modules:
+                found = [f"{item}.{n}" if item else n for n, _ in modules[item].named_parameters()]
+            elif item in by_name:
+                found = [item]
+            else:
+                owners = [
+                    n or '""'
+                    for n, m in modules.items()
+                    if any(True for _ in m.parameters(recurse=False))
+                ]
+                raise ValueError(
+                    f"params: {item!r} is neither a module nor a parameter of the model; modules "
+                    f"with parameters: {owners[:12]}{' ...' if len(owners) > 12 else ''}"
+                )
+        elif isinstance(item, nn.Module):
+            prefix = next((n for n, m in modules.items() if m is item), None)
+            if prefix is None:
+                raise ValueError(
+                    f"params[{i}]: the {type(item).__name__} is not a submodule of the model"
+                )
+            found = [f"{prefix}.{n}" if prefix else n for n, _ in item.named_parameters()]
+        elif isinstance(item, torch.Tensor):
+            if id(item) not in by_id:
+                raise ValueError(
+                    f"params[{i}]: the tensor of shape {tuple(item.shape)} is not a parameter of the model"
+                )
+            found = [by_id[id(item)]]
+            if not item.requires_grad:
+                raise ValueError(
+                    f"params[{i}] ({found[0]}) does not require grad: it cannot be measured"
+                )
+        else:
+            raise TypeError(
+                f"params[{i}] must be a name, a module or a parameter, got {type(item).__name__}"
+            )
+        chosen.update(found)
+    picked = [(n, p) for n, p in zip(names, params) if n in chosen]
+    if not picked:
+        raise ValueError(
+            f"params={spec!r} selects no parameter that requires grad: nothing to measure"
+        )
+    return [n for n, _ in picked], [p for _, p in picked]
 
 
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -254,6 +342,14 @@ class Evaluator:
 
     Use it inside :meth:`session`, which sets the mode, forks the RNG and restores every piece
     of model state on exit.
+
+    ``distributed`` (see :class:`~samkit.sharpness._distributed.Comm`): under
+    ``torch.distributed``, the processes compare the call first (``measure``, ``settings``,
+    the seed, the parameters, that each has data, and the errors of the arguments, of
+    ``checks()`` (before the set-up) and of ``validate(evaluator)`` (after it)), and every
+    process raises the same error on a mismatch. ``params`` restricts
+    the measured parameters (:func:`select_params`). ``sharded_ok=False`` refuses DTensor
+    parameters with the reason ``sharded_reason``.
     """
 
     def __init__(
@@ -264,19 +360,69 @@ class Evaluator:
         *,
         train_mode: bool = False,
         seed: int = 0,
+        params: Any = None,
+        distributed: Any = False,
+        measure: str = "",
+        settings: Any = (),
+        checks: Callable[[], None] | None = None,
+        validate: Callable[[Evaluator], None] | None = None,
+        sharded_ok: bool = True,
+        sharded_reason: str = "",
     ) -> None:
-        self.model = check_module(model)
+        self.comm = Comm.resolve(distributed, measure or "the measurement")
+        error: Exception | None = None
+        num_batches = 0
+        try:
+            if checks is not None:
+                checks()
+            self._setup(model, loss_fn, data, train_mode, seed, params)
+            if self.space.sharded and not sharded_ok:
+                raise TypeError(
+                    f"{measure} cannot run on sharded (DTensor) parameters: {sharded_reason}"
+                )
+            if validate is not None:
+                validate(self)
+            num_batches = len(self.data)
+        except (TypeError, ValueError) as e:
+            if self.comm is None:
+                raise
+            error = e
+        self.offset = 0
+        if self.comm is not None:
+            self.comm.handshake(
+                settings,
+                int(seed) % (2**63) if isinstance(seed, int) else 0,
+                num_batches,
+                self.dim if error is None else 0,
+                error,
+            )
+            self.offset = self.comm.offset
+
+    def _setup(self, model, loss_fn, data, train_mode, seed, params) -> None:
+        model = unwrap(check_module(model))
+        reason = unsupported_wrapper(model)
+        if reason is not None:
+            raise TypeError(reason)
+        self.model = model
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
         self.reduction = LossReduction(loss_fn)
-        self.data = prepare_data(data)
+        # under several processes an empty share is reported by the handshake, for all
+        self.data = prepare_data(data, allow_empty=self.comm is not None)
+        if self.comm is not None and not hasattr(self.data, "__len__"):
+            self.data = list(self.data)  # the processes compare their numbers of batches
         self.train_mode = bool(train_mode)
         self.seed = check_seed(seed)
-        self.names, self.params = trainable_params(model)
-        self.device = self.params[0].device
-        self.dtype = self.params[0].dtype
-        self.dim = sum(p.numel() for p in self.params)
+        self.names, self.params = select_params(model, params)
+        self.space = Space(self.params, self.comm)
+        self.device = self.space.device
+        self.dtype = self.space.dtype
+        self.dim = self.space.dim
+        #: What the forward and backward passes differentiate: the parameters, or (sharded)
+        #: their gathered values during a session.
+        self.compute: list[torch.Tensor] = list(self.params)
+        self._full: dict[str, torch.Tensor] = {}
 
     # -- state ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -290,11 +436,22 @@ class Evaluator:
         devices = []
         if self.device.type == "cuda":
             devices = [self.device.index if self.device.index is not None else 0]
+        hooks = without_fsdp_hooks(model) if self.space.sharded else contextlib.nullcontext()
         try:
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), hooks:
                 model.train(self.train_mode)
+                if self.space.sharded:
+                    # the parameters' values, gathered once; the measured ones as leaves
+                    self._full = dict(gather_parameters(model))
+                    selected = set(self.names)
+                    for name in self._full:
+                        if name in selected:
+                            self._full[name] = self._full[name].requires_grad_(True)
+                    self.compute = [self._full.get(n, p) for n, p in zip(self.names, self.params)]
                 yield self
         finally:
+            self._full = {}
+            self.compute = list(self.params)
             with torch.no_grad():
                 for p, value, requires_grad, grad in saved_params:
                     if p.requires_grad != requires_grad:
@@ -308,7 +465,8 @@ class Evaluator:
 
     # -- batches -------------------------------------------------------------------------
     def batches(self) -> Iterator[tuple[int, Any, Any, int]]:
-        """Yield ``(index, inputs, targets, size)``; raises ValueError if there is no batch."""
+        """Yield ``(index, inputs, targets, size)``, ``index`` counted over the union of the
+        processes' batches; raises ValueError if there is no batch."""
         count = 0
         for i, batch in enumerate(self.data):
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -320,7 +478,7 @@ class Evaluator:
             inputs = to_device(inputs, self.device)
             targets = to_device(targets, self.device)
             count += 1
-            yield i, inputs, targets, batch_size(inputs, targets)
+            yield self.offset + i, inputs, targets, batch_size(inputs, targets)
         if count == 0:
             raise ValueError("data is empty: it must contain at least one (inputs, targets) batch")
 
@@ -337,7 +495,9 @@ class Evaluator:
         if self.device.type == "cuda":
             with torch.cuda.device(self.device):
                 torch.cuda.manual_seed(s)
-        if overrides:
+        if self._full:  # sharded: the gathered values stand in for the shards
+            out = functional_call(self.model, {**self._full, **(overrides or {})}, (inputs,))
+        elif overrides:
             out = functional_call(self.model, dict(overrides), (inputs,))
         else:
             out = self.model(inputs)
@@ -350,19 +510,13 @@ class Evaluator:
         return self.output_and_loss(index, inputs, targets, overrides)[1]
 
     def perturbed(self, deltas: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Override dict ``{name: w + delta}`` (the deltas may require grad)."""
-        return {n: p.detach() + d for n, p, d in zip(self.names, self.params, deltas)}
+        """Override dict ``{name: w + delta}`` (deltas shaped like :attr:`compute`; they may
+        require grad)."""
+        return {n: p.detach() + d for n, p, d in zip(self.names, self.compute, deltas)}
 
     def rand_flat(self, gen: torch.Generator, kind: str = "normal") -> torch.Tensor:
-        if kind == "normal":
-            z = torch.randn(self.dim, generator=gen, dtype=torch.float64)
-        elif kind == "rademacher":
-            z = torch.randint(0, 2, (self.dim,), generator=gen).to(torch.float64) * 2 - 1
-        elif kind == "uniform":
-            z = torch.rand(self.dim, generator=gen, dtype=torch.float64) * 2 - 1
-        else:  # pragma: no cover - internal
-            raise ValueError(kind)
-        return z.to(device=self.device, dtype=self.dtype)
+        """A seeded random vector (this process's elements; see ``Space.rand``)."""
+        return self.space.rand(gen, kind)
 
 
 def accuracy_of(output: Any, targets: Any) -> float | None:

@@ -39,9 +39,8 @@ from ._utils import (
     check_positive_int,
     check_seed,
     make_generator,
-    unflatten,
 )
-from .hessian import _loss_and_gradient, hessian_trace, top_eigenvalues
+from .hessian import TRACE_METHODS, _loss_and_gradient, hessian_trace, top_eigenvalues
 
 __all__ = [
     "AlignmentResult",
@@ -119,6 +118,26 @@ def _weighted_mean(values: Sequence[float], sizes: Sequence[int]) -> float:
     return float(sum(v * n for v, n in zip(values, sizes)) / total)
 
 
+#: Why the per-batch maximisations cannot run on shards.
+_PER_BATCH_SHARDED = (
+    "it maximises over a perturbation of the whole model for each batch, and each process's "
+    "batches would need their own perturbation, which shards laid out like the parameters "
+    "cannot hold; measure an unsharded copy (distributed over processes as with DDP), or use "
+    "average_direction_sharpness, which shares its directions between batches"
+)
+
+
+def _union(ev: Evaluator, error: Exception | None, *lists: Sequence[float]) -> tuple[list, ...]:
+    """Per-batch lists over every process's batches, in rank order (this process's own when
+    it measures alone); a failure on any process raises on every process."""
+    if ev.comm is None:
+        if error is not None:
+            raise error
+        return tuple(list(x) for x in lists)
+    ev.comm.sum_scalars([], error, "the per-batch values")
+    return tuple(ev.comm.gather_floats(list(x), "the per-batch values") for x in lists)
+
+
 # ----------------------------------------------------------------------------- PGD engine
 
 
@@ -153,12 +172,12 @@ def _pgd_batch(
     """
     with torch.no_grad():
         loss0 = float(ev.loss(index, inputs, targets))
-    scale = torch.cat([p.detach().abs().reshape(-1) for p in ev.params]) if adaptive else None
+    scale = torch.cat([p.detach().abs().reshape(-1) for p in ev.compute]) if adaptive else None
 
     def value_and_grad(u: torch.Tensor) -> tuple[float, torch.Tensor]:
         u = u.detach().requires_grad_(True)
         delta = u * scale if scale is not None else u
-        loss = ev.loss(index, inputs, targets, ev.perturbed(unflatten(delta, ev.params)))
+        loss = ev.loss(index, inputs, targets, ev.perturbed(ev.space.to_compute(delta)))
         (g,) = torch.autograd.grad(loss, u, allow_unused=True)
         if g is None:
             g = torch.zeros_like(u)
@@ -208,33 +227,55 @@ def _pgd_sharpness(
     train_mode: bool,
     sign: float,
     init_scale: float,
+    distributed: bool | None,
 ) -> SharpnessResult:
-    rho = check_nonneg_float("rho", rho)
-    check_positive_int("steps", steps, minimum=0)
-    check_choice("norm", norm, ("l2", "linf"))
-    check_seed(seed)
-    if step_size is None:
-        step_size = rho
-    step_size = check_nonneg_float("step_size", step_size)
-    init_scale = check_nonneg_float("init_scale", init_scale)
-    if init_scale > 1:
-        raise ValueError(f"init_scale must be in [0, 1], got {init_scale!r}")
-    ev = Evaluator(model, loss_fn, data, train_mode=train_mode, seed=seed)
-    gen = make_generator(seed)
+    holder: dict[str, float] = {}
+
+    def checks() -> None:
+        holder["rho"] = check_nonneg_float("rho", rho)
+        check_positive_int("steps", steps, minimum=0)
+        check_choice("norm", norm, ("l2", "linf"))
+        check_seed(seed)
+        holder["step_size"] = check_nonneg_float(
+            "step_size", holder["rho"] if step_size is None else step_size
+        )
+        holder["init_scale"] = check_nonneg_float("init_scale", init_scale)
+        if holder["init_scale"] > 1:
+            raise ValueError(f"init_scale must be in [0, 1], got {init_scale!r}")
+
+    ev = Evaluator(
+        model, loss_fn, data, train_mode=train_mode, seed=seed, distributed=distributed,
+        measure=f"{notion}_sharpness" if notion != "min" else "min_sharpness",
+        settings=(rho, steps, step_size, norm, adaptive, init_scale), checks=checks,
+        sharded_ok=False, sharded_reason=_PER_BATCH_SHARDED,
+    )  # fmt: skip
+    rho, step_size, init_scale = holder["rho"], holder["step_size"], holder["init_scale"]
     values, sizes, losses = [], [], []
+    error: Exception | None = None
+    gen = make_generator(seed)
     with ev.session():
-        for i, inputs, targets, n in ev.batches():
-            if rho == 0:
-                with torch.no_grad():
-                    v, l0 = 0.0, float(ev.loss(i, inputs, targets))
-            else:
-                v, l0 = _pgd_batch(
-                    ev, i, inputs, targets, rho=rho, steps=steps, step_size=step_size,
-                    norm=norm, adaptive=adaptive, sign=sign, gen=gen, init_scale=init_scale,
-                )  # fmt: skip
-            values.append(v)
-            losses.append(l0)
-            sizes.append(n)
+        if rho > 0:  # one random start per batch, drawn in order over the union of batches
+            for _ in range(ev.offset):
+                ev.rand_flat(gen, "normal" if norm == "l2" else "uniform")
+        try:
+            for i, inputs, targets, n in ev.batches():
+                if rho == 0:
+                    with torch.no_grad():
+                        v, l0 = 0.0, float(ev.loss(i, inputs, targets))
+                else:
+                    v, l0 = _pgd_batch(
+                        ev, i, inputs, targets, rho=rho, steps=steps, step_size=step_size,
+                        norm=norm, adaptive=adaptive, sign=sign, gen=gen, init_scale=init_scale,
+                    )  # fmt: skip
+                values.append(v)
+                losses.append(l0)
+                sizes.append(n)
+        except Exception as e:
+            if ev.comm is None:
+                raise
+            error = e
+    values, losses, sizes = _union(ev, error, values, losses, sizes)
+    sizes = [int(n) for n in sizes]
     info = {
         "norm": norm,
         "adaptive": bool(adaptive),
@@ -261,6 +302,7 @@ def worst_direction_sharpness(
     init_scale: float = 0.01,
     seed: int = 0,
     train_mode: bool = False,
+    distributed: Any = None,
 ) -> SharpnessResult:
     """Worst-direction (worst-case) sharpness, per batch then averaged (m-sharpness):
 
@@ -278,14 +320,21 @@ def worst_direction_sharpness(
     rejected). The best iterate is kept, including ``δ = 0``, so the value is ≥ 0 — it is a
     lower bound on the true maximum. Cost per batch: ``steps + 1`` forward/backward passes plus
     one forward. Differences from Andriushchenko et al.: their fixed step size; the
-    step halving here makes the ascent monotone.
+    step halving here makes the ascent monotone. The random starts are drawn one per batch,
+    in order, from a generator seeded with ``seed``.
+
+    ``distributed``: under ``torch.distributed`` (default ``None``: when it is initialised)
+    the batches are those of every process (each maximised where it is, the average and
+    ``per_batch`` over all of them, in rank order), the same result on every process; with
+    sharded (DTensor) parameters it raises TypeError (each batch needs its own perturbation
+    of the whole model).
 
     Raises:
         ValueError: ``rho < 0``, ``steps < 0``, unknown ``norm``, empty ``data``.
     """
     return _pgd_sharpness(
         "worst_direction", model, loss_fn, data, rho, steps, step_size, norm, adaptive, seed,
-        train_mode, +1.0, init_scale,
+        train_mode, +1.0, init_scale, distributed,
     )  # fmt: skip
 
 
@@ -301,6 +350,7 @@ def min_sharpness(
     init_scale: float = 0.01,
     seed: int = 0,
     train_mode: bool = False,
+    distributed: Any = None,
 ) -> SharpnessResult:
     """Min-sharpness (Bilateral SAM), per batch then averaged:
 
@@ -311,7 +361,7 @@ def min_sharpness(
     """
     return _pgd_sharpness(
         "min", model, loss_fn, data, rho, steps, step_size, norm, False, seed, train_mode,
-        -1.0, init_scale,
+        -1.0, init_scale, distributed,
     )  # fmt: skip
 
 
@@ -323,6 +373,7 @@ def ascent_direction_sharpness(
     *,
     train_mode: bool = False,
     seed: int = 0,
+    distributed: Any = None,
 ) -> SharpnessResult:
     """Ascent-direction sharpness (Wen et al. 2023), per batch then averaged:
 
@@ -332,33 +383,51 @@ def ascent_direction_sharpness(
     ``∇L_B(w) = 0`` exactly: such a batch gives ``nan`` (so does the average) and a
     ``RuntimeWarning`` is issued — no exception, so that :func:`measure_all` still reports the
     other measures at a stationary point. Cost per batch: one forward/backward, one forward.
+    ``distributed``: as in :func:`worst_direction_sharpness` (sharded parameters are refused).
     """
-    rho = check_nonneg_float("rho", rho)
-    ev = Evaluator(model, loss_fn, data, train_mode=train_mode, seed=seed)
-    values, sizes, losses = [], [], []
-    zero_batches = []
+    holder: dict[str, float] = {}
+
+    def checks() -> None:
+        holder["rho"] = check_nonneg_float("rho", rho)
+
+    ev = Evaluator(
+        model, loss_fn, data, train_mode=train_mode, seed=seed, distributed=distributed,
+        measure="ascent_direction_sharpness", settings=(rho,), checks=checks,
+        sharded_ok=False, sharded_reason=_PER_BATCH_SHARDED,
+    )  # fmt: skip
+    rho = holder["rho"]
+    values, sizes, losses, zero = [], [], [], []
+    error: Exception | None = None
     with ev.session():
-        for i, inputs, targets, n in ev.batches():
-            loss = ev.loss(i, inputs, targets)
-            grads = torch.autograd.grad(loss, ev.params, allow_unused=True)
-            g = torch.cat(
-                [
-                    (torch.zeros_like(p) if gi is None else gi.detach()).reshape(-1)
-                    for gi, p in zip(grads, ev.params)
-                ]
-            )
-            gn = float(torch.linalg.vector_norm(g))
-            l0 = float(loss.detach())
-            if gn == 0.0:
-                values.append(float("nan"))
-                zero_batches.append(i)
-            else:
-                delta = unflatten(g * (rho / gn), ev.params)
-                with torch.no_grad():
-                    l1 = float(ev.loss(i, inputs, targets, ev.perturbed(delta)))
-                values.append(l1 - l0)
-            losses.append(l0)
-            sizes.append(n)
+        try:
+            for i, inputs, targets, n in ev.batches():
+                loss = ev.loss(i, inputs, targets)
+                grads = torch.autograd.grad(loss, ev.compute, allow_unused=True)
+                g = torch.cat(
+                    [
+                        (torch.zeros_like(p) if gi is None else gi.detach()).reshape(-1)
+                        for gi, p in zip(grads, ev.compute)
+                    ]
+                )
+                gn = float(torch.linalg.vector_norm(g))
+                l0 = float(loss.detach())
+                if gn == 0.0:
+                    values.append(float("nan"))
+                else:
+                    delta = ev.space.to_compute(g * (rho / gn))
+                    with torch.no_grad():
+                        l1 = float(ev.loss(i, inputs, targets, ev.perturbed(delta)))
+                    values.append(l1 - l0)
+                zero.append(float(gn == 0.0))
+                losses.append(l0)
+                sizes.append(n)
+        except Exception as e:
+            if ev.comm is None:
+                raise
+            error = e
+    values, losses, sizes, zero = _union(ev, error, values, losses, sizes, zero)
+    sizes = [int(n) for n in sizes]
+    zero_batches = [j for j, z in enumerate(zero) if z]
     if zero_batches:
         warnings.warn(
             f"ascent-direction sharpness is undefined where the gradient is exactly zero "
@@ -382,6 +451,7 @@ def average_direction_sharpness(
     distribution: str = "sphere",
     seed: int = 0,
     train_mode: bool = False,
+    distributed: Any = None,
 ) -> SharpnessResult:
     """Average-direction sharpness, a Monte-Carlo estimate of
 
@@ -396,34 +466,63 @@ def average_direction_sharpness(
     the loss, so per-batch and full-data averaging coincide in expectation); the value is the
     mean over samples of ``Σ_b n_b (L_b(w+v) − L_b(w)) / Σ_b n_b`` and ``std_error`` its
     standard error (nan for one sample). Cost: ``num_samples + 1`` forwards per batch.
+    ``distributed``: under ``torch.distributed`` the batches of every process (also with
+    sharded parameters: the directions are drawn as the whole vector and kept as shards).
     """
-    rho = check_nonneg_float("rho", rho)
-    check_positive_int("num_samples", num_samples)
-    check_choice("distribution", distribution, ("sphere", "gaussian"))
-    check_seed(seed)
-    ev = Evaluator(model, loss_fn, data, train_mode=train_mode, seed=seed)
+    holder: dict[str, float] = {}
+
+    def checks() -> None:
+        holder["rho"] = check_nonneg_float("rho", rho)
+        check_positive_int("num_samples", num_samples)
+        check_choice("distribution", distribution, ("sphere", "gaussian"))
+        check_seed(seed)
+
+    ev = Evaluator(
+        model, loss_fn, data, train_mode=train_mode, seed=seed, distributed=distributed,
+        measure="average_direction_sharpness", settings=(rho, num_samples, distribution),
+        checks=checks,
+    )  # fmt: skip
+    rho = holder["rho"]
+    space = ev.space
     gen = make_generator(seed)
+    error: Exception | None = None
     with ev.session(), torch.no_grad():
         source = list(ev.batches())  # the batches are evaluated num_samples + 1 times
         sizes = [n for _, _, _, n in source]
-        base = [float(ev.loss(i, x, y)) for i, x, y, _ in source]
-        total = sum(sizes)
-        per_sample = np.zeros(num_samples)
         per_batch = np.zeros((num_samples, len(source)))
+        base: list[float] = []
+        try:
+            base = [float(ev.loss(i, x, y)) for i, x, y, _ in source]
+        except Exception as e:
+            if ev.comm is None:
+                raise
+            error = e
         for s in range(num_samples):
             z = ev.rand_flat(gen, "normal")
-            if distribution == "sphere":
-                v = z * (rho / float(torch.linalg.vector_norm(z)))
-            else:
-                v = z * rho
-            over = ev.perturbed(unflatten(v, ev.params))
-            for j, (i, x, y, _n) in enumerate(source):
-                per_batch[s, j] = float(ev.loss(i, x, y, over)) - base[j]
-            per_sample[s] = float(per_batch[s] @ np.asarray(sizes, dtype=np.float64)) / total
+            v = z * (rho / space.norm(z)) if distribution == "sphere" else z * rho
+            over = ev.perturbed(space.to_compute(v))  # gathers shards: every process
+            if error is not None:
+                continue
+            try:
+                for j, (i, x, y, _n) in enumerate(source):
+                    per_batch[s, j] = float(ev.loss(i, x, y, over)) - base[j]
+            except Exception as e:
+                if ev.comm is None:
+                    raise
+                error = e
+    weights = np.asarray(sizes, dtype=np.float64)
+    sums = per_batch @ weights
+    total = float(weights.sum())
+    if ev.comm is not None:
+        *sums_all, total = ev.comm.sum_scalars([*sums.tolist(), total], error, "the losses")
+        sums = np.asarray(sums_all)
+    per_sample = sums / total
+    means, base, sizes = _union(ev, error, per_batch.mean(axis=0).tolist(), base, sizes)
+    sizes = [int(n) for n in sizes]
     se = float(per_sample.std(ddof=1) / math.sqrt(num_samples)) if num_samples > 1 else math.nan
     return SharpnessResult(
         float(per_sample.mean()),
-        [float(x) for x in per_batch.mean(axis=0)],
+        [float(x) for x in means],
         sizes,
         _weighted_mean(base, sizes),
         rho,
@@ -432,6 +531,14 @@ def average_direction_sharpness(
         num_samples=num_samples,
         info={"distribution": distribution, "seed": int(seed)},
     )
+
+
+def _cosine(space: Any, g: torch.Tensor, v: torch.Tensor) -> tuple[float, float]:
+    """``(|cos(g, v)|, ‖g‖)`` over the whole vectors (nan cosine where ``g = 0``)."""
+    gn = space.norm(g)
+    if gn == 0.0:
+        return float("nan"), gn
+    return abs(space.dot(g, v)) / (gn * space.norm(v)), gn
 
 
 def gradient_eigenvector_alignment(
@@ -443,31 +550,34 @@ def gradient_eigenvector_alignment(
     tol: float = 1e-3,
     seed: int = 0,
     train_mode: bool = False,
+    max_vectors: int | None = None,
+    distributed: Any = None,
 ) -> AlignmentResult:
     """``|cos(∇L(w), v₁)| = |∇Lᵀv₁| / ‖∇L‖`` with ``v₁`` the top Hessian eigenvector (Lanczos,
-    :func:`~samkit.sharpness.top_eigenvalues`) and ``∇L`` the full (batch-averaged) gradient.
+    :func:`~samkit.sharpness.top_eigenvalues`, with ``max_vectors``) and ``∇L`` the full
+    (batch-averaged) gradient.
 
     Wen et al. (2023) show that full-batch SAM drives this alignment towards 1. Where
     ``∇L = 0`` exactly the cosine is undefined: ``nan`` with a ``RuntimeWarning``.
+    ``distributed``: see :func:`top_eigenvalues` (sharded parameters work).
     """
-    ev = Evaluator(model, loss_fn, data, train_mode=train_mode, seed=seed)
+    ev = Evaluator(
+        model, loss_fn, data, train_mode=train_mode, seed=seed, distributed=distributed,
+        measure="gradient_eigenvector_alignment",
+    )  # fmt: skip
     with ev.session():
-        _, grads = _loss_and_gradient(ev)
+        _, g = _loss_and_gradient(ev)
     eig = top_eigenvalues(
-        model, loss_fn, ev.data, 1, max_iter=max_iter, tol=tol, seed=seed, train_mode=train_mode
-    )
-    g = torch.cat([t.reshape(-1) for t in grads])
-    v = torch.cat([t.reshape(-1) for t in eig.eigenvectors[0]])
-    gn = float(torch.linalg.vector_norm(g))
+        model, loss_fn, ev.data, 1, max_iter=max_iter, tol=tol, seed=seed, train_mode=train_mode,
+        max_vectors=max_vectors, distributed=distributed,
+    )  # fmt: skip
+    cos, gn = _cosine(ev.space, g, ev.space.flatten(eig.eigenvectors[0]))
     if gn == 0.0:
         warnings.warn(
             "gradient is exactly zero: its alignment with the top eigenvector is undefined (nan)",
             RuntimeWarning,
             stacklevel=2,
         )
-        cos = float("nan")
-    else:
-        cos = abs(float(torch.dot(g, v))) / (gn * float(torch.linalg.vector_norm(v)))
     return AlignmentResult(cos, eig.eigenvalues[0], gn, eig.num_hvp)
 
 
@@ -496,6 +606,9 @@ def measure_all(
     seed: int = 0,
     train_mode: bool = False,
     reuse_graph: bool | None = None,
+    trace_method: str | None = None,
+    max_vectors: int | None = None,
+    distributed: Any = None,
 ) -> dict[str, Any]:
     """The main sharpness measures in one call, as a flat JSON-serialisable dict.
 
@@ -511,7 +624,15 @@ def measure_all(
     ``average_direction_std_error``, ``alignment``, ``num_hvp``, ``rho``, ``seconds``,
     ``errors`` (only the keys of the selected measures, plus ``loss``, ``rho``, ``num_hvp``,
     ``seconds`` and ``errors``). ``reuse_graph`` is passed to the λ₁ and trace computations
-    (see :func:`~samkit.sharpness.top_eigenvalues`).
+    (see :func:`~samkit.sharpness.top_eigenvalues`), ``trace_method`` to the trace
+    (:func:`~samkit.sharpness.hessian_trace`; None: its default), ``max_vectors`` to λ₁'s
+    Lanczos.
+
+    ``distributed``: under ``torch.distributed`` (default ``None``: when it is initialised)
+    every measure is over the union of every process's batches, the same dict on every
+    process (call it on every process; write from :func:`~samkit.sharpness.is_writer`).
+    With sharded (DTensor) parameters the worst- and ascent-direction sharpness fail (their
+    ``errors`` say why) and the others are measured.
 
     **A failing measure does not lose the others.** The settings are validated first (a bad
     value raises ``ValueError``/``TypeError`` at once), and so are the loss and gradient at
@@ -524,24 +645,38 @@ def measure_all(
     the HVPs of the measures that succeeded. ``None`` without an entry in ``errors`` means
     undefined, not failed: ascent direction and alignment where the gradient is exactly zero.
     """
-    rho = check_nonneg_float("rho", rho)
-    if measures is None:
-        selected = list(_MEASURES)
-    else:
-        if isinstance(measures, str):
-            raise TypeError("measures must be a sequence of names, not a str")
-        selected = [check_choice("measure", m, _MEASURES) for m in measures]
-    check_positive_int("lanczos_iter", lanczos_iter)
-    check_nonneg_float("lanczos_tol", lanczos_tol, strictly_positive=True)
-    check_positive_int("trace_samples", trace_samples)
-    check_positive_int("worst_steps", worst_steps, minimum=0)
-    check_choice("norm", worst_norm, ("l2", "linf"))
-    check_positive_int("average_samples", average_samples)
-    check_seed(seed)
-    if reuse_graph is not None and not isinstance(reuse_graph, bool):
-        raise TypeError(f"reuse_graph must be None or a bool, got {reuse_graph!r}")
+    selected: list[str] = []
+
+    def checks() -> None:
+        check_nonneg_float("rho", rho)
+        if measures is None:
+            selected.extend(_MEASURES)
+        else:
+            if isinstance(measures, str):
+                raise TypeError("measures must be a sequence of names, not a str")
+            selected.extend(check_choice("measure", m, _MEASURES) for m in measures)
+        check_positive_int("lanczos_iter", lanczos_iter)
+        check_nonneg_float("lanczos_tol", lanczos_tol, strictly_positive=True)
+        check_positive_int("trace_samples", trace_samples)
+        if trace_method is not None:
+            check_choice("trace_method", trace_method, TRACE_METHODS)
+        check_positive_int("worst_steps", worst_steps, minimum=0)
+        check_choice("norm", worst_norm, ("l2", "linf"))
+        check_positive_int("average_samples", average_samples)
+        check_seed(seed)
+        if reuse_graph is not None and not isinstance(reuse_graph, bool):
+            raise TypeError(f"reuse_graph must be None or a bool, got {reuse_graph!r}")
+        if max_vectors is not None:
+            check_positive_int("max_vectors", max_vectors, minimum=3)
+
     t0 = time.perf_counter()
-    ev = Evaluator(model, loss_fn, data, train_mode=train_mode, seed=seed)
+    ev = Evaluator(
+        model, loss_fn, data, train_mode=train_mode, seed=seed, distributed=distributed,
+        measure="measure_all", checks=checks,
+        settings=(rho, measures, lanczos_iter, lanczos_tol, trace_samples, trace_method,
+                  worst_steps, worst_norm, average_samples, max_vectors),
+    )  # fmt: skip
+    rho = float(rho)
     data = ev.data
     out: dict[str, Any] = {"rho": rho}
     errors: dict[str, str] = {}
@@ -549,6 +684,7 @@ def measure_all(
     with ev.session():
         loss, grads = _loss_and_gradient(ev)
     out["loss"] = loss
+    model = ev.model  # unwrapped from DistributedDataParallel
 
     def failed(name: str, keys: Sequence[str], message: str) -> None:
         for key in keys:
@@ -566,7 +702,8 @@ def measure_all(
         try:
             eig = top_eigenvalues(
                 model, loss_fn, data, 1, max_iter=lanczos_iter, tol=lanczos_tol, seed=seed,
-                train_mode=train_mode, reuse_graph=reuse_graph,
+                train_mode=train_mode, reuse_graph=reuse_graph, max_vectors=max_vectors,
+                distributed=distributed,
             )  # fmt: skip
         except Exception as e:
             if "lambda_max" in selected:
@@ -584,8 +721,8 @@ def measure_all(
     if "trace" in selected:
         try:
             tr = hessian_trace(
-                model, loss_fn, data, trace_samples, seed=seed, train_mode=train_mode,
-                reuse_graph=reuse_graph,
+                model, loss_fn, data, trace_samples, method=trace_method, seed=seed,
+                train_mode=train_mode, reuse_graph=reuse_graph, distributed=distributed,
             )  # fmt: skip
         except Exception as e:
             failed("trace", ("trace", "trace_std_error"), _error_text(e))
@@ -597,7 +734,7 @@ def measure_all(
         try:
             out["worst_direction"] = worst_direction_sharpness(
                 model, loss_fn, data, rho, steps=worst_steps, norm=worst_norm, seed=seed,
-                train_mode=train_mode,
+                train_mode=train_mode, distributed=distributed,
             ).value  # fmt: skip
         except Exception as e:
             failed("worst_direction", ("worst_direction",), _error_text(e))
@@ -606,7 +743,7 @@ def measure_all(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 val = ascent_direction_sharpness(
-                    model, loss_fn, data, rho, train_mode=train_mode
+                    model, loss_fn, data, rho, train_mode=train_mode, distributed=distributed
                 ).value
         except Exception as e:
             failed("ascent_direction", ("ascent_direction",), _error_text(e))
@@ -616,7 +753,7 @@ def measure_all(
         try:
             avg = average_direction_sharpness(
                 model, loss_fn, data, rho, num_samples=average_samples, seed=seed,
-                train_mode=train_mode,
+                train_mode=train_mode, distributed=distributed,
             )  # fmt: skip
         except Exception as e:
             failed(
@@ -629,10 +766,8 @@ def measure_all(
                 None if avg.std_error is None or math.isnan(avg.std_error) else avg.std_error
             )
     if "alignment" in selected and eig is not None:
-        g = torch.cat([t.reshape(-1) for t in grads])
-        v = torch.cat([t.reshape(-1) for t in eig.eigenvectors[0]])
-        gn = float(torch.linalg.vector_norm(g))
-        out["alignment"] = None if gn == 0.0 else abs(float(torch.dot(g, v))) / gn
+        cos, _ = _cosine(ev.space, grads, ev.space.flatten(eig.eigenvectors[0]))
+        out["alignment"] = None if math.isnan(cos) else cos
     out["num_hvp"] = num_hvp
     out["seconds"] = time.perf_counter() - t0
     out["errors"] = errors

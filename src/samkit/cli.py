@@ -535,8 +535,9 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "run); samkit report then shows time-to-target and a performance "
                         "profile")  # fmt: skip
     p.add_argument("--quick", action="store_true",
-                   help="a first look in seconds: 2 epochs, 3 seeds, the first 256 training "
-                        "and 256 test samples, where not given")  # fmt: skip
+                   help="a first look in seconds (and for tests): 3 seeds, 3 epochs of the "
+                        "first 512 training samples in batches of 32, the first 256 test "
+                        "samples; each only where not given")  # fmt: skip
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="runs in parallel, each in its own process (default 1)")  # fmt: skip
     p.add_argument("--isolation", choices=["auto", "fork", "subprocess"], default="auto",

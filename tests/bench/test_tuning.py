@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from samkit.bench import bench, choose, validation_accuracy
+from samkit.bench import choose, validation_accuracy
 from samkit.bench import tuning as tuning_mod
 from samkit.bench.plan import Sweep
 from samkit.bench.tuning import TRIAL_SEED, TUNING, plan_trials, tuning_record
@@ -272,6 +272,19 @@ def test_every_declared_space_plans_runs(tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 
+def test_quick_fills_in_only_what_is_not_given(tmp_path):
+    from samkit.bench.sweep import quick_settings
+
+    seeds, epochs, extra = quick_settings(None, None, {})
+    assert (seeds, epochs, extra) == (3, 3, {"limit_train": 512, "limit_test": 256,
+                                             "batch_size": 32})  # fmt: skip
+    overlay = tmp_path / "o.toml"
+    overlay.write_text("batch_size = 16\nepochs = 5\n")
+    seeds, epochs, extra = quick_settings(2, None, {"limit_train": 64}, [str(overlay)])
+    assert (seeds, epochs, extra) == (2, None, {"limit_train": 64, "limit_test": 256})
+    assert quick_settings(None, 7, {})[1] == 7
+
+
 def _expected_record(out: Path) -> dict:
     """tuning.json as it must be, from the trials' own files (bench.json lists them)."""
     manifest = json.loads((out / "bench.json").read_text())
@@ -292,79 +305,80 @@ def _expected_record(out: Path) -> dict:
     return record
 
 
-@needs_split
-def test_a_tuned_sweep_runs_the_chosen_trial_with_fresh_seeds(tmp_path, standin, capsys):
-    out = tmp_path / "b"
-    argv = ["bench", "--tasks", "digits", "--optimizers", "sgd", "sam", "--trials", "3",
-            "--quick", "--seeds", "2", "--out", str(out), "--isolation", "fork", *TINY]  # fmt: skip
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "trials (3 per method and task):" in printed and "final runs" in printed
-    record = json.loads((out / TUNING).read_text())
-    assert record == _expected_record(out)
-    manifest = json.loads((out / "bench.json").read_text())
-    assert len(manifest["trial_runs"]) == 6 and len(manifest["runs"]) == 4
-    for spec in ("sgd", "sam"):
-        entry = record["tasks"]["digits"][spec]
-        c = entry["chosen"]
-        finals = [r for r in manifest["runs"] if r["optimizer"] == spec]
-        assert [r["seed"] for r in finals] == [0, 1]  # fresh seeds, not the trial's
-        for r in finals:
-            assert r["dir"] == f"digits/{spec}/trial{c}-seed{r['seed']}-2ep"
-            config = json.loads((out / r["dir"] / "config.json").read_text())["config"]
-            for key, value in entry["trials"][c]["params"].items():
-                assert (config["rho"] if key == "rho" else config[key]) == value
-            assert config["limit_train"] == 128 and config["epochs"] == 2  # given; --quick's
-    assert main(["report", str(out)]) == 0
-    md = (out / "report.md").read_text()
-    assert "Tuned on validation: 3 trials per method" in md and "| sam | 2/2 |" in md
-
-
 def _trial_summaries(out: Path) -> dict[Path, int]:
-    return {
-        p: p.stat().st_mtime_ns for p in out.glob(f"*/*/trial*-seed{TRIAL_SEED}-*/summary.json")
-    }
+    pattern = f"*/*/trial*-seed{TRIAL_SEED}-*/summary.json"
+    return {p: p.stat().st_mtime_ns for p in out.glob(pattern)}
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def _wait_gone(pids: list[int]) -> None:
+    for pid in pids:  # a run dies with the killed sweep (and releases the folder's lock)
+        for _ in range(200):
+            stat = Path(f"/proc/{pid}/stat")
+            if not stat.exists() or "Z" in stat.read_text().split()[2]:
+                break
+            time.sleep(0.05)
 
 
 @needs_split
-@pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL and fork: Linux")
-def test_a_killed_tuning_sweep_continues_where_it_stopped(tmp_path):
+@pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL, fork and /proc: Linux")
+def test_a_killed_tuning_sweep_continues_where_it_stopped(tmp_path, capsys, standin):
+    # A real `samkit bench --trials` process (with this file's stand-in spaces), killed by
+    # SIGKILL after two of its four trials finished; the same command again skips those,
+    # trains the rest, writes tuning.json exactly, and runs the chosen trials at fresh seeds.
     out = tmp_path / "b"
-    args = ["bench", "--tasks", "digits", "--optimizers", "sgd", "--trials", "4", "--seeds",
-            "1", "--epochs", "4", "--out", str(out), *TINY]  # fmt: skip
+    argv = ["bench", "--tasks", "digits", "--optimizers", "sgd", "sam", "--trials", "2",
+            "--seeds", "1", "--epochs", "2", "--out", str(out), "--isolation", "fork", *TINY]  # fmt: skip
     boot = (
         f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
         "from tests.bench.test_tuning import install_standin; install_standin(); "
-        f"from samkit.cli import main; sys.exit(main({args!r}))"
+        f"from samkit.cli import main; sys.exit(main({argv!r}))"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", boot], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env=env)  # fmt: skip
     deadline = time.time() + 120
+    children: list[int] = []
     try:
-        while len(_trial_summaries(out)) < 2:  # two trials finished, two to go
+        while len(_trial_summaries(out)) < 2:
             assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.time() < deadline, "no trial finished within 120 s"
-            time.sleep(0.02)
+            assert time.time() < deadline, "no two trials finished within 120 s"
+            children = _children(proc.pid) or children
+            time.sleep(0.01)
+        children = _children(proc.pid) or children
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
         if proc.poll() is None:
             proc.kill()
+    _wait_gone(children)
     finished = _trial_summaries(out)
     assert 2 <= len(finished) < 4 and not (out / TUNING).exists()
 
-    install = pytest.MonkeyPatch()
-    install_standin(install.setattr)
-    try:
-        results = bench(out, ["digits"], ["sgd"], 1, epochs=4, trials=4, isolation="fork",
-                        extra={"limit_train": 128, "limit_test": 100}, progress=False)  # fmt: skip
-    finally:
-        install.undo()
-    trials = [r for r in results if r.run.tuning]
-    assert len(trials) == 4 and sum(r.status == "skipped" for r in trials) == len(finished)
-    assert {r.run.out / "summary.json" for r in trials if r.status == "skipped"} == set(finished)
+    assert main([*argv, "--workers", "2"]) == 0  # the stand-in: the standin fixture
+    printed = capsys.readouterr().out
+    assert f"4 runs: {len(finished)} already finished, {4 - len(finished)} to run" in printed
+    assert "trials (2 per method and task):" in printed and "final runs" in printed
     assert all(p.stat().st_mtime_ns == t for p, t in finished.items())  # not trained again
-    assert all(r.status in ("skipped", "done") for r in results)
-    assert json.loads((out / TUNING).read_text()) == _expected_record(out)
-    assert [r.status for r in results if not r.run.tuning] == ["done"]
+    record = json.loads((out / TUNING).read_text())
+    assert record == _expected_record(out)
+    manifest = json.loads((out / "bench.json").read_text())
+    assert len(manifest["trial_runs"]) == 4 and len(manifest["runs"]) == 2
+    for spec in ("sgd", "sam"):
+        entry = record["tasks"]["digits"][spec]
+        c = entry["chosen"]
+        finals = [r for r in manifest["runs"] if r["optimizer"] == spec]
+        assert [r["seed"] for r in finals] == [0]  # a fresh seed, not the trials'
+        for r in finals:
+            assert r["dir"] == f"digits/{spec}/trial{c}-seed0-2ep"
+            config = json.loads((out / r["dir"] / "config.json").read_text())["config"]
+            for key, value in entry["trials"][c]["params"].items():
+                assert config[key] == value
+            assert (config["limit_train"], config["epochs"], config["seed"]) == (128, 2, 0)
+    assert main(["report", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "Tuned on validation: 2 trials per method" in md and "| sam | 1/1 |" in md

@@ -150,6 +150,10 @@ def test_docs_update_replaces_only_the_generated_part(tmp_path, capsys):
     assert "old-generated-text" not in text and "| sam | 5/5 |" in text
     assert "(results_figures/t_equal-epochs_learning_curves.png)" in text
     assert (tmp_path / "results_figures" / "t_equal-epochs_learning_curves.png").is_file()
+    # The docs show the command a reader types, not the folder the sweep ran in.
+    assert "Command: `samkit bench --tasks t ... --out DIR`" in text
+    assert "/tmp/pytest-of-x/sweep7" not in text
+    assert "--out /tmp/pytest-of-x/sweep7`" in (tmp_path / "b" / "report.md").read_text()
     capsys.readouterr()
     docs.write_text("no markers")
     assert main(["report", str(tmp_path / "b"), "--docs", str(docs)]) == 2

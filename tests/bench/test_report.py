@@ -117,6 +117,7 @@ def test_report_numbers_are_the_summaries(report):
     assert "25 % label noise" in md  # the settings line, from the runs' config.json
     # The heading's task line comes from the runs (3 epochs), not the recipe's description.
     assert "Task t: mnist1d; 25 % label noise;" in md and "; 3 epochs (" in md
+    assert "batch 64, lr 0.05, cosine schedule; weight decay 0.0005;" in md
     assert "40 epochs" not in md
     names = sorted(p.name for p in res["figures"])
     assert names == ["t_equal-epochs_accuracy_vs_cost.png", "t_equal-epochs_lambda_max.png",

@@ -54,7 +54,7 @@ SPACES = {
 TINY = ["--limit-train", "128", "--limit-test", "100"]
 
 
-def standin_space(task, method):
+def standin_space(task, method, base):
     return SPACES[method]
 
 
@@ -237,8 +237,10 @@ def test_trials_without_a_validation_split_fail_before_anything_is_written(
 def test_time_to_target_without_a_declared_target_fails_before_anything_is_written(
     tmp_path, capsys
 ):
-    _refused(tmp_path, capsys, ["--optimizers", "sgd", "--time-to-target"],
-             "--time-to-target: task digits declares no validation target")  # fmt: skip
+    task = tmp_path / "notarget.toml"  # a task of its own: digits, no val_target
+    task.write_text('dataset = "digits"\nepochs = 2\n')
+    _refused(tmp_path, capsys, ["--optimizers", "sgd", "--time-to-target", "--tasks", str(task)],
+             "--time-to-target: task notarget declares no validation target")  # fmt: skip
 
 
 @needs_spaces

@@ -367,8 +367,9 @@ def _settings(out: Path, manifest: dict[str, Any], task: dict[str, Any]) -> str:
             parts.append(f"first {c['limit_test']} test samples")
         args = ", ".join(f"{k}={v}" for k, v in (c.get("model_args") or {}).items())
         parts.append(f"{c.get('model')}" + (f" ({args})" if args else ""))
-        parts.append(f"batch {c.get('batch_size')}, lr {c.get('lr')} {c.get('schedule')}")
-        parts.append(f"weight decay {c.get('weight_decay')}")
+        lr, wd = (_shared(out, manifest, task["name"], key) for key in ("lr", "weight_decay"))
+        parts.append(f"batch {c.get('batch_size')}, lr {lr}, {c.get('schedule')} schedule")
+        parts.append(f"weight decay {wd}")
         epochs = sorted({x["epochs"] for x in manifest["runs"] if x["task"] == task["name"]})
         parts.append(f"{'/'.join(map(str, epochs))} epoch{'s' if epochs != [1] else ''}")
         return (
@@ -376,6 +377,19 @@ def _settings(out: Path, manifest: dict[str, Any], task: dict[str, Any]) -> str:
             + " (per-method values: each run's config.json)."
         )  # fmt: skip
     return ""
+
+
+def _shared(out: Path, manifest: dict[str, Any], task: str, key: str) -> str:
+    """The value of setting ``key`` the task's finished runs share, or "per method"."""
+    values = set()
+    for r in manifest["runs"]:
+        record = _read_json(out / r["dir"] / "config.json") if r["task"] == task else None
+        if isinstance(record, dict) and isinstance(record.get("config"), dict):
+            values.add(record["config"].get(key))
+    if len(values) != 1:
+        return "per method"
+    (value,) = values
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -730,8 +744,8 @@ def make_figures(view: TaskView, folder: Path) -> dict[str, Path]:
     tracked = [r for r in rows if any("lambda_max" in m for d in r.runs for m in d.metrics)]
     if tracked:
         out["lambda_max"] = _small_multiples(
-            view, tracked, colors, "lambda_max", "epoch", "λ₁ of the training loss (mean ± std)",
-            f"{view.title}: top Hessian eigenvalue",
+            view, tracked, colors, "lambda_max", "epoch", "λ₁ of the training loss",
+            f"{view.title}: top Hessian eigenvalue (mean ± std over seeds)",
             folder / f"{view.slug}_lambda_max.png", log=True, scale=1.0,
         )  # fmt: skip
     return out
@@ -786,7 +800,7 @@ def _curves_figure(
     x_key = "grad_evals" if view.budget == "equal-grad-evals" else "epoch"
     return _small_multiples(
         view, rows, colors, "val_acc" if by_val else "test_acc", x_key,
-        f"{what} accuracy % (mean ± std over seeds)", f"{view.title}: learning curves",
+        f"{what} accuracy %", f"{view.title}: learning curves (mean ± std over seeds)",
         folder / f"{view.slug}_learning_curves.png",
         target=view.target if by_val else None,
     )  # fmt: skip
@@ -811,7 +825,7 @@ def _small_multiples(
     hides another."""
     ncols = min(4, len(rows))
     nrows = math.ceil(len(rows) / ncols)
-    fig = _figure(width=2.6 * ncols + 0.6, height=1.9 * nrows + 0.9)
+    fig = _figure(width=2.6 * ncols + 0.7, height=2.0 * nrows + 1.0)
     axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
     curves = {r.optimizer: _curve(r.runs, key, x_key) for r in rows}
     first = view.rows[0].optimizer if view.rows else None

@@ -60,18 +60,21 @@ VALIDATION_KEY = "best_val_acc"
 # (issue 18's train-side half); these four functions are the only places bench touches them.
 
 
-def search_space(task: Task, method: str) -> Any:
-    """The search space of ``method`` on ``task`` (its declaration, as the task's recipes
-    override it). ``ConfigError`` naming the problem for an invalid space."""
+def search_space(task: Task, method: str, base: str) -> Any:
+    """The search space of ``method`` over ``base`` on ``task``: its declaration, as the
+    task's recipes' ``[search.NAME]`` tables override it. ``ConfigError`` naming the
+    problem for an invalid space."""
     try:
+        from samkit.train.recipes import merge_recipes
         from samkit.train.search import search_space as declared
     except ImportError as e:
         raise ConfigError(
             "--trials needs the methods' search spaces (samkit.train.search), which this "
             "build of samkit does not have"
         ) from e
+    overrides = merge_recipes([task.recipe, *task.overlays]).search
     try:
-        return declared(method, [task.recipe, *task.overlays])
+        return declared(method, base, overrides)
     except ValueError as e:  # ConfigError included
         raise ConfigError(f"task {task.name}, search space of {method}: {e}") from e
 
@@ -157,8 +160,10 @@ def plan_trials(sweep: Sweep, k: int) -> Tuning:
     trials: dict[tuple[str, str], list[PlannedRun]] = {}
     for task in sweep.tasks:
         for spec in sweep.specs:
+            (plain,) = sweep.runs(task, spec, seeds=[TRIAL_SEED], budgets=sweep.budgets[:1])
+            space = search_space(task, spec.name, plain.config.base)
             draws = [{key: _plain(v) for key, v in d.items()}
-                     for d in draw_trials(search_space(task, spec.name), k, SEARCH_SEED)]  # fmt: skip
+                     for d in draw_trials(space, k, SEARCH_SEED)]  # fmt: skip
             _check_fixed(spec, draws)
             runs = []
             for i, params in enumerate(draws):

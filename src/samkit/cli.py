@@ -551,6 +551,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     import shlex
 
     from samkit.bench import SweepError, bench
+    from samkit.bench.plan import plural
 
     settings = _run_scope(args)  # every run gets them; threads are its process's
     threads = settings.pop("threads", None)
@@ -569,7 +570,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         _fail(f"interrupted: run the same command again to continue ({args.out})", code=130)
     failed = [r for r in results if r.status == "failed"]
     skipped = sum(r.status == "skipped" for r in results)
-    line = f"{len(results)} runs: {len(results) - len(failed)} finished"
+    line = f"{plural(len(results), 'run')}: {len(results) - len(failed)} finished"
     if skipped:
         line += f" ({skipped} before this command)"
     if failed:

@@ -163,9 +163,9 @@ def test_a_failing_run_is_one_line_and_the_others_finish(tmp_path, capsys):
     argv = ["bench", "--tasks", "digits", "--optimizers", "sgd", "--seeds", "1", "--epochs",
             "1", "--out", str(out), "--limit-train", "96", "--limit-test", "100"]  # fmt: skip
     assert main(argv) == 1
-    assert (
-        "holds a run with other settings (limit_train 128 there, 96 now)" in capsys.readouterr().out
-    )
+    printed = capsys.readouterr().out
+    assert "holds a run with other settings (limit_train 128 there, 96 now)" in printed
+    assert printed.startswith("1 run: 0 already finished") and "\n1 run: 0 finished" in printed
     assert (out / "digits" / "sgd" / "seed0-1ep" / "summary.json").read_text() == before
 
 

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from samkit.bench.plan import PlannedRun
+from samkit.bench.plan import PlannedRun, plural
 from samkit.train.config import RESUMABLE_KEYS, ConfigError, TrainConfig
 from samkit.train.env import check_threads
 
@@ -418,7 +418,7 @@ def run_sweep(
             pending.append((run, config))
     if progress:
         resumed = sum(config.resume for _, config in pending)
-        line = f"{len(runs)} runs: {skipped} already finished, {len(pending)} to run"
+        line = f"{plural(len(runs), 'run')}: {skipped} already finished, {len(pending)} to run"
         line += f" ({resumed} resumed from a checkpoint)" if resumed else ""
         stream.write(f"{line}, {min(workers, max(1, len(pending)))} at a time\n")
         stream.flush()

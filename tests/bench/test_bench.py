@@ -165,7 +165,7 @@ def test_a_failing_run_is_one_line_and_the_others_finish(tmp_path, capsys):
     assert main(argv) == 1
     printed = capsys.readouterr().out
     assert "holds a run with other settings (limit_train 128 there, 96 now)" in printed
-    assert printed.startswith("1 run: 0 already finished") and "\n1 run: 0 finished" in printed
+    assert "\n1 run: 0 already finished" in printed and "\n1 run: 0 finished" in printed
     assert (out / "digits" / "sgd" / "seed0-1ep" / "summary.json").read_text() == before
 
 

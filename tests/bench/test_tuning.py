@@ -187,6 +187,29 @@ def test_trial_draws_are_reproducible_inside_the_space_and_shared_by_methods(
         assert ["--lr", str(r.params["lr"])] == r.argv[r.argv.index("--lr") :][:2]
 
 
+def test_final_runs_are_the_chosen_trial_at_every_seed_and_budget(tmp_path, standin,
+                                                                  monkeypatch):  # fmt: skip
+    from samkit.bench.tuning import final_runs
+
+    monkeypatch.setattr(tuning_mod, "has_validation", lambda config: True)
+    sweep = Sweep.parse(tmp_path / "b", ["digits"], ["sgd", "sam"], 2, epochs=2, budget="both")
+    tuning = plan_trials(sweep, 3)
+    # trials at the equal-epochs epochs only
+    assert {r.epochs for r in tuning.runs} == {2} and len(tuning.runs) == 6
+    record = {"tasks": {"digits": {"sgd": {"trials": [], "chosen": 2},
+                                   "sam": {"trials": [], "chosen": None}}}}  # fmt: skip
+    runs = final_runs(sweep, tuning, record)
+    chosen = tuning.trials[("digits", "sgd")][2].params
+    # sgd: 1 pass against sam's 2 -> 4 epochs under equal-grad-evals; sam: nothing finished
+    assert sorted((r.spec.text, r.seed, r.epochs, r.budgets) for r in runs) == [
+        ("sgd", 0, 2, ("equal-epochs",)), ("sgd", 0, 4, ("equal-grad-evals",)),
+        ("sgd", 1, 2, ("equal-epochs",)), ("sgd", 1, 4, ("equal-grad-evals",)),
+    ]  # fmt: skip
+    assert all(r.params == chosen and r.trial == 2 and not r.tuning for r in runs)
+    assert {r.out.name for r in runs} == {"trial2-seed0-2ep", "trial2-seed1-2ep",
+                                          "trial2-seed0-4ep", "trial2-seed1-4ep"}  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -213,9 +213,7 @@ def test_a_damaged_checkpoint_is_trained_again_not_reported_failed(tmp_path):
     assert result.status == "done", result.message
     log = (run.out / LOG_NAME).read_text()
     assert "resumed" not in log and log.startswith("samkit train | sgd")
-    # Trained from the start: equal to a run that never had a checkpoint.
-    (fresh,) = bench(tmp_path / "c", ["digits"], ["sgd"], 1, **kw)
-    assert _metrics(run.out) == _metrics(tmp_path / "c" / "digits" / "sgd" / run.out.name)
+    assert [m["epoch"] for m in _metrics(run.out)] == [1, 2]  # trained from the start
 
 
 def test_workers_zero_is_refused_before_anything_is_written(tmp_path, capsys):

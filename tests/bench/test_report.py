@@ -163,6 +163,15 @@ def test_docs_update_replaces_only_the_generated_part(tmp_path, capsys):
     assert "bench.json not found" in capsys.readouterr().err
 
 
+def _markdown(out: Path, time_measure: str = "grad_evals") -> tuple[str, list]:
+    """The report's Markdown without drawing the figures (seconds each), and the profiles."""
+    from samkit.bench.report import markdown, profiles
+
+    manifest, views = collect(out)
+    pvs = profiles(views, time_measure)
+    return markdown(manifest, views, "figures", pvs), pvs
+
+
 def _table(md: str, ncells: int = 8) -> dict[str, list[str]]:
     """The Markdown table rows of ``md`` with ``ncells`` cells, by first cell."""
     rows = {}
@@ -186,7 +195,7 @@ def test_holm_marks_only_the_differences_that_hold_for_the_family(tmp_path):
     assert view.rows[2].diff.mean - view.rows[2].diff.ci > 0  # b's own interval excludes 0
     # Holm over m = 3: a is rejected (p <= .05/3), b is not (p > .05/2): only a is marked.
     assert [r.marked for r in view.rows[1:]] == [True, False, False] and view.family == 3
-    md = write_report(tmp_path)["markdown"].read_text()
+    md, _ = _markdown(tmp_path)
     table = _table(md)
     assert table["a"][4].endswith(" *") and not table["b"][4].endswith("*")
     assert (
@@ -199,7 +208,7 @@ def test_holm_marks_only_the_differences_that_hold_for_the_family(tmp_path):
 def test_fewer_than_three_seeds_judge_nothing(tmp_path):
     acc = {"sgd": {0: 0.90, 1: 0.91}, "sam": {0: 0.95, 1: 0.96}}  # +5 points on both seeds
     _fake_sweep(tmp_path, {"t": acc}, seeds=2)
-    md = write_report(tmp_path)["markdown"].read_text()
+    md, _ = _markdown(tmp_path)
     assert _table(md)["sam"][4] == "+5.00 [+5.00, +5.00] (2 seeds: too few to judge)"
     assert "*" not in _table(md)["sam"][4] and "Holm, m =" not in md
     assert "Too few seeds to judge (fewer than 3 shared with sgd), nothing marked: sam." in md
@@ -215,7 +224,7 @@ def test_a_method_that_never_switched_on_is_marked_not_given_a_difference(tmp_pa
     saf, mesa = view.rows[1:]
     assert saf.inactive == "never switched on: 3 epochs <= start_epoch 6, so it trained as sgd"
     assert mesa.inactive is None and view.family == 1  # saf is not in Holm's family
-    md = write_report(tmp_path)["markdown"].read_text()
+    md, _ = _markdown(tmp_path)
     assert _table(md)["saf"][4] == "never switched on (= its base optimizer)"
     assert "+0.00 [+0.00, +0.00]" not in md
     assert "saf: never switched on: 3 epochs <= start_epoch 6, so it trained as sgd." in md
@@ -244,8 +253,7 @@ def test_time_to_target_medians_and_performance_profile_by_hand(tmp_path, capsys
     ttt = {t: {m: dict(enumerate(_ttt(e, passes[m]) for e in es)) for m, es in by.items()}
            for t, by in epochs.items()}  # fmt: skip
     _fake_sweep(tmp_path, {"t": acc, "u": acc}, seeds=3, ttt=ttt)
-    res = write_report(tmp_path)
-    md = res["markdown"].read_text()
+    md, (pv,) = _markdown(tmp_path)
     # Medians (the ceil(n/2)-th smallest time reached; more than half censored: not reached):
     # t: sgd epochs {2, 3} -> 3 (2/3), sam {2} -> not reached (1/3), fsam {1, 2, 2} -> 2
     # u: sgd {4, 5, 6} -> 5, sam {2, 3} -> 3 (2/3), fsam {4} -> not reached (1/3)
@@ -259,7 +267,6 @@ def test_time_to_target_medians_and_performance_profile_by_hand(tmp_path, capsys
     assert "Time to reach validation accuracy 80 % (the task's target)" in md
     # Profile in gradient evaluations: t: sgd 300, sam inf, fsam 400 -> r 1, inf, 4/3;
     # u: sgd 500, sam 600, fsam inf -> r 1, 6/5, inf. Score = sum max(0, 4 - r) / (3 * 2).
-    (pv,) = res["profiles"]
     assert pv.profile.ratios["fsam"] == {"t": pytest.approx(4 / 3), "u": math.inf}
     scores = {"sgd": (3 + 3) / 6, "sam": (4 - 6 / 5) / 6, "fsam": (4 - 4 / 3) / 6}
     prof = _table(md.split("performance profile")[-1], 4)
@@ -267,19 +274,19 @@ def test_time_to_target_medians_and_performance_profile_by_hand(tmp_path, capsys
         assert pv.profile.scores[m] == pytest.approx(score)
         assert prof[m][1] == f"{score:.3f}"
     assert prof["sgd"][2:] == ["2", "2"] and prof["fsam"][2:] == ["0", "1"]
-    assert "profile_equal-epochs.png" in {p.name for p in res["figures"]}
+    from samkit.bench.report import profile_figure
+
+    png = profile_figure(pv, tmp_path / "figures")
+    assert png.name == "profile_equal-epochs.png" and png.read_bytes()[:4] == b"\x89PNG"
     # In epochs instead: t: sgd 3, fsam 2 -> fsam fastest there.
-    res = write_report(tmp_path, time_measure="epoch")
-    assert res["profiles"][0].profile.ratios["fsam"]["t"] == 1.0
+    assert _markdown(tmp_path, "epoch")[1][0].profile.ratios["fsam"]["t"] == 1.0
     assert main(["report", str(tmp_path), "--time-measure", "wall"]) == 2
     assert "invalid choice: 'wall'" in capsys.readouterr().err
 
 
 def test_time_to_target_asked_of_runs_without_a_target_is_one_line(tmp_path, capsys):
     _fake_sweep(tmp_path)
-    assert main(["report", str(tmp_path)]) == 0  # not asked: no time-to-target section
-    assert "Time to reach" not in (tmp_path / "report.md").read_text()
-    capsys.readouterr()
+    assert "Time to reach" not in _markdown(tmp_path)[0]  # not asked: no such section
     assert main(["report", str(tmp_path), "--time-to-target"]) == 2
     err = capsys.readouterr().err
     assert err == (

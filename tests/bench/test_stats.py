@@ -116,6 +116,6 @@ def test_performance_profile_by_hand():
     assert prof.rho("w", 4.0) == pytest.approx(1 / 3)
     # The score is the area under rho from 1 to 4 over 3: check by a fine Riemann sum.
     for m in times:
-        n = 30000
+        n = 6000
         area = sum(prof.rho(m, 1 + 3 * (i + 0.5) / n) for i in range(n)) * 3 / n
-        assert prof.scores[m] == pytest.approx(area / 3, abs=1e-4), m
+        assert prof.scores[m] == pytest.approx(area / 3, abs=1e-3), m

@@ -65,16 +65,14 @@ def search_space(task: Task, method: str, base: str) -> Any:
     task's recipes' ``[search.NAME]`` tables override it. ``ConfigError`` naming the
     problem for an invalid space."""
     try:
-        from samkit.train.recipes import merge_recipes
         from samkit.train.search import search_space as declared
     except ImportError as e:
         raise ConfigError(
             "--trials needs the methods' search spaces (samkit.train.search), which this "
             "build of samkit does not have"
         ) from e
-    overrides = merge_recipes([task.recipe, *task.overlays]).search
     try:
-        return declared(method, base, overrides)
+        return declared(method, [task.recipe, *task.overlays], base=base)
     except ValueError as e:  # ConfigError included
         raise ConfigError(f"task {task.name}, search space of {method}: {e}") from e
 

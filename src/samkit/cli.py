@@ -512,8 +512,9 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="tasks: embedded recipes (mnist1d, mnist1d-noisy, digits, cifar10, "
                         "cifar100, ...; `samkit list recipes`) or TOML files (default "
                         f"{DEFAULT_RECIPE}, the recipe of samkit train)")  # fmt: skip
-    p.add_argument("--seeds", type=int, default=5, metavar="N",
-                   help="run seeds 0..N-1 (default 5)")  # fmt: skip
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="run seeds 0..N-1 (default 5; with --trials, of the chosen "
+                        "settings)")  # fmt: skip
     p.add_argument("--out", required=True, metavar="DIR", help="folder of the sweep")
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs of every task (default: each recipe's)")  # fmt: skip
@@ -524,6 +525,19 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", action="append", default=[], metavar="NAME|FILE",
                    help="a recipe laid over every task (e.g. tuned [methods.NAME] tables); "
                         "repeatable")  # fmt: skip
+    p.add_argument("--trials", type=int, default=0, metavar="K",
+                   help="tune first: K settings per method and task from the method's search "
+                        "space (a scrambled Sobol sequence, the same for every method), the "
+                        "best validation accuracy chosen, then run with --seeds; records "
+                        "DIR/tuning.json (default 0: no tuning, the recipes' values)")  # fmt: skip
+    p.add_argument("--time-to-target", action="store_true",
+                   help="every task must declare a validation target (checked before any "
+                        "run); samkit report then shows time-to-target and a performance "
+                        "profile")  # fmt: skip
+    p.add_argument("--quick", action="store_true",
+                   help="a first look in seconds (and for tests): 3 seeds, 3 epochs of the "
+                        "first 512 training samples in batches of 32, the first 256 test "
+                        "samples; each only where not given")  # fmt: skip
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="runs in parallel, each in its own process (default 1)")  # fmt: skip
     p.add_argument("--isolation", choices=["auto", "fork", "subprocess"], default="auto",
@@ -537,6 +551,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     import shlex
 
     from samkit.bench import SweepError, bench
+    from samkit.bench.plan import plural
 
     settings = _run_scope(args)  # every run gets them; threads are its process's
     threads = settings.pop("threads", None)
@@ -544,7 +559,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     try:
         results = bench(
             args.out, args.tasks, args.optimizers, args.seeds, budget=args.budget,
-            epochs=args.epochs, recipes=args.recipe, extra=settings, workers=args.workers,
+            epochs=args.epochs, recipes=args.recipe, extra=settings, trials=args.trials,
+            time_to_target=args.time_to_target, quick=args.quick, workers=args.workers,
             threads=threads, isolation=args.isolation, command=command,
             progress=not args.quiet,
         )  # fmt: skip
@@ -554,33 +570,53 @@ def _run_bench(args: argparse.Namespace) -> int:
         _fail(f"interrupted: run the same command again to continue ({args.out})", code=130)
     failed = [r for r in results if r.status == "failed"]
     skipped = sum(r.status == "skipped" for r in results)
-    line = f"{len(results)} runs: {len(results) - len(failed)} finished"
+    line = f"{plural(len(results), 'run')}: {len(results) - len(failed)} finished"
     if skipped:
         line += f" ({skipped} before this command)"
     if failed:
         line += f", {len(failed)} failed (see above)"
+    # A trial that fails (e.g. diverges at a large learning rate) is an outcome of the
+    # search, not of the sweep: the sweep fails when a final run fails, or when a method
+    # has no finished trial to choose.
+    searches: dict[tuple[str, str], list[bool]] = {}
+    for r in results:
+        if r.run.tuning:
+            searches.setdefault((r.run.task, r.run.spec.text), []).append(r.status == "failed")
+    unchosen = [f"{task} {spec}" for (task, spec), fails in searches.items() if all(fails)]
+    if unchosen:
+        line += f"; no trial finished, nothing chosen: {', '.join(unchosen)}"
     cpu = [r.cpu_seconds for r in results if r.cpu_seconds is not None]
     if cpu:
         line += f" | {sum(cpu) / 60:.1f} CPU minutes"
     print(f"{line} | results in {args.out} | next: samkit report {args.out}")
-    return 1 if failed else 0
+    return 1 if unchosen or any(not r.run.tuning for r in failed) else 0
 
 
 # ----------------------------------------------------------------------------- samkit report
 
 
 def _add_report_arguments(p: argparse.ArgumentParser) -> None:
+    from samkit.bench.report import TIME_MEASURES
+
     p.add_argument("dir", metavar="DIR", help="folder of a samkit bench sweep")
     p.add_argument("--docs", default=None, metavar="FILE.md",
                    help="also write the report into FILE.md between its samkit report "
                         "markers, figures in FILE_figures/")  # fmt: skip
+    p.add_argument("--time-measure", choices=list(TIME_MEASURES), default="grad_evals",
+                   help="time of the performance profile across tasks: grad_evals "
+                        "(default: gradient evaluations, the same on any machine), epoch, "
+                        "or wall_s (noisy on a shared machine)")  # fmt: skip
+    p.add_argument("--time-to-target", action="store_true",
+                   help="require a validation target on every task (default: when the "
+                        "sweep was run with --time-to-target)")  # fmt: skip
 
 
 def _run_report(args: argparse.Namespace) -> int:
     from samkit.bench import SweepError, write_report
 
     try:
-        res = write_report(args.dir, docs=args.docs)
+        res = write_report(args.dir, docs=args.docs, time_measure=args.time_measure,
+                           time_to_target=args.time_to_target or None)  # fmt: skip
     except (SweepError, ValueError) as e:
         raise UsageError(str(e)) from e
     line = f"wrote {res['markdown']}, {res['html']} and {len(res['figures'])} figures"

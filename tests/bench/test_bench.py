@@ -155,15 +155,17 @@ def test_a_failing_run_is_one_line_and_the_others_finish(tmp_path, capsys):
     assert len(failed) == 2 and all("broken sgd" in x or "broken sam" in x for x in failed)
     assert all("Invalid WRN depth 15" in x for x in failed), failed  # the model's own message
     assert sum(x.startswith("done digits") for x in lines) == 2
+    assert any(x.startswith("done digits sgd seed 0 (1 epoch): ") for x in lines), lines
+    assert "epochs)" not in "\n".join(lines)  # never "(1 epochs)"
     assert "2 failed" in lines[-1]
     # The same folder with a changed setting: refused per run, nothing overwritten.
     before = (out / "digits" / "sgd" / "seed0-1ep" / "summary.json").read_text()
     argv = ["bench", "--tasks", "digits", "--optimizers", "sgd", "--seeds", "1", "--epochs",
             "1", "--out", str(out), "--limit-train", "96", "--limit-test", "100"]  # fmt: skip
     assert main(argv) == 1
-    assert (
-        "holds a run with other settings (limit_train 128 there, 96 now)" in capsys.readouterr().out
-    )
+    printed = capsys.readouterr().out
+    assert "holds a run with other settings (limit_train 128 there, 96 now)" in printed
+    assert "\n1 run: 0 already finished" in printed and "\n1 run: 0 finished" in printed
     assert (out / "digits" / "sgd" / "seed0-1ep" / "summary.json").read_text() == before
 
 
@@ -189,6 +191,42 @@ def test_a_run_stopped_early_by_samkit_train_is_resumed_to_its_epochs(tmp_path):
     (fresh,) = bench(tmp_path / "c", ["digits"], ["sgd"], 1, **kw)
     assert fresh.status == "done"
     assert _metrics(run.out) == _metrics(tmp_path / "c" / "digits" / "sgd" / run.out.name)
+
+
+def test_a_damaged_checkpoint_is_trained_again_not_reported_failed(tmp_path):
+    # A run directory whose checkpoint was cut short (a full disk, a copy interrupted): the
+    # sweep cannot resume it, so it clears the directory and trains the run from the start.
+    import dataclasses
+
+    from samkit.train import train
+
+    out = tmp_path / "b"
+    kw = dict(epochs=2, extra=dict(TINY), recipes=[_overlay(tmp_path)], isolation="fork",
+              progress=False)  # fmt: skip
+    _, _, (run,) = plan_sweep(out, ["digits"], ["sgd"], 1, epochs=2, extra=dict(TINY),
+                              overlays=kw["recipes"])  # fmt: skip
+    train(dataclasses.replace(run.config, stop_after_epoch=1), log=None)
+    ckpt = run.out / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 3])
+    assert run_state(run) == ("resume", "")
+    (result,) = bench(out, ["digits"], ["sgd"], 1, **kw)
+    assert result.status == "done", result.message
+    log = (run.out / LOG_NAME).read_text()
+    assert "resumed" not in log and log.startswith("samkit train | sgd")
+    assert [m["epoch"] for m in _metrics(run.out)] == [1, 2]  # trained from the start
+
+
+def test_workers_zero_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "b"
+    argv = ["bench", "--tasks", "digits", "--optimizers", "sgd", "--out", str(out)]
+    for bad, why in (("0", "invalid --workers 0 (must be an integer >= 1)"),
+                     ("-2", "invalid --workers -2")):  # fmt: skip
+        assert main([*argv, "--workers", bad]) == 2
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, err
+        assert not out.exists()
+    assert main([*argv, "--threads", "0"]) == 2
+    assert "invalid --threads: 0" in capsys.readouterr().err and not out.exists()
 
 
 def _children(pid: int) -> list[int]:

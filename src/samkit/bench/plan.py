@@ -37,7 +37,9 @@ __all__ = [
     "Task",
     "expand_optimizers",
     "parse_spec",
+    "Sweep",
     "plan_sweep",
+    "plural",
     "train_argv",
 ]
 
@@ -106,9 +108,15 @@ class Task:
         return out
 
 
+def plural(n: int, word: str) -> str:
+    """``1 epoch``, ``2 epochs``."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 @dataclasses.dataclass(frozen=True)
 class PlannedRun:
-    """One (task, optimizer spec, seed, epochs) of the sweep."""
+    """One (task, optimizer spec, seed, epochs) of the sweep; with ``--trials``, also the
+    trial whose drawn ``params`` (settings over the spec's) it trains."""
 
     task: str
     spec: OptimizerSpec
@@ -119,10 +127,17 @@ class PlannedRun:
     given: dict[str, Any]
     config: TrainConfig
     recipe_specs: tuple[str, ...]
+    trial: int | None = None
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: a run of the search (``--trials``): selection reads it, the tables never do
+    tuning: bool = False
 
     @property
     def key(self) -> str:
-        return f"{self.task} {self.spec.text} seed {self.seed} ({self.epochs} epochs)"
+        what = self.spec.text if self.trial is None else f"{self.spec.text} trial {self.trial}"
+        if self.tuning:
+            return f"{self.task} {what} ({plural(self.epochs, 'epoch')})"
+        return f"{self.task} {what} seed {self.seed} ({plural(self.epochs, 'epoch')})"
 
     @property
     def cost(self) -> float:
@@ -206,55 +221,122 @@ def plan_sweep(
     run (``limit_train``, ``device``, ``track_sharpness``...), except ``data_dir`` (also
     accepted as ``data_dir=``), given only to the runs whose dataset reads files.
     """
-    budgets = BUDGETS if budget == "both" else (budget,)
-    for b in budgets:
-        if b not in BUDGETS:
-            raise ConfigError(
-                f"invalid --budget {budget!r}; choose from {', '.join(BUDGETS)}, both"
-            )
-    if isinstance(seeds, int):
-        if seeds < 1:
-            raise ConfigError(f"invalid --seeds {seeds} (must be >= 1)")
-        seeds = list(range(seeds))
-    if not tasks:
-        raise ConfigError("give at least one task (--tasks)")
-    if not optimizers:
-        raise ConfigError("give at least one optimizer (--optimizers)")
-    if epochs is not None and (
-        isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1
-    ):
-        raise ConfigError(f"invalid --epochs {epochs!r} (must be an integer >= 1)")
-    overlay_recipes = [load_recipe(o) for o in overlays]
-    task_list = [_task(t, overlay_recipes) for t in tasks]
-    names = [t.name for t in task_list]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"--tasks names a task twice: {names}")
-    specs = [parse_spec(o) for o in expand_optimizers(optimizers)]
-    texts = [s.text for s in specs]
-    if len(set(texts)) != len(texts):
-        raise ConfigError(f"--optimizers names an optimizer twice: {texts}")
-    extra = dict(extra or {})
-    if data_dir is not None:
-        extra["data_dir"] = data_dir
-    out = Path(out)
-    runs: dict[Path, PlannedRun] = {}
-    for task in task_list:
-        own = resolve_settings([task.recipe, *task.overlays], {})  # the task's own settings
-        base_epochs = epochs or own.epochs
-        max_passes = max(s.passes for s in specs)
-        for spec in specs:
-            for b in budgets:
-                e = base_epochs
-                if b == "equal-grad-evals":
-                    e = max(1, math.floor(base_epochs * max_passes / spec.passes + 0.5))
-                for seed in seeds:
-                    path = out / task.name / spec.slug / f"seed{seed}-{e}ep"
-                    if path in runs:
-                        prev = runs[path]
-                        runs[path] = dataclasses.replace(prev, budgets=(*prev.budgets, b))
-                        continue
-                    runs[path] = _planned(task, own, spec, seed, e, b, path, extra)
-    return task_list, specs, list(runs.values())
+    sweep = Sweep.parse(
+        out, tasks, optimizers, seeds, budget=budget, epochs=epochs, overlays=overlays,
+        extra=extra, data_dir=data_dir,
+    )  # fmt: skip
+    runs = [r for task in sweep.tasks for spec in sweep.specs for r in sweep.runs(task, spec)]
+    return list(sweep.tasks), list(sweep.specs), runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """The checked options of a sweep; :meth:`runs` plans the runs of one (task, spec)."""
+
+    out: Path
+    tasks: tuple[Task, ...]
+    specs: tuple[OptimizerSpec, ...]
+    seeds: tuple[int, ...]
+    budgets: tuple[str, ...]
+    epochs: int | None
+    extra: dict[str, Any]
+
+    @classmethod
+    def parse(
+        cls,
+        out: str | Path,
+        tasks: Sequence[str],
+        optimizers: Sequence[str],
+        seeds: int | Sequence[int],
+        *,
+        budget: str = "equal-epochs",
+        epochs: int | None = None,
+        overlays: Sequence[str] = (),
+        extra: dict[str, Any] | None = None,
+        data_dir: str | None = None,
+    ) -> Sweep:
+        """Check the options (``ConfigError`` naming the bad one); load tasks and specs."""
+        budgets = BUDGETS if budget == "both" else (budget,)
+        for b in budgets:
+            if b not in BUDGETS:
+                raise ConfigError(
+                    f"invalid --budget {budget!r}; choose from {', '.join(BUDGETS)}, both"
+                )
+        if isinstance(seeds, int):
+            if isinstance(seeds, bool) or seeds < 1:
+                raise ConfigError(f"invalid --seeds {seeds} (must be >= 1)")
+            seeds = list(range(seeds))
+        if not seeds:
+            raise ConfigError("give at least one seed (--seeds)")
+        if not tasks:
+            raise ConfigError("give at least one task (--tasks)")
+        if not optimizers:
+            raise ConfigError("give at least one optimizer (--optimizers)")
+        if epochs is not None and (
+            isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1
+        ):
+            raise ConfigError(f"invalid --epochs {epochs!r} (must be an integer >= 1)")
+        overlay_recipes = [load_recipe(o) for o in overlays]
+        task_list = [_task(t, overlay_recipes) for t in tasks]
+        names = [t.name for t in task_list]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--tasks names a task twice: {names}")
+        specs = [parse_spec(o) for o in expand_optimizers(optimizers)]
+        texts = [s.text for s in specs]
+        if len(set(texts)) != len(texts):
+            raise ConfigError(f"--optimizers names an optimizer twice: {texts}")
+        extra = dict(extra or {})
+        if data_dir is not None:
+            extra["data_dir"] = data_dir
+        return cls(
+            Path(out), tuple(task_list), tuple(specs), tuple(seeds), tuple(budgets), epochs,
+            extra,
+        )  # fmt: skip
+
+    def own(self, task: Task) -> TrainConfig:
+        """The task's own settings (its recipes, no method table)."""
+        return resolve_settings([task.recipe, *task.overlays], {})
+
+    def epochs_of(self, task: Task, spec: OptimizerSpec, budget: str) -> int:
+        """The epochs of ``spec``'s runs on ``task`` under ``budget``."""
+        base_epochs = self.epochs or self.own(task).epochs
+        if budget != "equal-grad-evals":
+            return base_epochs
+        max_passes = max(s.passes for s in self.specs)
+        return max(1, math.floor(base_epochs * max_passes / spec.passes + 0.5))
+
+    def runs(
+        self,
+        task: Task,
+        spec: OptimizerSpec,
+        *,
+        seeds: Sequence[int] | None = None,
+        budgets: Sequence[str] | None = None,
+        trial: int | None = None,
+        params: dict[str, Any] | None = None,
+        tuning: bool = False,
+    ) -> list[PlannedRun]:
+        """The runs of ``spec`` on ``task``: every seed (default: the sweep's) under every
+        budget (default: the sweep's); a run that is the same under two budgets is planned
+        once. With ``trial``, the runs of that trial's drawn ``params``, in
+        ``<spec>/trial<I>-seed<S>-<E>ep/``, else in ``<spec>/seed<S>-<E>ep/``; ``tuning``:
+        runs of the search itself."""
+        own = self.own(task)
+        runs: dict[Path, PlannedRun] = {}
+        for b in self.budgets if budgets is None else budgets:
+            e = self.epochs_of(task, spec, b)
+            for seed in self.seeds if seeds is None else seeds:
+                name = f"seed{seed}-{e}ep" if trial is None else f"trial{trial}-seed{seed}-{e}ep"
+                path = self.out / task.name / spec.slug / name
+                if path in runs:
+                    prev = runs[path]
+                    runs[path] = dataclasses.replace(prev, budgets=(*prev.budgets, b))
+                    continue
+                runs[path] = dataclasses.replace(
+                    _planned(task, own, spec, seed, e, b, path, self.extra, trial, params),
+                    tuning=tuning,
+                )
+        return list(runs.values())
 
 
 def _planned(
@@ -266,12 +348,15 @@ def _planned(
     budget: str,
     path: Path,
     extra: dict[str, Any],
+    trial: int | None = None,
+    params: dict[str, Any] | None = None,
 ) -> PlannedRun:
     """The run, its settings resolved as ``samkit train`` resolves its command line."""
+    what = f"--optimizers {spec.text!r}" + (f", trial {trial} {params}" if params else "")
     try:
-        table = method_table_settings(spec.name, spec.settings)
+        table = method_table_settings(spec.name, {**spec.settings, **(params or {})})
     except ConfigError as e:
-        raise ConfigError(f"--optimizers {spec.text!r}: {e}") from e
+        raise ConfigError(f"{what}: {e}") from e
     given: dict[str, Any] = {"optimizer": spec.name, **table, "seed": seed, "epochs": epochs}
     given.update(extra)
     dataset = DATASETS.get(given.get("dataset", own.dataset))
@@ -281,7 +366,7 @@ def _planned(
     try:
         config = run_config([task.recipe, *task.overlays], given)
     except ConfigError as e:
-        raise ConfigError(f"task {task.name}, --optimizers {spec.text!r}: {e}") from e
+        raise ConfigError(f"task {task.name}, {what}: {e}") from e
     return PlannedRun(
         task=task.name,
         spec=spec,
@@ -292,4 +377,6 @@ def _planned(
         given=given,
         config=config,
         recipe_specs=tuple(task.recipe_specs),
+        trial=trial,
+        params=dict(params or {}),
     )

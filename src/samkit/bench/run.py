@@ -31,11 +31,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from samkit.bench.plan import PlannedRun
+from samkit.bench.plan import PlannedRun, plural
 from samkit.train.config import RESUMABLE_KEYS, ConfigError, TrainConfig
 from samkit.train.env import check_threads
 
-__all__ = ["RunResult", "SweepError", "run_state", "run_sweep"]
+__all__ = ["RunResult", "SweepError", "check_workers", "run_state", "run_sweep"]
 
 LOG_NAME = "train.log"
 #: Files a run writes; what a killed run leaves is cleared before it starts again.
@@ -337,6 +337,12 @@ def _cuda_might_be_used() -> bool:
     )
 
 
+def check_workers(workers: Any) -> None:
+    """``SweepError`` unless ``workers`` is an integer >= 1."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise SweepError(f"invalid --workers {workers!r} (must be an integer >= 1)")
+
+
 #: torch threads of each run when none are given: a sweep's runs share the machine's cores
 #: (``workers`` at a time), and the embedded tasks' models gain nothing from more.
 RUN_THREADS = 1
@@ -357,8 +363,7 @@ def run_sweep(
     line and does not stop the others. ``isolation``: ``auto`` (fork where possible),
     ``fork`` or ``subprocess``; ``threads``: torch threads of each run (default
     :data:`RUN_THREADS`)."""
-    if workers < 1:
-        raise SweepError(f"invalid --workers {workers} (must be >= 1)")
+    check_workers(workers)
     check_threads(threads)
     threads = RUN_THREADS if threads is None else threads
     stream = stream if stream is not None else sys.stdout
@@ -413,7 +418,7 @@ def run_sweep(
             pending.append((run, config))
     if progress:
         resumed = sum(config.resume for _, config in pending)
-        line = f"{len(runs)} runs: {skipped} already finished, {len(pending)} to run"
+        line = f"{plural(len(runs), 'run')}: {skipped} already finished, {len(pending)} to run"
         line += f" ({resumed} resumed from a checkpoint)" if resumed else ""
         stream.write(f"{line}, {min(workers, max(1, len(pending)))} at a time\n")
         stream.flush()

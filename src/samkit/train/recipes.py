@@ -443,6 +443,11 @@ def check_given(config: TrainConfig, given: Mapping[str, Any]) -> None:
             "no momentum argument"
         )
     optimizer_settings(config)  # rho and opt_args the optimizer does not take
+    if given.get("val_target") is not None and config.val_fraction == 0:
+        raise ConfigError(
+            f"--val-target {given['val_target']:g} needs a validation split, and val_fraction "
+            "is 0: give --val-fraction > 0, or drop the target"
+        )
 
 
 def recipe_config(recipe: str | Path = DEFAULT_RECIPE, **given: Any) -> TrainConfig:

@@ -13,6 +13,12 @@ model it trains by default. Adding a dataset is one record (and its loader).
 * ``digits`` — scikit-learn's 8×8 digits (1,797 images), pixels scaled from 0..16 to [0, 1],
   stored as ``[N, 1, 8, 8]``; a fixed 80/20 split (seed 0, independent of the run's seed):
   1,437 train / 360 test.
+* ``modular-add`` — the modular addition task of the grokking papers (Power et al. 2022),
+  generated: every pair ``(a, b)`` with ``0 <= a, b < 97`` written as the three tokens
+  ``a, b, =`` (ids 0..96 and 97 for ``=``), labelled ``(a + b) mod 97``; a fixed permutation
+  (seed 0, whatever the run's seed) puts half of the 9,409 pairs in the training split
+  (4,704; the validation split is carved from it, and ``limit_train`` takes the first pairs
+  of it) and the other half in the test split (4,705). Stored as int64 ``[N, 3]``.
 * ``cifar10`` / ``cifar100`` — the "python version" files (``cifar-10-batches-py`` or
   ``cifar-100-python``) from ``data_dir``, read with a restricted unpickler. Images stay
   uint8 ``[N, 3, 32, 32]`` in memory; batches are converted to float, scaled to [0, 1] and
@@ -212,6 +218,7 @@ class Dataset:
 
     def to(self, device: torch.device | str) -> Dataset:
         """A copy with every tensor on ``device``."""
+
         def moved(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device)
 
@@ -328,6 +335,21 @@ def _load_digits(data_dir: Path | None) -> Arrays:
     y = d.target.astype(np.int64)
     perm = np.random.default_rng(0).permutation(len(y))  # fixed split, whatever the run seed
     n_train = int(0.8 * len(y))
+    tr, te = perm[:n_train], perm[n_train:]
+    return x[tr], y[tr], x[te], y[te]
+
+
+#: The modulus of ``modular-add`` (a prime, as in Power et al. 2022).
+MODULUS = 97
+
+
+def _load_modular_add(data_dir: Path | None) -> Arrays:
+    p = MODULUS
+    a, b = np.divmod(np.arange(p * p, dtype=np.int64), p)
+    x = np.stack([a, b, np.full_like(a, p)], axis=1)  # tokens a, b, "=" (id p)
+    y = (a + b) % p
+    perm = np.random.default_rng(0).permutation(p * p)  # fixed split, whatever the run seed
+    n_train = (p * p) // 2
     tr, te = perm[:n_train], perm[n_train:]
     return x[tr], y[tr], x[te], y[te]
 
@@ -492,6 +514,21 @@ register_dataset(
         input_shape=(1, 8, 8),
         default_model="cnn_small",
         cpu_threads=1,
+    )
+)
+
+
+register_dataset(
+    DatasetSpec(
+        name="modular-add",
+        description=f"(a + b) mod {MODULUS} as tokens a, b, = (4,704 / 4,705 of the "
+        f"{MODULUS}x{MODULUS} pairs, {MODULUS} classes)",
+        load=_load_modular_add,
+        num_classes=MODULUS,
+        input_shape=(3,),
+        default_model="transformer",
+        cpu_threads=1,
+        vocab_size=MODULUS + 1,
     )
 )
 

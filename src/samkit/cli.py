@@ -389,7 +389,15 @@ def _add_list_arguments(p: argparse.ArgumentParser) -> None:
         "--recipe",
         default=None,
         metavar="NAME|FILE",
-        help="show the optimizer values this recipe uses (default: the default recipe)",
+        help="show the optimizer values (and search spaces) this recipe uses (default: the "
+        "default recipe)",
+    )
+    p.add_argument(
+        "--search-spaces",
+        action="store_true",
+        help="with optimizers: each method's search space on the recipe's task (the ranges "
+        "samkit bench --trials draws from: the method's own, its base optimizer's lr, the "
+        "recipe's [search.NAME] overrides)",
     )
 
 
@@ -404,6 +412,8 @@ def _run_list(args: argparse.Namespace) -> int:
         load_recipe,
     )
 
+    if args.search_spaces and args.what not in ("optimizers", "all"):
+        raise UsageError(f"--search-spaces lists optimizers, not {args.what}")
     if args.what in ("optimizers", "all"):
         recipe = load_recipe(args.recipe or DEFAULT_RECIPE)
         common = ", ".join(
@@ -424,6 +434,8 @@ def _run_list(args: argparse.Namespace) -> int:
             cls = format_values(row.class_defaults) if row.sharpness_aware else "torch's"
             print(f"  {'':<10}   class:  {cls}")
             print(f"  {'':<10}   recipe: {format_values(row.recipe_values, row.class_defaults)}")
+            if args.search_spaces:
+                print(f"  {'':<10}   search: {'; '.join(d.describe() for d in row.search_space)}")
     if args.what in ("recipes", "all"):
         print("recipes (samkit train --recipe NAME, samkit bench --tasks NAME):")
         for name in list_recipes():

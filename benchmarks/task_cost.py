@@ -1,8 +1,10 @@
 """CPU cost of one run of each embedded bench task, and the provisional validation targets.
 
 Runs ``samkit train --recipe TASK --optimizer NAME --seed S --threads 1 --quiet --out DIR``
-as a child process for every task x optimizer x seed (seeds in the outer loop, so the tasks
-and methods share the machine's load alike) and records, per run, the child's CPU seconds
+as a child process for each task's reference optimizer on every seed and each other optimizer
+on the first seed (seeds in the outer loop, so the tasks and methods share the machine's load
+alike; ``--workers 2`` runs two at a time, as a 2-core study does) and records, per run, the
+child's CPU seconds
 (user + system, from ``os.wait4``: imports, data generation and evaluation included, what
 ``time samkit train ...`` reports), its wall seconds, and from ``summary.json`` the training
 time, the final and best validation accuracy and the time to target.
@@ -15,7 +17,7 @@ Provisional targets: for each task, the validation accuracy its reference optimi
 AdamW on ``modular-add``, where SGD stays at chance) reaches at 80 % of its epochs, median
 over the seeds (AlgoPerf sets its targets from tuned runs; these use the recipe's values).
 
-    python benchmarks/task_cost.py --seeds 0 1 2 --out benchmarks/results/task_cost.json
+    python benchmarks/task_cost.py --seeds 0 1 2 --workers 2 --out benchmarks/results/task_cost.json
 
 Prints a table (median CPU seconds per task and optimizer; each reference optimizer's
 validation accuracy at 80 % of its epochs) and saves every run to ``--out``.
@@ -24,6 +26,7 @@ validation accuracy at 80 % of its epochs) and saves every run to ``--out``.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import platform
@@ -79,20 +82,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--optimizers", nargs="+", default=["sgd", "sam"],
                    help="besides each task's reference optimizer (default sgd sam)")  # fmt: skip
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                   help="of the reference optimizers; the others run the first one only")  # fmt: skip
+    p.add_argument("--workers", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument("--out", default=None, help="JSON file for every run")
     args = p.parse_args(argv)
+    load_at_start = os.getloadavg()
 
+    plan = []
+    for seed in args.seeds:
+        for task in args.tasks:
+            ref = REFERENCE.get(task, "sgd")
+            others = args.optimizers if seed == args.seeds[0] else []
+            plan += [(task, opt, seed) for opt in dict.fromkeys([ref, *others])]
     runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            for task in args.tasks:
-                ref = REFERENCE.get(task, "sgd")
-                for opt in dict.fromkeys([ref, *args.optimizers]):
-                    r = run_once(task, opt, seed, Path(tmp))
-                    runs.append(r)
-                    print(f"{task:<14} {opt:<6} seed {seed}: {r['cpu_s']:5.1f} s CPU, "
-                          f"{r['wall_s']:5.1f} s wall | {r['last_line']}", flush=True)  # fmt: skip
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        concurrent.futures.ThreadPoolExecutor(args.workers) as pool,
+    ):
+        futures = [pool.submit(run_once, task, opt, seed, Path(tmp)) for task, opt, seed in plan]
+        for future in futures:
+            r = future.result()
+            runs.append(r)
+            print(f"{r['task']:<14} {r['optimizer']:<6} seed {r['seed']}: {r['cpu_s']:5.1f} s "
+                  f"CPU, {r['wall_s']:5.1f} s wall | {r['last_line']}", flush=True)  # fmt: skip
 
     print("\n| task | optimizer | median CPU s (1 thread) | median training s | reference: val acc at 80 % of epochs, median (seeds) |")  # fmt: skip
     print("|---|---|---|---|---|")
@@ -114,9 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         record = {
             "command": " ".join(["python", "benchmarks/task_cost.py", *(argv or sys.argv[1:])]),
+            "workers": args.workers,
             "machine": {
                 "cpu": platform.processor() or platform.machine(),
                 "cores": os.cpu_count(),
+                "load_avg_at_start": load_at_start,
                 "load_avg_at_end": os.getloadavg(),
             },
             "targets": targets,

@@ -36,6 +36,8 @@ def test_train_end_to_end_in_process(tmp_path, capsys):
     assert "samkit train | sam" in lines[0]  # the header names method, data, model, seed
     assert sum(line.startswith("epoch ") for line in lines) == 2
     assert f"test accuracy {100 * summary['test_acc']:.2f}%" in lines[-1]
+    best = f"(best {100 * summary['best_val_acc']:.2f}% at epoch {summary['best_val_epoch']})"
+    assert f"validation {100 * summary['val_acc']:.2f}% {best}" in lines[-1]
 
     # --resume picks the settings up from the checkpoint; only --epochs changes.
     rc = main(
@@ -64,7 +66,7 @@ def test_training_accuracy_is_na_when_no_pass_covers_the_batch(capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     (line,) = [line for line in captured.out.splitlines() if line.startswith("epoch ")]
-    assert "| train loss " in line and " acc n/a | test loss " in line
+    assert "| train loss " in line and " acc n/a | val acc " in line
     assert "acc 0.00%" not in line
 
 
@@ -85,6 +87,7 @@ def test_progress_bar_shows_the_test_accuracy_of_each_epoch(tmp_path, capsys, mo
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for drawing, row in zip(finals.values(), rows, strict=True):
         assert f"test_acc={row['test_acc']:.4f}" in drawing
+        assert f"val_acc={row['val_acc']:.4f}" in drawing
 
 
 def test_config_file_and_flag_override(tmp_path, capsys):

@@ -126,6 +126,14 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                         f"{', '.join(n for n, spec in DATASETS.items() if spec.augment)}, "
                         "off otherwise)")  # fmt: skip
     g.add_argument("--cutout", default=S, type=int, metavar="N", help="cutout square side")
+    g.add_argument("--val-fraction", default=S, type=float, metavar="F",
+                   help="hold out this fraction of the training data as the validation split "
+                        "(stratified, the same samples for every seed and method, clean labels; "
+                        f"0: none; default {d.val_fraction:g})")  # fmt: skip
+    g.add_argument("--val-target", default=S, type=_float_or_none, metavar="ACC",
+                   help="validation accuracy (a fraction) whose first epoch summary.json "
+                        "records as time_to_target; none: no target (default: the recipe's, "
+                        f"{_or_none(d.val_target)})")  # fmt: skip
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default=S, choices=list_models(),
@@ -190,6 +198,20 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "output is not a terminal)")  # fmt: skip
     g.add_argument("--quiet", action="store_true", help="print only the final line")
     _add_run_scope_arguments(p)
+
+
+def _float_or_none(text: str) -> float | None:
+    """A number, or ``none``/``null`` for none (for flags whose setting may be unset)."""
+    if text.strip().lower() in ("none", "null"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r} (a number or none)") from None
+
+
+def _or_none(value: Any) -> str:
+    return "none" if value is None else f"{value:g}"
 
 
 def _train_config_from_args(args: argparse.Namespace) -> Any:
@@ -325,10 +347,23 @@ def _train(args: argparse.Namespace, launch: Any) -> int:
         _fail(f"interrupted{hint}", code=130)
     if not launch.is_main:
         return 0
-    line = (
-        f"test accuracy {100 * summary['test_acc']:.2f}% "
-        f"(best {100 * summary['best_test_acc']:.2f}% at epoch {summary['best_epoch']}) | "
-        f"{count(summary['epochs'], 'epoch')}, {summary['train_time_s']:.1f} s training, "
+    # Nothing here is chosen by test accuracy: the best epoch is the validation split's.
+    line = f"test accuracy {100 * summary['test_acc']:.2f}%"
+    if summary["val_acc"] is not None:
+        line += (
+            f" | validation {100 * summary['val_acc']:.2f}% (best "
+            f"{100 * summary['best_val_acc']:.2f}% at epoch {summary['best_val_epoch']})"
+        )
+    reached = summary["time_to_target"]
+    if reached is not None:
+        target = f"target {100 * reached['target']:.4g}%"
+        line += (
+            f" | {target} at epoch {reached['epoch']}"
+            if reached["epoch"] is not None
+            else f" | {target} not reached"
+        )
+    line += (
+        f" | {count(summary['epochs'], 'epoch')}, {summary['train_time_s']:.1f} s training, "
         f"{count(float(summary['grad_evals']), 'gradient evaluation')}"
     )
     if not summary["completed"]:
@@ -354,7 +389,15 @@ def _add_list_arguments(p: argparse.ArgumentParser) -> None:
         "--recipe",
         default=None,
         metavar="NAME|FILE",
-        help="show the optimizer values this recipe uses (default: the default recipe)",
+        help="show the optimizer values (and search spaces) this recipe uses (default: the "
+        "default recipe)",
+    )
+    p.add_argument(
+        "--search-spaces",
+        action="store_true",
+        help="with optimizers: each method's search space on the recipe's task (the ranges "
+        "samkit bench --trials draws from: the method's own, its base optimizer's lr, the "
+        "recipe's [search.NAME] overrides)",
     )
 
 
@@ -369,6 +412,8 @@ def _run_list(args: argparse.Namespace) -> int:
         load_recipe,
     )
 
+    if args.search_spaces and args.what not in ("optimizers", "all"):
+        raise UsageError(f"--search-spaces lists optimizers, not {args.what}")
     if args.what in ("optimizers", "all"):
         recipe = load_recipe(args.recipe or DEFAULT_RECIPE)
         common = ", ".join(
@@ -389,6 +434,8 @@ def _run_list(args: argparse.Namespace) -> int:
             cls = format_values(row.class_defaults) if row.sharpness_aware else "torch's"
             print(f"  {'':<10}   class:  {cls}")
             print(f"  {'':<10}   recipe: {format_values(row.recipe_values, row.class_defaults)}")
+            if args.search_spaces:
+                print(f"  {'':<10}   search: {'; '.join(d.describe() for d in row.search_space)}")
     if args.what in ("recipes", "all"):
         print("recipes (samkit train --recipe NAME, samkit bench --tasks NAME):")
         for name in list_recipes():

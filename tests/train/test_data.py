@@ -274,10 +274,11 @@ def test_label_noise_flips_the_expected_fraction_to_other_classes():
 
 
 def test_run_label_noise_is_seeded_and_leaves_test_labels_alone():
-    clean = load_dataset("digits")
     cfg = TrainConfig(dataset="digits", label_noise=0.4, seed=5)
+    clean = load_dataset("digits", val_fraction=cfg.val_fraction)
     d = build_dataset(cfg)
     assert torch.equal(d.y_test, clean.y_test)
+    assert torch.equal(d.y_val, clean.y_val)  # validation labels stay clean too
     assert d.label_noise_flipped == int((d.y_train != clean.y_train).sum())
     assert abs(d.label_noise_flipped / len(d.y_train) - 0.4) < 0.05
     assert torch.equal(d.y_train, build_dataset(cfg).y_train)

@@ -25,8 +25,8 @@ from samkit.train import (
 # Tiny runs: 256 MNIST-1D samples, batches of 64 -> 4 steps per epoch.
 TINY = dict(limit_train=256, limit_test=200, batch_size=64)
 METRIC_KEYS_NOT_TIMING = (
-    "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "grad_evals",
-    "grad_evals_epoch", "steps",
+    "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr",
+    "grad_evals", "grad_evals_epoch", "steps",
 )  # fmt: skip
 
 
@@ -232,6 +232,7 @@ def test_every_model_builds_for_its_data():
         "resnet18": DatasetInfo("cifar10", (3, 32, 32), 10, 0, 0),
         "wrn": DatasetInfo("cifar100", (3, 32, 32), 100, 0, 0),
         "wrn28_10": DatasetInfo("cifar10", (3, 32, 32), 10, 0, 0),
+        "transformer": DatasetInfo("modular-add", (3,), 97, 0, 0, vocab_size=98),
     }
     assert set(infos) == set(list_models())
     small = {"resnet18": {"width": 4}, "wrn": {"depth": 10, "widen": 1}}
@@ -241,7 +242,8 @@ def test_every_model_builds_for_its_data():
             assert 36.4e6 < n < 36.6e6  # WRN-28-10 has 36.5M parameters
             continue
         model = create_model(name, info, **small.get(name, {}))
-        out = model(torch.zeros(2, *info.input_shape))
+        dtype = torch.long if info.vocab_size else torch.float  # token ids or real values
+        out = model(torch.zeros(2, *info.input_shape, dtype=dtype))
         assert out.shape == (2, info.num_classes)
     n18 = sum(p.numel() for p in create_model("resnet18", infos["resnet18"]).parameters())
     assert 11.1e6 < n18 < 11.2e6  # ResNet-18 (CIFAR) has 11.17M parameters
@@ -249,6 +251,10 @@ def test_every_model_builds_for_its_data():
         create_model("wrn", infos["wrn"], depth=11)
     with pytest.raises(ValueError, match="needs inputs"):
         create_model("cnn_small", infos["cnn1d"])
+    with pytest.raises(ValueError, match="holds token ids"):
+        create_model("mlp", infos["transformer"])
+    with pytest.raises(ValueError, match="holds real-valued inputs"):
+        create_model("transformer", infos["mlp"])
 
 
 def test_cifar_run_on_fake_files(tmp_path):

@@ -215,17 +215,25 @@ def test_recipe_momentum_is_not_an_ignored_flag():
 
 
 def _between(text: str, name: str) -> str:
-    m = re.search(rf"<!-- {name}: begin.*?-->\n(.*?)\n<!-- {name}: end -->", text, re.S)
+    end = name.split(": begin")[0]  # "search space: begin fsam" ends with "search space: end"
+    begin = name if ": begin" in name else f"{name}: begin"
+    m = re.search(rf"<!-- {begin}\b.*?-->\n(.*?)\n<!-- {end}: end -->", text, re.S)
     assert m, f"markers of {name} missing"
     return m.group(1).strip()
 
 
 def test_the_docs_tables_are_the_generated_ones():
     text = (ROOT / "docs" / "recipes.md").read_text()
-    hint = "regenerate with: python tools/recipes_doc.py --update docs/recipes.md"
+    hint = "regenerate with: python tools/recipes_doc.py --update docs/recipes.md docs/methods/*.md"
     tool = _recipes_doc()
     assert _between(text, "defaults table") == tool.defaults_markdown(), hint
+    assert _between(text, "search table") == tool.search_markdown(), hint
     assert _between(text, "recipes table") == tool.recipes_markdown(), hint
+    pages = sorted((ROOT / "docs" / "methods").glob("*.md"))
+    assert pages
+    for page in pages:  # each method page's search space, the registry's
+        body = _between(page.read_text(), f"search space: begin {page.stem}")
+        assert body == tool.method_search_markdown(page.stem), (page.name, hint)
 
 
 def test_list_and_help_show_the_values_used(capsys):

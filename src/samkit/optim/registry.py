@@ -27,6 +27,7 @@ from samkit.optim.mesa import MESA
 from samkit.optim.msam import MicroBatchSAM
 from samkit.optim.saf import SAF
 from samkit.optim.sam import ASAM, SAM
+from samkit.optim.search import SearchDim
 from samkit.optim.ssam import SSAM
 
 __all__ = [
@@ -58,6 +59,10 @@ class OptimizerInfo:
         needs_batch_closure: the method needs a :class:`~samkit.BatchClosure` (per-sample
             losses, sub-batches or sample indices) rather than a plain closure.
         reference: the paper.
+        search_space: the ranges a tuning study draws this optimizer's hyperparameters from
+            (:class:`~samkit.optim.search.SearchDim`): a sharpness-aware method's own (a method
+            over a base optimizer also gets the base's, e.g. its learning rate); a plain
+            optimizer's, its own settings. Each name must be a keyword argument of ``cls``.
     """
 
     name: str
@@ -67,6 +72,19 @@ class OptimizerInfo:
     passes: float = 2.0
     needs_batch_closure: bool = False
     reference: str = ""
+    search_space: tuple[SearchDim, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "search_space", tuple(self.search_space))
+        takes = _init_keywords(self.cls)
+        seen: set[str] = set()
+        for dim in self.search_space:
+            if not isinstance(dim, SearchDim):
+                raise TypeError(f"optimizer {self.name!r}: search space entry {dim!r} is not a SearchDim")  # fmt: skip
+            if dim.name not in takes or dim.name in seen:
+                why = "twice" if dim.name in seen else f"not an argument of {self.cls.__name__}"
+                raise ValueError(f"optimizer {self.name!r}: search space names {dim.name!r} {why}")  # fmt: skip
+            seen.add(dim.name)
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
@@ -92,6 +110,15 @@ class OptimizerInfo:
 _NOT_HYPERPARAMETERS = frozenset(
     {"base_optimizer", "defaults", "model", "foreach", "on_nonfinite", "sync_ascent", "perturb_eps"}
 )
+
+
+def _init_keywords(cls: type) -> set[str]:
+    """Keyword arguments of ``cls.__init__`` (what a search space may name)."""
+    try:
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 _REGISTRY: dict[str, OptimizerInfo] = {}
@@ -168,14 +195,28 @@ def create_optimizer(
     return info.cls(params, base, **merged)
 
 
-def _plain(name: str, description: str) -> OptimizerInfo:
+def _plain(name: str, description: str, *space: SearchDim) -> OptimizerInfo:
     return OptimizerInfo(
         name=name,
         cls=BASE_OPTIMIZERS[name],
         description=description,
         sharpness_aware=False,
         passes=1.0,
+        search_space=space,
     )
+
+
+# ---------------------------------------------------------------------------- search ranges
+# Declared once per method, with where each range comes from (docs/recipes.md shows them).
+
+
+def _rho(low: float = 0.01, high: float = 0.5, source: str = "") -> SearchDim:
+    """A radius, log-uniform; by default SAM's grid (Foret et al. 2021 searched rho in
+    {0.01, 0.02, 0.05, 0.1, 0.2, 0.5})."""
+    return SearchDim("rho", low, high, "log", source=source or _SAM_GRID)
+
+
+_SAM_GRID = "the range of SAM's grid (Foret et al. 2021: 0.01 to 0.5)"
 
 
 def is_sharpness_aware(opt: Optimizer) -> bool:
@@ -185,14 +226,35 @@ def is_sharpness_aware(opt: Optimizer) -> bool:
 
 # ---------------------------------------------------------------------------- built-ins
 # One entry per method: a new method is one module plus one register(...) call here.
-register(_plain("sgd", "plain SGD (torch.optim.SGD), the one-pass baseline"))
-register(_plain("adamw", "plain AdamW (torch.optim.AdamW), the one-pass baseline"))
+register(
+    _plain(
+        "sgd",
+        "plain SGD (torch.optim.SGD), the one-pass baseline",
+        SearchDim(
+            "lr", 0.005, 0.5, "log", source="two decades around the recipes' 0.05 (CIFAR: 0.1)"
+        ),
+    )
+)
+register(
+    _plain(
+        "adamw",
+        "plain AdamW (torch.optim.AdamW), the one-pass baseline",
+        SearchDim(
+            "lr",
+            3e-4,
+            3e-2,
+            "log",
+            source="two decades around the recipes' 0.003 (MNIST-1D); modular-add's 0.01 inside",
+        ),
+    )
+)
 register(
     OptimizerInfo(
         name="sam",
         cls=SAM,
         description="SAM: ascent step of radius rho along the gradient, update from there",
         reference="Foret et al., ICLR 2021",
+        search_space=(_rho(),),
     )
 )
 register(
@@ -201,6 +263,12 @@ register(
         cls=ASAM,
         description="ASAM: SAM in a neighbourhood scaled by |w| + eta (scale invariant)",
         reference="Kwon et al., ICML 2021",
+        search_space=(
+            _rho(
+                0.05, 5.0, "a decade either side of the official 0.5 (CIFAR-10) and 1.0 (CIFAR-100)"
+            ),
+            SearchDim("eta", 1e-3, 0.1, "log", source="a decade either side of the official 0.01"),
+        ),
     )
 )
 register(
@@ -210,6 +278,16 @@ register(
         description="F-SAM: SAM along g minus an EMA of past gradients (the batch-specific part)",
         passes=2.0,
         reference="Li et al., Friendly Sharpness-Aware Minimization, CVPR 2024",
+        search_space=(
+            _rho(),
+            SearchDim("sigma", 0.25, 1.0, source="up to the paper's 1 (sigma 0 is SAM)"),
+            SearchDim(
+                "lmbda",
+                0.3,
+                0.95,
+                source="around the official 0.6 (CIFAR-100 recipe), 0.9 (class) and 0.95 (run.sh)",
+            ),
+        ),
     )
 )
 register(
@@ -219,6 +297,16 @@ register(
         description="Bilateral SAM: SAM's max point plus a min point along -g, three passes",
         passes=3.0,
         reference="Deng et al., Bilateral Sharpness-Aware Minimization for Flatter Minima, 2024",
+        search_space=(
+            _rho(),
+            SearchDim(
+                "rho_min",
+                0.01,
+                0.5,
+                "log",
+                source="the range of rho (the paper's rho_min is its rho, 0.05)",
+            ),
+        ),
     )
 )
 register(
@@ -232,6 +320,21 @@ register(
         passes=1.83,
         needs_batch_closure=True,
         reference="Du et al., Efficient Sharpness-aware Minimization, ICLR 2022",
+        search_space=(
+            _rho(),
+            SearchDim(
+                "beta",
+                0.3,
+                1.0,
+                source="around the paper's 0.5 (WRN) and 0.6 (ResNet-18); 1 perturbs every tensor",
+            ),
+            SearchDim(
+                "gamma",
+                0.3,
+                1.0,
+                source="around the paper's 0.5; 1 keeps every sample (docs/methods/esam.md)",
+            ),
+        ),
     )
 )
 register(
@@ -241,6 +344,17 @@ register(
         description="LookSAM: SAM every k steps, reusing its orthogonal part in between (1+1/k passes)",
         passes=1.2,  # 1 + 1/k with the class default k=5
         reference="Liu et al., Towards Efficient and Scalable Sharpness-Aware Minimization, CVPR 2022",
+        # k sets the cost (1 + 1/k passes): fixed, so every trial costs the same.
+        search_space=(
+            _rho(),
+            SearchDim(
+                "alpha",
+                0.03,
+                1.0,
+                "log",
+                source="from below the embedded recipes' 0.1 to above the paper's 0.7",
+            ),
+        ),
     )
 )
 register(
@@ -254,6 +368,17 @@ register(
         needs_batch_closure=True,
         reference="Deng, Pang, Zhang, Asymptotic Unbiased Sample Sampling to Speed Up SAM, "
         "AAAI 2025",
+        # fraction sets the cost: fixed, so every trial costs the same.
+        search_space=(
+            _rho(),
+            SearchDim(
+                "max_ratio",
+                1.0,
+                8.0,
+                "log",
+                source="around the default 4 (1: uniform sampling, docs/methods/ausam.md)",
+            ),
+        ),
     )
 )
 register(
@@ -264,6 +389,15 @@ register(
         passes=1.0,
         needs_batch_closure=True,  # dataset indices
         reference="Du et al., Sharpness-Aware Training for Free, NeurIPS 2022",
+        search_space=(
+            SearchDim(
+                "lmbda",
+                0.03,
+                1.0,
+                "log",
+                source="around the official code's 0.16 (argparse) and 0.3 (README); 1 and above collapse (docs/methods/saf.md)",
+            ),
+        ),
     )
 )
 register(
@@ -274,6 +408,15 @@ register(
         passes=2.0,
         reference="Zhuang et al., Surrogate Gap Minimization Improves Sharpness-Aware Training, "
         "ICLR 2022",
+        search_space=(
+            _rho(),
+            SearchDim(
+                "alpha",
+                0.0,
+                0.8,
+                source="from 0 (SAM with GSAM's radius schedule) to twice the CIFAR example's 0.4",
+            ),
+        ),
     )
 )
 register(
@@ -284,6 +427,20 @@ register(
         passes=4.0 / 3.0,  # forward = 1/3 of a pass: the averaged model's forward
         needs_batch_closure=True,  # the batch's inputs for the averaged model
         reference="Du et al., Sharpness-Aware Training for Free, NeurIPS 2022",
+        search_space=(
+            SearchDim(
+                "lmbda",
+                0.03,
+                1.0,
+                "log",
+                source="around the official README's 0.8 and the embedded recipes' 0.3",
+            ),
+            SearchDim.choice(
+                "decay",
+                (0.99, 0.995, 0.998, 0.999, 0.9998),
+                source="averaging horizons of 100 to 5,000 steps: the runs here take 500 to 2,000 steps, timm's 0.9998 was set for ImageNet's",
+            ),
+        ),
     )
 )
 register(
@@ -294,6 +451,7 @@ register(
         passes=2.0,
         needs_batch_closure=True,
         reference="Behdin et al., mSAM: Micro-Batch-Averaged Sharpness-Aware Minimization, 2023",
+        search_space=(_rho(),),
     )
 )
 register(
@@ -304,5 +462,9 @@ register(
         passes=2.0,
         needs_batch_closure=True,  # per-sample gradients of the Fisher mask
         reference="Mi et al., Make Sharpness-Aware Minimization Stronger, NeurIPS 2022",
+        search_space=(
+            _rho(),
+            SearchDim("sparsity", 0.5, 0.99, source="the official runs' 0.5 to 0.99"),
+        ),
     )
 )

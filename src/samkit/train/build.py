@@ -99,12 +99,15 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
 
 
 def build_dataset(config: TrainConfig) -> Dataset:
-    """The run's data: loaded, limited, and with the run's label noise (seeded)."""
+    """The run's data: loaded, limited, its validation split held out (the same samples
+    whatever the run's seed), then the run's label noise (seeded) on the training labels
+    only: validation and test labels stay clean, they measure the task itself."""
     data = load_dataset(
         config.dataset,
         config.data_dir,
         limit_train=config.limit_train,
         limit_test=config.limit_test,
+        val_fraction=config.val_fraction,
     )
     if config.label_noise > 0:
         gen = torch.Generator().manual_seed(_stream_seed(config.seed, _STREAM_NOISE))
@@ -213,6 +216,7 @@ class Run:
     data: Dataset
     train_loader: InMemoryLoader
     test_loader: InMemoryLoader
+    val_loader: InMemoryLoader | None  # None without a validation split
     loader_gen: torch.Generator  # shuffling
     aug_gen: torch.Generator  # augmentation
     sharpness_batches: list[tuple[torch.Tensor, torch.Tensor]]
@@ -339,10 +343,17 @@ def build_run(config: TrainConfig, device: torch.device, procs: Processes | None
         transform=train_transform,
         shard=(procs.rank, procs.world_size),
     )
+    eval_batch = max(config.batch_size, 512)
     lo, hi = procs.shard(info.num_test)  # the test set is split; its sums are added up
     test_loader = InMemoryLoader(
-        data.x_test[lo:hi], data.y_test[lo:hi], max(config.batch_size, 512), transform=data.prepare
+        data.x_test[lo:hi], data.y_test[lo:hi], eval_batch, transform=data.prepare
     )
+    val_loader = None
+    if data.x_val is not None and data.y_val is not None:
+        lo, hi = procs.shard(info.num_val)  # so is the validation set
+        val_loader = InMemoryLoader(
+            data.x_val[lo:hi], data.y_val[lo:hi], eval_batch, transform=data.prepare
+        )
     # Sharpness is measured on a fixed subset of the (possibly noisy) training set:
     # its first `sharpness_samples` samples, without augmentation.
     sharpness_batches = []
@@ -375,6 +386,7 @@ def build_run(config: TrainConfig, device: torch.device, procs: Processes | None
         data=data,
         train_loader=train_loader,
         test_loader=test_loader,
+        val_loader=val_loader,
         loader_gen=loader_gen,
         aug_gen=aug_gen,
         sharpness_batches=sharpness_batches,

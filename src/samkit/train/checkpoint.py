@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from samkit.train.config import TrainConfig
+from samkit.train.config import SETTINGS_ADDED, TrainConfig
 from samkit.train.data import DatasetInfo
 from samkit.train.models import create_model
 
@@ -161,6 +161,8 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     for key in ("epoch", "config", "dataset_info", "model"):
         if key not in ckpt:
             raise CheckpointError(f"{path} is incomplete: no {key!r} entry")
+    if isinstance(ckpt["config"], dict):  # an older run: the settings it had, not today's
+        ckpt["config"] = {**SETTINGS_ADDED, **ckpt["config"]}
     return ckpt
 
 

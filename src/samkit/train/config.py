@@ -17,12 +17,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from samkit.train.validation import check_target
+
 __all__ = [
     "ConfigError",
     "TrainConfig",
     "RESUMABLE_KEYS",
     "SCHEDULES",
     "AMP_MODES",
+    "SETTINGS_ADDED",
     "accepted_kwargs",
     "check_optimizer_name",
     "check_resume",
@@ -49,8 +52,14 @@ RESUMABLE_KEYS = frozenset(
         "data_dir",
         "track_sharpness",
         "sharpness_samples",
+        "val_target",  # read after training (summary.json), not by the epochs
     }
 )
+
+#: Settings added after checkpoints were first written, with the value that gives the
+#: computation an older checkpoint's run made (it has no entry for them): such a run is
+#: resumed, measured and compared as what it was.
+SETTINGS_ADDED: dict[str, Any] = {"val_fraction": 0.0, "val_target": None}
 
 
 class ConfigError(ValueError):
@@ -79,7 +88,13 @@ class TrainConfig:
         schedule: ``cosine`` (per step, to 0), ``constant`` or ``step`` (×0.1 at 50% and 75%
             of the steps).
         label_smoothing: of the training loss (the test loss is plain cross-entropy).
-        label_noise: symmetric label noise on the training labels (other-class convention).
+        label_noise: symmetric label noise on the training labels (other-class convention);
+            never on the validation or test labels.
+        val_fraction: fraction of the training split held out as the validation split
+            (stratified, the same samples for every seed and method; 0 = none); evaluated
+            every epoch beside the test split.
+        val_target: validation accuracy (a fraction) whose first epoch ``summary.json``
+            records as the run's time to target (``None`` = no target; needs a split).
         augment: standard image augmentation; ``None`` = the dataset's default (CIFAR: on).
         cutout: side of the cutout square when augmenting (0 = off).
         seed: seeds model init, shuffling, augmentation, label noise.
@@ -121,6 +136,8 @@ class TrainConfig:
     schedule: str = "cosine"
     label_smoothing: float = 0.0
     label_noise: float = 0.0
+    val_fraction: float = 0.1
+    val_target: float | None = None
     augment: bool | None = None
     cutout: int = 0
     seed: int = 0
@@ -183,6 +200,12 @@ class TrainConfig:
         check_float("weight_decay", 0.0)
         check_float("label_smoothing", 0.0, hi=1.0)
         check_float("label_noise", 0.0, hi=1.0)
+        check_float("val_fraction", 0.0, hi=1.0)
+        if self.val_target is not None:
+            try:
+                check_target(self.val_target)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.rho is not None:
             check_float("rho", 0.0)
         check_int("epochs", 1)

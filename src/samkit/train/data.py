@@ -13,6 +13,12 @@ model it trains by default. Adding a dataset is one record (and its loader).
 * ``digits`` — scikit-learn's 8×8 digits (1,797 images), pixels scaled from 0..16 to [0, 1],
   stored as ``[N, 1, 8, 8]``; a fixed 80/20 split (seed 0, independent of the run's seed):
   1,437 train / 360 test.
+* ``modular-add`` — the modular addition task of the grokking papers (Power et al. 2022),
+  generated: every pair ``(a, b)`` with ``0 <= a, b < 97`` written as the three tokens
+  ``a, b, =`` (ids 0..96 and 97 for ``=``), labelled ``(a + b) mod 97``; a fixed permutation
+  (seed 0, whatever the run's seed) puts half of the 9,409 pairs in the training split
+  (4,704; the validation split is carved from it, and ``limit_train`` takes the first pairs
+  of it) and the other half in the test split (4,705). Stored as int64 ``[N, 3]``.
 * ``cifar10`` / ``cifar100`` — the "python version" files (``cifar-10-batches-py`` or
   ``cifar-100-python``) from ``data_dir``, read with a restricted unpickler. Images stay
   uint8 ``[N, 3, 32, 32]`` in memory; batches are converted to float, scaled to [0, 1] and
@@ -20,8 +26,10 @@ model it trains by default. Adding a dataset is one record (and its loader).
   augmentation (random crop 32 with zero padding 4 of the [0, 1] image, horizontal flip,
   optional cutout).
 
-Label noise (:func:`add_label_noise`) and the in-memory loader (:class:`InMemoryLoader`)
-are here too. Nothing is cached on disk; the generated ``mnist1d`` arrays are cached in
+The validation split (:func:`split_validation`): a stratified fraction of the training split,
+drawn with the fixed :data:`SPLIT_SEED` (not the run's seed), so every run of a task holds out
+the same samples; label noise never reaches them. Label noise (:func:`add_label_noise`) and the
+in-memory loader (:class:`InMemoryLoader`) are here too. Nothing is cached on disk; the generated ``mnist1d`` arrays are cached in
 memory for the life of the process.
 """
 
@@ -46,6 +54,7 @@ __all__ = [
     "DatasetInfo",
     "DatasetSpec",
     "InMemoryLoader",
+    "SPLIT_SEED",
     "UnsafePickleError",
     "add_label_noise",
     "augment_batch",
@@ -55,6 +64,7 @@ __all__ = [
     "load_dataset",
     "register_dataset",
     "restricted_load",
+    "split_validation",
 ]
 
 #: ``(x_train, y_train, x_test, y_test)`` as a loader returns them: inputs as stored (float32,
@@ -81,6 +91,8 @@ class DatasetSpec:
             given (``None``: torch's choice). The embedded tasks' models are so small that
             intra-op threads cost more in synchronisation than they save (the default recipe
             took 23 s with 1 thread, 313 s with 2 on a busy 2-core machine).
+        vocab_size: for token inputs (integer ids, e.g. ``modular-add``), the number of
+            distinct tokens; 0 for real-valued inputs.
     """
 
     name: str
@@ -93,6 +105,7 @@ class DatasetSpec:
     files: str = ""
     augment: bool = False
     cpu_threads: int | None = None
+    vocab_size: int = 0
 
     def check_data_dir(self, data_dir: str | Path | None) -> None:
         """``ValueError`` when the dataset reads files and no ``data_dir`` is given."""
@@ -135,7 +148,10 @@ class DatasetInfo:
         name: dataset name.
         input_shape: shape of one input, without the batch dimension (e.g. ``(1, 40)``).
         num_classes: number of classes.
-        num_train, num_test: sizes of the two splits (after ``limit_*``).
+        num_train, num_test: sizes of the training and test splits (after ``limit_*`` and
+            the validation split).
+        num_val: size of the validation split (0: none).
+        vocab_size: number of distinct tokens of token inputs (0: real-valued inputs).
     """
 
     name: str
@@ -143,6 +159,8 @@ class DatasetInfo:
     num_classes: int
     num_train: int
     num_test: int
+    num_val: int = 0
+    vocab_size: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-container form (JSON and ``weights_only`` checkpoints)."""
@@ -159,6 +177,9 @@ class DatasetInfo:
             num_classes=int(d["num_classes"]),
             num_train=int(d["num_train"]),
             num_test=int(d["num_test"]),
+            # absent from checkpoints written before the validation split and token inputs
+            num_val=int(d.get("num_val", 0)),
+            vocab_size=int(d.get("vocab_size", 0)),
         )
 
 
@@ -167,9 +188,11 @@ class Dataset:
     """Both splits in memory, plus what the loop needs to turn stored inputs into batches.
 
     ``x_*`` are float32 for the embedded sets and uint8 images for CIFAR; :meth:`prepare`
-    converts a batch of stored inputs into the model's float input. ``augment`` says whether
-    the standard image augmentation applies by default. ``label_noise_flipped`` is the number
-    of training labels changed by :func:`add_label_noise` (0 without noise).
+    converts a batch of stored inputs into the model's input (token ids pass unchanged).
+    ``augment`` says whether the standard image augmentation applies by default.
+    ``label_noise_flipped`` is the number of training labels changed by
+    :func:`add_label_noise` (0 without noise). ``x_val``/``y_val``: the validation split
+    (:func:`split_validation`), ``None`` without one.
     """
 
     info: DatasetInfo
@@ -177,6 +200,8 @@ class Dataset:
     y_train: Tensor
     x_test: Tensor
     y_test: Tensor
+    x_val: Tensor | None = None
+    y_val: Tensor | None = None
     augment: bool = False
     mean: Tensor | None = None  # per-channel, applied by prepare() to [0, 1] images
     std: Tensor | None = None
@@ -193,12 +218,18 @@ class Dataset:
 
     def to(self, device: torch.device | str) -> Dataset:
         """A copy with every tensor on ``device``."""
+
+        def moved(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
         return dataclasses.replace(
             self,
             x_train=self.x_train.to(device),
             y_train=self.y_train.to(device),
             x_test=self.x_test.to(device),
             y_test=self.y_test.to(device),
+            x_val=moved(self.x_val),
+            y_val=moved(self.y_val),
         )
 
 
@@ -211,11 +242,15 @@ def load_dataset(
     *,
     limit_train: int | None = None,
     limit_test: int | None = None,
+    val_fraction: float = 0.0,
 ) -> Dataset:
     """Load a dataset by name (see the module docstring for each one).
 
     ``limit_train`` / ``limit_test`` keep the first N samples of a split (quick runs, tests).
-    ``data_dir`` is required by the datasets that read files (CIFAR) and ignored otherwise.
+    ``val_fraction`` > 0 then holds out that fraction of the (limited) training split as the
+    validation split (:func:`split_validation`; ``ValueError`` when it would leave either
+    part empty). ``data_dir`` is required by the datasets that read files (CIFAR) and
+    ignored otherwise.
     """
     spec = dataset_spec(name)
     spec.check_data_dir(data_dir)
@@ -232,6 +267,11 @@ def load_dataset(
         x_tr, y_tr = x_tr[:limit_train], y_tr[:limit_train]
     if limit_test is not None:
         x_te, y_te = x_te[:limit_test], y_te[:limit_test]
+    x_val = y_val = None
+    if val_fraction:
+        keep, held = split_validation(y_tr, val_fraction, spec.num_classes)
+        x_val, y_val = x_tr[held], y_tr[held]
+        x_tr, y_tr = x_tr[keep], y_tr[keep]
     mean = std = None
     if x_tr.dtype == torch.uint8:
         # Per-channel statistics of the (possibly limited) training set, in [0, 1] units.
@@ -244,8 +284,12 @@ def load_dataset(
         num_classes=spec.num_classes,
         num_train=int(x_tr.shape[0]),
         num_test=int(x_te.shape[0]),
+        num_val=0 if y_val is None else int(y_val.shape[0]),
+        vocab_size=spec.vocab_size,
     )
-    return Dataset(info, x_tr, y_tr, x_te, y_te, augment=spec.augment, mean=mean, std=std)
+    return Dataset(
+        info, x_tr, y_tr, x_te, y_te, x_val, y_val, augment=spec.augment, mean=mean, std=std
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -291,6 +335,21 @@ def _load_digits(data_dir: Path | None) -> Arrays:
     y = d.target.astype(np.int64)
     perm = np.random.default_rng(0).permutation(len(y))  # fixed split, whatever the run seed
     n_train = int(0.8 * len(y))
+    tr, te = perm[:n_train], perm[n_train:]
+    return x[tr], y[tr], x[te], y[te]
+
+
+#: The modulus of ``modular-add`` (a prime, as in Power et al. 2022).
+MODULUS = 97
+
+
+def _load_modular_add(data_dir: Path | None) -> Arrays:
+    p = MODULUS
+    a, b = np.divmod(np.arange(p * p, dtype=np.int64), p)
+    x = np.stack([a, b, np.full_like(a, p)], axis=1)  # tokens a, b, "=" (id p)
+    y = (a + b) % p
+    perm = np.random.default_rng(0).permutation(p * p)  # fixed split, whatever the run seed
+    n_train = (p * p) // 2
     tr, te = perm[:n_train], perm[n_train:]
     return x[tr], y[tr], x[te], y[te]
 
@@ -459,6 +518,21 @@ register_dataset(
 )
 
 
+register_dataset(
+    DatasetSpec(
+        name="modular-add",
+        description=f"(a + b) mod {MODULUS} as tokens a, b, = (4,704 / 4,705 of the "
+        f"{MODULUS}x{MODULUS} pairs, {MODULUS} classes)",
+        load=_load_modular_add,
+        num_classes=MODULUS,
+        input_shape=(3,),
+        default_model="transformer",
+        cpu_threads=1,
+        vocab_size=MODULUS + 1,
+    )
+)
+
+
 def _cifar(name: str, num_classes: int, description: str) -> DatasetSpec:
     """CIFAR-10 and CIFAR-100 differ only in their files and classes."""
     return DatasetSpec(
@@ -486,6 +560,60 @@ register_dataset(
         "CIFAR-100 from --data-dir (cifar-100-python), 50,000 / 10,000, 100 classes",
     )
 )
+
+
+# ----------------------------------------------------------------------------- validation split
+
+#: Seed of every validation split. A constant, not the run's ``seed``: every run of a task
+#: (every method, every seed) holds out the same samples, so their validation figures are
+#: comparable and a value chosen on them is chosen on the same data.
+SPLIT_SEED = 0
+
+
+def split_validation(
+    labels: Tensor, fraction: float, num_classes: int, seed: int = SPLIT_SEED
+) -> tuple[Tensor, Tensor]:
+    """Indices ``(train, val)`` of a stratified split of samples with these ``labels``.
+
+    ``round(fraction · N)`` samples are held out, shared between the classes in proportion
+    to their counts (largest remainders get the samples left over; ties to the lower class),
+    each class's share drawn uniformly at random from its samples by a numpy generator
+    seeded with ``seed``. Both index tensors are sorted (the samples keep their order). The
+    split depends only on the labels, ``fraction`` and ``seed``. ``ValueError`` when
+    ``fraction`` is outside (0, 1) or leaves either part empty.
+
+    (Hand-written rather than scikit-learn's ``train_test_split(stratify=...)``, which
+    refuses a held-out part smaller than the number of classes, as small ``--limit-train``
+    runs ask for, and would make scikit-learn a dependency of every dataset.)
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise ValueError(f"Invalid val_fraction value: {fraction!r} (must be a number)")
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"Invalid val_fraction value: {fraction!r} (must be in (0, 1))")
+    y = labels.detach().cpu().numpy().astype(np.int64)
+    n = int(y.shape[0])
+    n_val = int(np.floor(fraction * n + 0.5))
+    if n_val < 1 or n_val >= n:
+        part = "no validation sample" if n_val < 1 else "no training sample"
+        raise ValueError(
+            f"val_fraction {fraction:g} of {n} training samples leaves {part}; change "
+            "val_fraction (0 disables the split) or train on more samples"
+        )
+    counts = np.bincount(y, minlength=num_classes)
+    quota = n_val * counts / n
+    share = np.floor(quota).astype(np.int64)
+    left = n_val - int(share.sum())
+    by_remainder = sorted(range(len(counts)), key=lambda c: (-(quota[c] - share[c]), c))
+    for c in by_remainder[:left]:
+        share[c] += 1
+    order = np.random.default_rng(seed).permutation(n)
+    held = np.zeros(n, dtype=bool)
+    for c, k in enumerate(share):
+        if k:
+            members = order[y[order] == c]  # class c's samples in the random order
+            held[members[:k]] = True
+    idx = torch.arange(n)
+    return idx[torch.from_numpy(~held)], idx[torch.from_numpy(held)]
 
 
 # ----------------------------------------------------------------------------- label noise

@@ -159,8 +159,11 @@ def run_epoch(
 ) -> dict[str, Any]:
     """Epoch ``epoch`` (counted from 1): train, evaluate, measure sharpness when due.
 
-    Adds the epoch's cost to ``totals`` and returns its ``metrics.jsonl`` row. ``seconds``
-    covers training and evaluation, not the sharpness measurement.
+    Adds the epoch's cost to ``totals`` and returns its ``metrics.jsonl`` row: the
+    validation split's ``val_loss``/``val_acc`` (``None`` without one) beside the test
+    split's. ``train_seconds`` covers the training steps alone (the time a method spends
+    training, what time-to-target counts); ``seconds`` adds the evaluation of both splits;
+    neither includes the sharpness measurement.
     """
     t0 = time.perf_counter()
     set_epoch = getattr(run.opt, "set_epoch", None)  # samkit optimizers; torch's have none
@@ -168,6 +171,10 @@ def run_epoch(
         set_epoch(epoch - 1)
     stats = train_epoch(run, on_step)
     run.procs.broadcast_buffers(run.model)
+    train_seconds = time.perf_counter() - t0
+    val_loss = val_acc = None
+    if run.val_loader is not None:
+        val_loss, val_acc = evaluate(run.eval_net, run.val_loader, run.autocast, run.procs)
     test_loss, test_acc = evaluate(run.eval_net, run.test_loader, run.autocast, run.procs)
     seconds = time.perf_counter() - t0
 
@@ -178,10 +185,13 @@ def run_epoch(
         "epoch": epoch,
         "train_loss": stats["train_loss"],
         "train_acc": stats["train_acc"],
+        "val_loss": val_loss,
+        "val_acc": val_acc,
         "test_loss": test_loss,
         "test_acc": test_acc,
         "lr": stats["lr"],
         "seconds": seconds,
+        "train_seconds": train_seconds,
         "grad_evals": totals["grad_evals"],
         "grad_evals_epoch": stats["grad_evals_epoch"],
         "steps": totals["steps"],

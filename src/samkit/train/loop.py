@@ -48,6 +48,7 @@ from samkit.train.env import TrainWarning, amp_warning, resolve_device
 from samkit.train.epoch import run_epoch
 from samkit.train.progress import EpochDisplay, header_lines
 from samkit.train.rundir import RunDirectory, run_record
+from samkit.train.validation import time_to_target, validation_summary
 
 __all__ = ["build_dataset", "resolve_config", "train"]
 
@@ -65,8 +66,10 @@ def train(
             gets one line per epoch.
         log: where human-readable lines go (``None``: silent).
 
-    Returns a dict with ``test_acc`` (a fraction in [0, 1]), ``best_test_acc``,
-    ``train_time_s``, ``epochs``, ``grad_evals``, ``final_train_loss`` and more.
+    Returns a dict with ``test_acc`` (a fraction in [0, 1]), the validation split's
+    ``val_acc``, ``best_val_acc``, ``best_val_epoch``, ``test_acc_at_best_val`` and
+    ``time_to_target`` (``None`` without a split or a ``val_target``), ``train_time_s``,
+    ``epochs``, ``grad_evals``, ``final_train_loss`` and more.
 
     Launched by torchrun (``WORLD_SIZE`` > 1 in the environment) or inside a process group
     the caller joined, every process calls this with the same config: it trains with DDP,
@@ -158,13 +161,21 @@ def _open_rundir(rundir: RunDirectory, config: TrainConfig, launch: Launch) -> d
 
 
 def _summary(run: Run, state: RunState, out: Any, wall_start: float) -> dict[str, Any]:
-    """The final epoch's figures and the best test accuracy seen."""
+    """The final epoch's figures, the validation split's (:mod:`samkit.train.validation`:
+    the best epoch by validation accuracy, the time to the target) and, for the record
+    only, the best test accuracy seen (choosing by it would select on test)."""
     config, history, totals = run.config, state.history, state.totals
     final = history[-1] if history else {}
     best = max(history, key=lambda r: r["test_acc"]) if history else {}
+    has_val = run.val_loader is not None
+    reached = None
+    if has_val and config.val_target is not None:
+        reached = time_to_target(history, config.val_target)
     summary: dict[str, Any] = {
         "test_acc": final.get("test_acc"),
         "test_loss": final.get("test_loss"),
+        **validation_summary(history),
+        "time_to_target": reached,
         "best_test_acc": best.get("test_acc"),
         "best_epoch": best.get("epoch"),
         "final_train_loss": final.get("train_loss"),
@@ -184,6 +195,8 @@ def _summary(run: Run, state: RunState, out: Any, wall_start: float) -> dict[str
         "num_params": run.num_params,
         "label_noise": config.label_noise,
         "label_noise_flipped": run.data.label_noise_flipped,
+        "val_fraction": config.val_fraction,
+        "num_val": run.data.info.num_val,
         "skipped_steps": int(getattr(run.opt, "samkit_state", {}).get("skipped_steps", 0)),
         "out": str(out) if out is not None else None,
     }

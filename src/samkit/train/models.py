@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from samkit.train.data import DatasetInfo
@@ -23,6 +24,7 @@ __all__ = [
     "CNN1D",
     "MLP",
     "SmallCNN",
+    "Transformer",
     "ResNet",
     "WideResNet",
     "create_model",
@@ -224,16 +226,86 @@ class WideResNet(nn.Module):
         return self.fc(self.head(self.blocks(self.stem(x))))
 
 
+class _Block(nn.Module):
+    """One transformer block without LayerNorm: ``h + attention(h)``, then ``h + mlp(h)``."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj = nn.Linear(width, width, bias=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, mlp_width), nn.ReLU(), nn.Linear(mlp_width, width)
+        )
+
+    def forward(self, h: Tensor, last_only: bool = False) -> Tensor:
+        """``h``: [B, T, W] -> [B, T, W], or [B, 1, W] for the last position alone with
+        ``last_only`` (its query attends to every position; the other queries, and the MLP
+        on the other positions, are not computed: the same last row, a third of the work)."""
+        b, t, w = h.shape
+        split = (self.heads, w // self.heads)
+        k, v = nn.functional.linear(h, self.qkv.weight[w:]).view(b, t, 2, *split).unbind(2)
+        rows = h[:, -1:] if last_only else h
+        q = nn.functional.linear(rows, self.qkv.weight[:w]).view(b, -1, *split)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, heads, T or 1, W/heads]
+        # Written out (not scaled_dot_product_attention): second derivatives for the Hessian
+        # measurements, torch.func for per-sample gradients, on every backend.
+        att = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)
+        rows = rows + self.proj((att @ v).transpose(1, 2).reshape(b, -1, w))
+        return rows + self.mlp(rows)
+
+
+class Transformer(nn.Module):
+    """A small transformer on token sequences, classifying from the last position.
+
+    Token and learned position embeddings, ``layers`` blocks (multi-head self-attention
+    over the whole sequence and a ReLU MLP, each added to the residual stream; no
+    LayerNorm, as in the one-layer model Nanda et al. 2023 train on modular addition), and a
+    linear read-out of the last token (``=`` in ``modular-add``); the last block computes
+    that position alone. Embeddings are drawn from N(0, 1/width) so the residual stream
+    starts at unit scale per token.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_len: int,
+        num_classes: int,
+        width: int = 128,
+        heads: int = 4,
+        layers: int = 1,
+        mlp_width: int = 512,
+    ):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, width)
+        self.pos = nn.Parameter(torch.empty(seq_len, width))
+        for weight in (self.embed.weight, self.pos):
+            nn.init.normal_(weight, std=1 / math.sqrt(width))
+        self.blocks = nn.Sequential(*(_Block(width, heads, mlp_width) for _ in range(layers)))
+        self.unembed = nn.Linear(width, num_classes, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x) + self.pos  # [B, T] token ids -> [B, T, W]
+        *inner, last = self.blocks
+        for block in inner:
+            h = block(h)
+        return self.unembed(last(h, last_only=True)[:, -1])  # [B, num_classes]
+
+
 # ----------------------------------------------------------------------------- registry
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
-    """A registered model: ``build(dataset_info, **model_args) -> nn.Module``."""
+    """A registered model: ``build(dataset_info, **model_args) -> nn.Module``; ``tokens``:
+    it reads token ids (a dataset with a ``vocab_size``), not real-valued inputs."""
 
     name: str
     build: Callable[..., nn.Module]
     description: str
+    tokens: bool = False
 
 
 def _channels(info: DatasetInfo, name: str, dims: int) -> int:
@@ -249,9 +321,11 @@ def _channels(info: DatasetInfo, name: str, dims: int) -> int:
 MODELS: dict[str, ModelInfo] = {}
 
 
-def _register(name: str, description: str) -> Callable[[Callable[..., nn.Module]], Any]:
+def _register(
+    name: str, description: str, tokens: bool = False
+) -> Callable[[Callable[..., nn.Module]], Any]:
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        MODELS[name] = ModelInfo(name, fn, description)
+        MODELS[name] = ModelInfo(name, fn, description, tokens)
         return fn
 
     return deco
@@ -293,6 +367,23 @@ def _wrn28_10(info: DatasetInfo, dropout: float = 0.0) -> nn.Module:
     return WideResNet(_channels(info, "wrn28_10", 3), info.num_classes, 28, 10, dropout)
 
 
+@_register(
+    "transformer",
+    "transformer on token ids (width 128, 4 heads, 1 layer, MLP 512), for modular-add",
+    tokens=True,
+)
+def _transformer(
+    info: DatasetInfo, width: int = 128, heads: int = 4, layers: int = 1, mlp_width: int = 512
+) -> nn.Module:
+    if len(info.input_shape) != 1:
+        raise ValueError(
+            f"model 'transformer' needs token sequences of shape [T]; dataset {info.name!r} "
+            f"has {list(info.input_shape)}"
+        )
+    seq_len = info.input_shape[0]
+    return Transformer(info.vocab_size, seq_len, info.num_classes, width, heads, layers, mlp_width)
+
+
 def list_models() -> list[str]:
     """Registered model names."""
     return list(MODELS)
@@ -306,6 +397,12 @@ def create_model(name: str, dataset_info: DatasetInfo, **model_args: Any) -> nn.
     """
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}; available: {', '.join(MODELS)}")
+    if MODELS[name].tokens != bool(dataset_info.vocab_size):
+        holds = "token ids" if dataset_info.vocab_size else "real-valued inputs"
+        reads = "token ids" if MODELS[name].tokens else "real-valued inputs"
+        raise ValueError(
+            f"model {name!r} reads {reads}; dataset {dataset_info.name!r} holds {holds}"
+        )
     build = MODELS[name].build
     accepted = list(inspect.signature(build).parameters)[1:]  # after the dataset info
     unknown = [k for k in model_args if k not in accepted]

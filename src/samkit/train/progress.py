@@ -32,7 +32,7 @@ def header_lines(run: Any, record: dict[str, Any], resumed_at: int | None) -> tu
     rho_text = f", rho {settings['rho']:g}" if "rho" in settings else ""
     what = (
         f"samkit train | {config.optimizer} (base {config.base}{rho_text}) | "
-        f"{info.name} ({info.num_train}/{info.num_test}) | {config.model} "
+        f"{info.name} ({_sizes(info)}) | {config.model} "
         f"({run.num_params:,} params) | {count(config.epochs, 'epoch')} x "
         f"{count(run.steps_per_epoch, 'step')} | seed {config.seed}"
     )
@@ -50,6 +50,12 @@ def header_lines(run: Any, record: dict[str, Any], resumed_at: int | None) -> tu
         + (f" | resumed at epoch {resumed_at}" if resumed_at is not None else "")
     )
     return what, where
+
+
+def _sizes(info: Any) -> str:
+    """``3600 train / 400 val / 1000 test`` (no val part without a validation split)."""
+    val = f" / {info.num_val} val" if info.num_val else ""
+    return f"{info.num_train} train{val} / {info.num_test} test"
 
 
 def _tqdm() -> Any:
@@ -101,20 +107,22 @@ class EpochDisplay:
         self._bar.update(1)
 
     def end(self, row: dict[str, Any]) -> None:
-        """The epoch is evaluated: its test accuracy joins the bar, or its line is printed."""
+        """The epoch is evaluated: its validation and test accuracies join the bar, or its
+        line is printed."""
         train_acc = row["train_acc"]  # None: no pass of the method covered a whole batch
+        val_acc = row.get("val_acc")  # None: no validation split
         if self._bar is not None:
-            self._bar.set_postfix(
-                loss=f"{row['train_loss']:.4f}",
-                acc=_fraction(train_acc),
-                test_acc=f"{row['test_acc']:.4f}",
-            )
+            shown = {"loss": f"{row['train_loss']:.4f}", "acc": _fraction(train_acc)}
+            if val_acc is not None:
+                shown["val_acc"] = f"{val_acc:.4f}"
+            self._bar.set_postfix(**shown, test_acc=f"{row['test_acc']:.4f}")
             self._bar.close()
             self._bar = None
             return
+        val = f"val acc {100 * val_acc:.2f}% | " if val_acc is not None else ""
         self._log(
             f"epoch {row['epoch']:>3}/{self._epochs} | train loss {row['train_loss']:.4f} "
-            f"acc {_percent(train_acc)} | test loss {row['test_loss']:.4f} "
+            f"acc {_percent(train_acc)} | {val}test loss {row['test_loss']:.4f} "
             f"acc {100 * row['test_acc']:.2f}% | lr {row['lr']:.4g} | {row['seconds']:.2f}s"
         )
 

@@ -19,6 +19,9 @@ tuned for a task live in a recipe, which ``samkit train --recipe NAME|FILE`` and
     [methods.adamw]                # lr, momentum, weight_decay and base may differ per method
     lr = 0.003
 
+    [search.sam]                   # optional: a method's search space on this task
+    rho = {low = 0.01, high = 0.5, scale = "log"}
+
     [reported]                     # optional: what a paper reports for this recipe
     source = "Author et al., Venue Year, Table N"
     sam = 80.9
@@ -26,7 +29,8 @@ tuned for a task live in a recipe, which ``samkit train --recipe NAME|FILE`` and
 A method table holds the method's hyperparameters (any keyword argument its class or its
 base optimizer takes) and the per-method training settings ``lr``, ``momentum``,
 ``weight_decay``, ``base``. A key that does not exist is an error naming the nearest valid
-key.
+key. A ``[search.NAME]`` table replaces (or adds) ranges of the method's search space for
+this task (:mod:`samkit.train.search`).
 
 Order of precedence (later wins), :func:`resolve_settings`:
 
@@ -66,6 +70,7 @@ from samkit.train.config import (
     optimizer_settings,
     suggest,
 )
+from samkit.train.search import SearchDim, layered_space, parse_search_table
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -102,7 +107,7 @@ DEFAULT_RECIPE = "mnist1d"
 METHOD_SETTINGS = ("lr", "momentum", "weight_decay", "base", "rho")
 
 _META = ("description", "reference")
-_TABLES = ("model_args", "methods", "reported")
+_TABLES = ("model_args", "methods", "reported", "search")
 #: Settings a recipe may not hold, and why.
 _NOT_IN_RECIPES = {
     "out": "a recipe describes a task, not where a run is written: use --out",
@@ -126,6 +131,8 @@ class Recipe:
         settings: ``TrainConfig`` fields (underscored names), including ``model_args``.
         methods: per-method tables, ``{optimizer name: {key: value}}``.
         reported: what a paper reports for this recipe (``source`` and figures per method).
+        search: per-method search ranges for this task, ``{optimizer name: {hyperparameter:
+            SearchDim}}`` (:func:`samkit.train.search.search_space` layers them).
     """
 
     name: str
@@ -135,6 +142,7 @@ class Recipe:
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     methods: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     reported: dict[str, Any] = dataclasses.field(default_factory=dict)
+    search: dict[str, dict[str, SearchDim]] = dataclasses.field(default_factory=dict)
 
 
 def list_recipes() -> list[str]:
@@ -187,6 +195,7 @@ def parse_recipe(data: Mapping[str, Any], *, name: str, path: str = "<recipe>") 
     meta: dict[str, str] = {}
     methods: dict[str, dict[str, Any]] = {}
     reported: dict[str, Any] = {}
+    search: dict[str, dict[str, SearchDim]] = {}
     for raw, value in data.items():
         key = _key(raw)
         if key in _NOT_IN_RECIPES:
@@ -203,6 +212,8 @@ def parse_recipe(data: Mapping[str, Any], *, name: str, path: str = "<recipe>") 
             methods = _parse_methods(value, where)
         elif key == "reported":
             reported = _parse_reported(value, where)
+        elif key == "search":
+            search = _parse_search(value, where)
         elif key == "model_args":
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: [model_args] must be a table of model arguments")
@@ -217,6 +228,12 @@ def parse_recipe(data: Mapping[str, Any], *, name: str, path: str = "<recipe>") 
     base = settings.get("base", TrainConfig.base)
     for method, table in methods.items():
         _check_method_table(method, table, table.get("base", base), where)
+    for method in search:
+        method_base = methods.get(method, {}).get("base", base)
+        try:
+            layered_space(method, method_base if isinstance(method_base, str) else "sgd", search)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: [search.{method}] {e}") from e
     return Recipe(
         name=name,
         path=path,
@@ -225,7 +242,18 @@ def parse_recipe(data: Mapping[str, Any], *, name: str, path: str = "<recipe>") 
         settings=settings,
         methods=methods,
         reported=reported,
+        search=search,
     )
+
+
+def _parse_search(value: Any, where: str) -> dict[str, dict[str, SearchDim]]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: [search] must hold one table per optimizer")
+    out: dict[str, dict[str, SearchDim]] = {}
+    for method, table in value.items():
+        name = check_optimizer_name(method, f"{where}: [search.{method}]")
+        out[name] = parse_search_table(method, table, where)
+    return out
 
 
 def _parse_methods(value: Any, where: str) -> dict[str, dict[str, Any]]:
@@ -306,10 +334,13 @@ def merge_recipes(recipes: Sequence[Recipe]) -> Recipe:
     settings: dict[str, Any] = {}
     methods: dict[str, dict[str, Any]] = {}
     reported: dict[str, Any] = {}
+    search: dict[str, dict[str, SearchDim]] = {}
     for r in recipes:
         settings = _overlay(settings, r.settings)
         for m, table in r.methods.items():
             methods[m] = {**methods.get(m, {}), **table}
+        for m, dims in r.search.items():
+            search[m] = {**search.get(m, {}), **dims}
         reported = r.reported or reported
     return Recipe(
         name="+".join(r.name for r in recipes),
@@ -319,6 +350,7 @@ def merge_recipes(recipes: Sequence[Recipe]) -> Recipe:
         settings=settings,
         methods=methods,
         reported=reported,
+        search=search,
     )
 
 
@@ -443,6 +475,11 @@ def check_given(config: TrainConfig, given: Mapping[str, Any]) -> None:
             "no momentum argument"
         )
     optimizer_settings(config)  # rho and opt_args the optimizer does not take
+    if given.get("val_target") is not None and config.val_fraction == 0:
+        raise ConfigError(
+            f"--val-target {given['val_target']:g} needs a validation split, and val_fraction "
+            "is 0: give --val-fraction > 0, or drop the target"
+        )
 
 
 def recipe_config(recipe: str | Path = DEFAULT_RECIPE, **given: Any) -> TrainConfig:
@@ -465,19 +502,23 @@ class DefaultsRow:
     sharpness_aware: bool
     class_defaults: dict[str, Any]
     recipe_values: dict[str, Any]
+    base: str = "sgd"  # the base optimizer of the recipe's run (the optimizer's own if plain)
+    search_space: tuple[SearchDim, ...] = ()  # on the recipe's task (search_space)
 
 
 def defaults_rows(recipe: str | Path = DEFAULT_RECIPE) -> list[DefaultsRow]:
     """For every registered optimizer: its class defaults (``samkit.NAME(...)``,
     ``create_optimizer``) and the values ``samkit train --recipe RECIPE --optimizer NAME``
-    passes (the same hyperparameters, plus whatever the recipe's method table sets)."""
+    passes (the same hyperparameters, plus whatever the recipe's method table sets), and its
+    search space on the recipe's task (over the base optimizer that run uses)."""
     from samkit.optim import get_optimizer_info, list_optimizers
 
     r = load_recipe(recipe)
     rows = []
     for name in list_optimizers():
         info = get_optimizer_info(name)
-        kwargs = optimizer_settings(resolve_settings([r], {"optimizer": name}))
+        config = resolve_settings([r], {"optimizer": name})
+        kwargs = optimizer_settings(config)
         table = method_table_settings(
             name, r.methods.get(name, {}), base=r.settings.get("base", TrainConfig.base)
         )
@@ -495,6 +536,8 @@ def defaults_rows(recipe: str | Path = DEFAULT_RECIPE) -> list[DefaultsRow]:
                 sharpness_aware=info.sharpness_aware,
                 class_defaults=dict(info.hyperparameters),
                 recipe_values=values,
+                base=config.base if info.sharpness_aware else name,
+                search_space=layered_space(name, config.base, r.search),
             )
         )
     return rows

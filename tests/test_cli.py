@@ -186,6 +186,27 @@ def test_help_exits_zero(capsys):
     assert "--opt-arg" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["-h"]])
+def test_top_level_help_lists_every_subcommand_with_its_help(capsys, argv):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for cmd in SUBCOMMANDS:  # the report's help holds a literal % (95% CI)
+        assert cmd.name in out and " ".join(cmd.help.split()[:3]) in " ".join(out.split())
+
+
+def test_samkit_alone_prints_the_help_and_exits_2(capsys):
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert all(cmd.name in captured.out for cmd in SUBCOMMANDS) and captured.err == ""
+
+
+@pytest.mark.parametrize("name", [cmd.name for cmd in SUBCOMMANDS])
+def test_every_subcommand_has_a_help(capsys, name):
+    assert main([name, "--help"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"usage: samkit {name}") and captured.err == ""
+
+
 def test_real_subprocess_python_dash_m(tmp_path):
     out = tmp_path / "run"
     res = subprocess.run(

@@ -135,7 +135,7 @@ def _bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["train", "--opt-arg", "novalue"], "expected KEY=VALUE"),
         (["train", "--amp", "fp8"], "invalid choice: 'fp8'"),
         (["train", "--out", str(blocker / "sub")], "cannot create --out"),
-        (["train", "--resume", "--out", str(tmp_path / "empty")], "checkpoint not found"),
+        (["train", "--resume", "--out", str(tmp_path / "none")], f"no run at {tmp_path / 'none'}"),
         (["train", "--resume"], "--resume needs --out"),
         (["train", "--config", str(tmp_path / "missing.json")], "missing.json"),
         (["train", "--config", str(bad_json)], "not valid JSON"),
@@ -165,6 +165,27 @@ def test_corrupted_checkpoint_resume_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "checkpoint.pt" in err and err.count("\n") == 1
     assert (out / "metrics.jsonl").read_text() == before  # results already written stay
+
+
+def test_resuming_where_there_is_no_run_says_so_in_one_line(tmp_path, capsys):
+    from samkit.train import CheckpointError, TrainConfig, train
+
+    missing = tmp_path / "missing"
+    assert main(["train", "--out", str(missing), "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        f"samkit: error: no run at {missing}: the folder does not exist\n"
+    )
+    with pytest.raises(CheckpointError, match="^no run at .*missing: the folder does not"):
+        train(TrainConfig(out=str(missing), resume=True, limit_train=64), log=None)
+    assert not missing.exists()  # nothing created on the way
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--out", str(empty), "--resume"]) == 2
+    assert "no run at" in capsys.readouterr().err
+    (empty / "metrics.jsonl").write_text("")  # a run killed before its first checkpoint
+    assert main(["train", "--out", str(empty), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to resume in" in err and "before writing checkpoint.pt" in err
 
 
 def test_list(capsys):

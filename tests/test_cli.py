@@ -188,6 +188,22 @@ def test_resuming_where_there_is_no_run_says_so_in_one_line(tmp_path, capsys):
     assert "nothing to resume in" in err and "before writing checkpoint.pt" in err
 
 
+@pytest.mark.parametrize("method", ["saf", "mesa"])
+def test_a_run_that_ends_before_the_start_epoch_warns_in_one_line(method, capsys):
+    tiny = ["train", "--optimizer", method, "--dataset", "digits", "--quiet"]
+    tiny += ["--limit-train", "64", "--limit-test", "32", "--batch-size", "64"]
+    assert main([*tiny, "--epochs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("samkit: warning: ") and err.count("\n") == 1, err
+    assert f"{method} adds its term from start_epoch 6 (counted from 0: epoch 7" in err
+    assert "the run has 1 epoch, so it trains as plain sgd" in err
+    # The boundary: samkit train's epoch E is the optimizer's epoch E - 1.
+    assert main([*tiny, "--opt-arg", "start_epoch=2", "--epochs", "2"]) == 0
+    assert "from start_epoch 2" in capsys.readouterr().err
+    assert main([*tiny, "--opt-arg", "start_epoch=2", "--epochs", "3"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_list(capsys):
     import samkit
 

@@ -90,6 +90,9 @@ def train(
         # Setup errors stop every process with the same message (agree), not one of them.
         ckpt = procs.agree(lambda: _open_rundir(rundir, config, launch))
         run, state = procs.agree(lambda: _build(config, device, procs, ckpt))
+        unreached = run.unreached_start()
+        if unreached and launch.is_main:
+            warnings.warn(unreached, TrainWarning, stacklevel=2)
         run.wrap_for_processes()  # DDP (a collective: after every process built its run)
         resumed_at = state.epoch if ckpt is not None else None
         record = run_record(run, resumed_from=resumed_at)

@@ -72,7 +72,10 @@ def train(
     Launched by torchrun (``WORLD_SIZE`` > 1 in the environment) or inside a process group
     the caller joined, every process calls this with the same config: it trains with DDP,
     ``batch_size`` is the global batch, and only rank 0 logs and writes ``out``
-    (:mod:`samkit.train.distributed`). Every process returns the same summary.
+    (:mod:`samkit.train.distributed`). Every process returns the same summary. A group this
+    call joined is left when it returns; if it raises, the group stays joined until the
+    caller drops the error and calls :func:`samkit.train.distributed.leave_process_group`
+    (``samkit train`` does), so that the group's threads end before Python shuts down.
 
     Raises :class:`ConfigError` for invalid settings (before any training),
     :class:`~samkit.train.CheckpointError` for a damaged checkpoint on resume and

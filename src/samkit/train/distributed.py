@@ -316,7 +316,7 @@ def processes(launch: Launch, device: torch.device) -> Iterator[Processes]:
     dist.init_process_group(backend)
     yield Processes(launch, device, backend)  # an error leaves the group (see above)
     try:
-        dist.barrier()
+        dist.barrier(device_ids=[torch.cuda.current_device()] if backend == "nccl" else None)
     finally:
         leave_process_group()
 

@@ -314,7 +314,7 @@ def processes(launch: Launch, device: torch.device) -> Iterator[Processes]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend)
-    yield Processes(launch, device, backend)  # an error leaves the group (see above)
+    yield Processes(launch, device, backend)  # after an error the group stays (see above)
     try:
         dist.barrier(device_ids=[torch.cuda.current_device()] if backend == "nccl" else None)
     finally:

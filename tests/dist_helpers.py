@@ -18,6 +18,12 @@ ten on a loaded machine, and what this one does instead:
 * a hang (a collective that one rank never reaches) waited for gloo's default 30 minutes;
   here collectives time out after ``timeout`` seconds, so a broken test fails instead.
 
+* a worker aborted at exit now and then (``terminate called without an active
+  exception``): gloo's threads were still alive when the interpreter shut down, and one
+  that needed the GIL to drop a tensor was ended inside C++ code. Here the group is left in
+  order, as ``samkit train`` leaves it: a barrier, the workers' models collected, then the
+  group destroyed, which joins its threads (``samkit.train.distributed.processes``).
+
 A worker's exception reaches the test through ``torch.multiprocessing`` (with its
 traceback); the other processes are then terminated.
 """
@@ -25,9 +31,12 @@ traceback); the other processes are then terminated.
 from __future__ import annotations
 
 import datetime
+import gc
+import importlib
 import os
 import sys
 import tempfile
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -92,6 +101,10 @@ def _entry(
     rank: int, fn: Callable[..., None], world: int, init: str, timeout: float, args: tuple
 ) -> None:
     torch.set_num_threads(1)
+    # Before the group exists: its functions' group=group.WORLD defaults would hold the group
+    # (and its threads) until the interpreter exits (samkit.train.distributed.processes).
+    importlib.import_module("torch.distributed.nn")
+
     dist.init_process_group(
         "gloo",
         init_method=init,
@@ -99,11 +112,20 @@ def _entry(
         world_size=world,
         timeout=datetime.timedelta(seconds=timeout),
     )
-    try:
-        fn(rank, world, *args)
-        dist.barrier()  # nobody tears the group down while another still uses it
-    finally:
-        dist.destroy_process_group()
+    fn(rank, world, *args)  # an error: the launcher reports it and ends the processes
+    dist.barrier()  # nobody tears the group down while another still uses it
+    # fn's models are gone (collect their cycles: DDP holds the group), so destroying the
+    # group joins its threads now, while Python is alive, not in the interpreter's shutdown.
+    group = weakref.ref(dist.group.WORLD)
+    gc.collect()
+    dist.destroy_process_group()
+    if group() is not None:
+        # Still held, so its threads live on: by DTensor's caches of sharding plans, which
+        # keep FSDP2's device mesh. This worker's results are saved; it ends without the
+        # interpreter's shutdown, where such a thread could abort it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def gather_full(model: torch.nn.Module) -> list[torch.Tensor]:

@@ -138,7 +138,7 @@ def _bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["train", "--opt-arg", "novalue"], "expected KEY=VALUE"),
         (["train", "--amp", "fp8"], "invalid choice: 'fp8'"),
         (["train", "--out", str(blocker / "sub")], "cannot create --out"),
-        (["train", "--resume", "--out", str(tmp_path / "empty")], "checkpoint not found"),
+        (["train", "--resume", "--out", str(tmp_path / "none")], f"no run at {tmp_path / 'none'}"),
         (["train", "--resume"], "--resume needs --out"),
         (["train", "--config", str(tmp_path / "missing.json")], "missing.json"),
         (["train", "--config", str(bad_json)], "not valid JSON"),
@@ -170,6 +170,43 @@ def test_corrupted_checkpoint_resume_is_one_line(tmp_path, capsys):
     assert (out / "metrics.jsonl").read_text() == before  # results already written stay
 
 
+def test_resuming_where_there_is_no_run_says_so_in_one_line(tmp_path, capsys):
+    from samkit.train import CheckpointError, TrainConfig, train
+
+    missing = tmp_path / "missing"
+    assert main(["train", "--out", str(missing), "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        f"samkit: error: no run at {missing}: the folder does not exist\n"
+    )
+    with pytest.raises(CheckpointError, match="^no run at .*missing: the folder does not"):
+        train(TrainConfig(out=str(missing), resume=True, limit_train=64), log=None)
+    assert not missing.exists()  # nothing created on the way
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--out", str(empty), "--resume"]) == 2
+    assert "no run at" in capsys.readouterr().err
+    (empty / "metrics.jsonl").write_text("")  # a run killed before its first checkpoint
+    assert main(["train", "--out", str(empty), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to resume in" in err and "before writing checkpoint.pt" in err
+
+
+@pytest.mark.parametrize("method", ["saf", "mesa"])
+def test_a_run_that_ends_before_the_start_epoch_warns_in_one_line(method, capsys):
+    tiny = ["train", "--optimizer", method, "--dataset", "digits", "--quiet"]
+    tiny += ["--limit-train", "64", "--limit-test", "32", "--batch-size", "64"]
+    assert main([*tiny, "--epochs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("samkit: warning: ") and err.count("\n") == 1, err
+    assert f"{method} adds its term from start_epoch 6 (counted from 0: epoch 7" in err
+    assert "the run has 1 epoch, so it trains as plain sgd" in err
+    # The boundary: samkit train's epoch E is the optimizer's epoch E - 1.
+    assert main([*tiny, "--opt-arg", "start_epoch=2", "--epochs", "2"]) == 0
+    assert "from start_epoch 2" in capsys.readouterr().err
+    assert main([*tiny, "--opt-arg", "start_epoch=2", "--epochs", "3"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_list(capsys):
     import samkit
 
@@ -187,6 +224,27 @@ def test_subcommands_are_registered_in_one_list():
 def test_help_exits_zero(capsys):
     assert main(["train", "--help"]) == 0
     assert "--opt-arg" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h"]])
+def test_top_level_help_lists_every_subcommand_with_its_help(capsys, argv):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for cmd in SUBCOMMANDS:  # the report's help holds a literal % (95% CI)
+        assert cmd.name in out and " ".join(cmd.help.split()[:3]) in " ".join(out.split())
+
+
+def test_samkit_alone_prints_the_help_and_exits_2(capsys):
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert all(cmd.name in captured.out for cmd in SUBCOMMANDS) and captured.err == ""
+
+
+@pytest.mark.parametrize("name", [cmd.name for cmd in SUBCOMMANDS])
+def test_every_subcommand_has_a_help(capsys, name):
+    assert main([name, "--help"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"usage: samkit {name}") and captured.err == ""
 
 
 def test_real_subprocess_python_dash_m(tmp_path):

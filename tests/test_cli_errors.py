@@ -91,9 +91,13 @@ CASES = {
         "nope",
     ),
     "resume-without-out": (lambda d, m: ["train", "--resume"], "--resume needs --out"),
+    "resume-missing-out": (
+        lambda d, m: ["train", "--resume", "--out", str(d / "none")],
+        "no run at",
+    ),
     "resume-empty-out": (
         lambda d, m: ["train", "--resume", "--out", str(d)],
-        "checkpoint not found",
+        "holds no checkpoint.pt",
     ),
     # invalid values
     "lr-negative": (lambda d, m: ["train", "--lr", "-0.1"], "invalid lr: -0.1"),

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import samkit
 from samkit.cli import build_parser, main
 from samkit.train import TrainConfig
 from samkit.train.recipes import load_recipe
@@ -199,6 +200,24 @@ def test_every_example_of_the_page_runs(page, tmp_path, monkeypatch, capsys):
                     pytest.fail(f"{where}\nraised {type(e).__name__}: {e}")
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("method", samkit.list_optimizers(sharpness_aware=True))
+def test_the_readme_loop_drives_every_method(method):
+    """The README's own-loop block, with its method replaced (it runs as written above)."""
+    line = 'method = "sam"'
+    blocks = [ex for ex in extract((ROOT / "README.md").read_text()) if ex.code and line in ex.code]
+    assert len(blocks) == 1, "README.md: the loop block (with its method = line) not found"
+    code = blocks[0].code.replace(line, f"method = {method!r}")
+    scope: dict = {"__name__": "__doc__"}
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is the fastest next to other tests
+    try:
+        exec(compile(code, f"README.md:{blocks[0].line}", "exec"), scope)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.isfinite(scope["loss"]) and scope["opt"].epoch == 7
+    assert samkit.get_optimizer_info(method).cls is type(scope["opt"])
 
 
 def test_extract_finds_commands_python_blocks_and_skips():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -252,11 +253,15 @@ def _run_train(args: argparse.Namespace) -> int:
     def stopped(_signum: int, _frame: Any) -> None:
         raise _Stopped()
 
-    signal.signal(signal.SIGTERM, stopped)  # torchrun stops the others when one fails
+    # torchrun stops the others when one fails; once training is over (reported, or the
+    # process group being left), SIGTERM ends the process as it would have.
+    previous = signal.signal(signal.SIGTERM, stopped)
     try:
         return _train(args, launch)
     except BaseException as e:
         _exit_one_of_many(e, launch)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Stopped(BaseException):  # like KeyboardInterrupt: not caught by `except Exception`
@@ -724,7 +729,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"samkit {samkit.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for cmd in SUBCOMMANDS:
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        # argparse formats help strings with %: a literal % in a subcommand's help is escaped
+        p = sub.add_parser(cmd.name, help=cmd.help.replace("%", "%%"), description=cmd.help)
         cmd.add_arguments(p)
         p.set_defaults(_run=cmd.run)
     return parser
@@ -732,6 +738,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``samkit`` command; returns the exit code."""
+    try:
+        return _main(argv)
+    finally:
+        _release_process_group()
+
+
+def _release_process_group() -> None:
+    """Under torchrun, leave the process group ``samkit train`` joined if an error left it
+    joined, now that the error (which holds the run, whose DDP model holds the group) is
+    dropped: its threads are joined while Python is alive, not during the interpreter's
+    shutdown (:func:`samkit.train.distributed.processes` says why that aborts)."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1") or "torch.distributed" not in sys.modules:
+        return
+    from samkit.train.distributed import leave_process_group
+
+    leave_process_group()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from samkit.train import (
         CheckpointError,
         ConfigError,

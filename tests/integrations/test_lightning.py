@@ -81,11 +81,11 @@ class _SamkitModule(SharpnessAwareMixin, _Module):
 
 
 def _fit(module: pl.LightningModule, **trainer_kw) -> pl.LightningModule:
-    trainer = pl.Trainer(
-        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        **trainer_kw,
-    )  # fmt: skip
+    trainer = pl.Trainer(**{
+        "max_epochs": 1, "accelerator": "cpu", "devices": 1, "logger": False,
+        "enable_checkpointing": False, "enable_progress_bar": False,
+        "enable_model_summary": False, "num_sanity_val_steps": 0, **trainer_kw,
+    })  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's advice about workers, logging, ...
         trainer.fit(module)
@@ -160,6 +160,36 @@ def test_settings_a_multi_pass_step_cannot_run_under_are_refused(trainer_kw, wor
         _fit(module, **trainer_kw)
     if "accumulate_grad_batches" not in trainer_kw:  # refused before the first step
         assert all(torch.equal(start[k], v) for k, v in module.net.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["esam", "mesa", "ssam"])
+def test_methods_that_need_the_batch_are_refused_before_the_first_step(method):
+    module = _SamkitModule(method)
+    start = copy.deepcopy(module.net.state_dict())
+    with pytest.raises(ValueError, match=f"Lightning cannot drive {method}: {method} needs the"):
+        _fit(module)
+    assert all(torch.equal(start[k], v) for k, v in module.net.state_dict().items())
+
+
+class _EpochSAM(samkit.SAM):
+    """SAM that acts on epochs (as SAF, MESA and SSAM do) and records the epoch of each step."""
+
+    needs_epoch = True
+
+    def sharpness_step(self, closure):
+        self.epochs_seen.append(self.current_epoch())
+        return super().sharpness_step(closure)
+
+
+def test_every_step_gets_lightnings_epoch():
+    class Epochs(SharpnessAwareMixin, _Module):
+        def configure_optimizers(self):
+            self.opt = _EpochSAM(self.parameters(), "sgd", model=self, lr=0.1)
+            self.opt.epochs_seen = []
+            return self.opt
+
+    module = _fit(Epochs(), max_epochs=2)
+    assert module.opt.epochs_seen == [0] * len(_data()) + [1] * len(_data())
 
 
 def test_plain_optimizers_keep_lightnings_clipping():

@@ -211,3 +211,38 @@ def test_the_example_runs(tmp_path):
         warnings.simplefilter("ignore")
         metrics = example.main(argv)
     assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+
+
+class _EpochSAM(samkit.SAM):
+    """SAM that acts on epochs (as SAF, MESA and SSAM do) and records the epoch of each step."""
+
+    needs_epoch = True
+
+    def sharpness_step(self, closure):
+        self.epochs_seen.append(self.current_epoch())
+        return super().sharpness_step(closure)
+
+
+def test_every_step_gets_the_trainers_epoch(tmp_path):
+    model = _model()
+    opt = _EpochSAM(model.parameters(), "sgd", lr=0.1)
+    opt.epochs_seen = []
+    trainer = _InOrder(
+        model=model, args=_args(tmp_path, num_train_epochs=2, gradient_accumulation_steps=2),
+        train_dataset=_Data(), optimizers=(opt, None),
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert opt.epochs_seen == [0, 0, 1, 1]  # 16 samples, batches of 4, 2 per step
+
+
+@pytest.mark.parametrize("method", ["esam", "saf", "ssam"])
+def test_methods_that_need_the_batch_are_refused_when_the_trainer_is_built(tmp_path, method):
+    words = f"SharpnessAwareTrainer cannot drive {method}: {method} needs the batch itself"
+    with pytest.raises(ValueError, match=words):
+        SharpnessAwareTrainer(model=_model(), args=_args(tmp_path), method=method)
+    model = _model()
+    opt = samkit.create_optimizer(method, model.parameters(), base="sgd", lr=0.1)
+    with pytest.raises(ValueError, match=words):
+        SharpnessAwareTrainer(model=model, args=_args(tmp_path), optimizers=(opt, None))

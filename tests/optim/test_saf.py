@@ -330,36 +330,27 @@ def test_registry_entry_builds_the_paper_defaults():
 # ----------------------------------------------------------------------------- DDP
 # One 2-process gloo run for the three methods with long-lived state (SAF's bank, MESA's
 # average, SSAM's masks): each replica trains on its half of every batch.
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, out_dir: str) -> None:
     import os
 
-    import torch.distributed as dist
-
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    try:
-        results = {}
-        for name, kw in _DDP_RUNS.items():
-            model = nn.parallel.DistributedDataParallel(tiny_net(bn=name == "mesa"))
-            opt = samkit.create_optimizer(
-                name.split("-")[0], model.parameters(), lr=LR, momentum=MOM, **kw
-            )
-            x, y = dataset()
-            for e, batches_ in enumerate(epochs_of(3)):
-                opt.set_epoch(e)
-                for idx in batches_:
-                    half = idx[rank * 4 : rank * 4 + 4]
-                    opt.step(samkit.make_closure(model, loss_fn, x[half], y[half], indices=half))
-            results[name] = {
-                "params": [p.detach() for p in model.parameters()],
-                "state": opt.state_dict(),
-            }
-        results["mesa-fsdp"], results["mesa-ddp-own-bn"] = _mesa_sharded(rank)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    results = {}
+    for name, kw in _DDP_RUNS.items():
+        model = nn.parallel.DistributedDataParallel(tiny_net(bn=name == "mesa"))
+        opt = samkit.create_optimizer(
+            name.split("-")[0], model.parameters(), lr=LR, momentum=MOM, **kw
+        )
+        x, y = dataset()
+        for e, batches_ in enumerate(epochs_of(3)):
+            opt.set_epoch(e)
+            for idx in batches_:
+                half = idx[rank * 4 : rank * 4 + 4]
+                opt.step(samkit.make_closure(model, loss_fn, x[half], y[half], indices=half))
+        results[name] = {
+            "params": [p.detach() for p in model.parameters()],
+            "state": opt.state_dict(),
+        }
+    results["mesa-fsdp"], results["mesa-ddp-own-bn"] = _mesa_sharded(rank)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _mesa_sharded(rank: int):
@@ -409,15 +400,10 @@ _DDP_RUNS = {
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
-    import socket
-
-    import torch.multiprocessing as mp
+    from dist_helpers import launch
 
     out = tmp_path_factory.mktemp("ddp_state")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(out)), nprocs=2, join=True)
+    launch(_ddp_worker, 2, str(out))
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 

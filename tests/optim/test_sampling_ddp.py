@@ -10,16 +10,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import samkit
+from dist_helpers import launch
 from optim_helpers import batches, loss_fn
 
 pytestmark = [
@@ -73,25 +70,16 @@ def _ausam_replica(rank: int, sync: bool) -> dict:
     return {"params": [p.detach().clone() for p in model.parameters()], "sizes": sizes}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    try:
-        for sync in (False, True):
-            torch.save(_esam_replica(rank, sync), f"{out_dir}/esam_{rank}_{sync}.pt")
-            torch.save(_ausam_replica(rank, sync), f"{out_dir}/ausam_{rank}_{sync}.pt")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    for sync in (False, True):
+        torch.save(_esam_replica(rank, sync), f"{out_dir}/esam_{rank}_{sync}.pt")
+        torch.save(_ausam_replica(rank, sync), f"{out_dir}/ausam_{rank}_{sync}.pt")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("sampling_ddp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(out)), nprocs=2, join=True)
+    launch(_worker, 2, str(out))
 
     def load(method, sync):
         return [torch.load(out / f"{method}_{r}_{sync}.pt", weights_only=True) for r in (0, 1)]

@@ -81,6 +81,30 @@ def _errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("samkit: error:")]
 
 
+#: The end of a script run under torchrun: samkit's main, then a line saying how many of
+#: gloo's threads are still alive and whether the process group is still joined. A thread
+#: alive when the interpreter shuts down can abort the process after its work is done
+#: (samkit.train.distributed.processes): none may be left.
+_MAIN_THEN_THREADS = """
+import os, sys
+import torch.distributed as dist
+from samkit.cli import main
+code = main(sys.argv[1:])
+task = "/proc/self/task"
+names = [open(f"{task}/{t}/comm").read() for t in os.listdir(task)] if os.path.isdir(task) else []
+print(f"rank {os.environ['RANK']}: {sum('gloo' in n for n in names)} gloo threads, "
+      f"joined {dist.is_initialized()}", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def _left_in_order(stderr: str, ranks: tuple[int, ...] = (0, 1)) -> None:
+    """These processes ended with no gloo thread and no group (Linux: /proc lists threads)."""
+    if sys.platform.startswith("linux"):
+        for rank in ranks:
+            assert f"rank {rank}: 0 gloo threads, joined False" in stderr, stderr
+
+
 # ----------------------------------------------------------------------------- launches
 
 
@@ -91,7 +115,10 @@ def test_two_processes_with_synchronised_ascent_equal_one_process(tmp_path):
     (an MLP: no BatchNorm, which would see each process's half)."""
     settings = ["--model", "mlp", "--limit-train", "200", "--epochs", "2"]
     settings += ["--rho", "0.1", "--opt-arg", "sync_ascent=true"]
-    res = _ok(_launch("-m", "samkit", "train", *TINY, *settings, "--out", str(tmp_path / "two")))
+    script = tmp_path / "samkit_main.py"
+    script.write_text(_MAIN_THEN_THREADS)
+    res = _ok(_launch(str(script), "train", *TINY, *settings, "--out", str(tmp_path / "two")))
+    _left_in_order(res.stderr)  # the process group left in order: nothing can abort at exit
     # Rank 0 alone prints: one header, one line per epoch, one final line.
     assert res.stdout.count("samkit train |") == 1
     assert res.stdout.count("epoch   1/2") == 1 and res.stdout.count("test accuracy") == 1
@@ -205,9 +232,7 @@ def test_an_error_on_one_process_ends_both_with_one_line_each(tmp_path):
         "def fail(run, on_step=None):\n"
         "    raise NonFiniteError('simulated: a NaN on this process only')\n"
         "if os.environ['RANK'] == '1':\n"
-        "    epoch.train_epoch = fail\n"
-        "from samkit.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
+        "    epoch.train_epoch = fail\n" + _MAIN_THEN_THREADS
     )
     start = time.monotonic()
     res = _launch(str(script), "train", *TINY, "--limit-train", "80", "--epochs", "1", timeout=300)
@@ -220,6 +245,9 @@ def test_an_error_on_one_process_ends_both_with_one_line_each(tmp_path):
     ), res.stderr
     assert any(e.startswith("samkit: error: rank 0 of 2: stopped") for e in errors), res.stderr
     assert len(errors) == 2, res.stderr
+    # The failed process left the group once its error was reported (the other one may be
+    # ended by torchrun first).
+    _left_in_order(res.stderr, ranks=(1,))
 
 
 # ----------------------------------------------------------------------------- in process

@@ -36,6 +36,11 @@ need care, and :class:`SharpnessAwareMixin` takes care of them::
 * **BatchNorm.** Lightning's closure is a plain closure, so the optimizer needs ``model=``
   to keep the running statistics to the clean pass; the mixin sets ``model=self`` when the
   optimizer was built without one.
+* **Methods that need the batch itself** (``samkit.make_closure``;
+  ``OptimizerInfo.needs_batch_closure``) cannot run on Lightning's plain closure and are
+  refused before the first step, with the reason (:mod:`samkit.integrations._support`; the
+  table in ``docs/scaling.md``).
+* **Epochs.** Every step tells the optimizer Lightning's ``current_epoch`` (``set_epoch``).
 * **Settings that cannot drive a multi-pass step** are refused with a clear error before the
   first step: ``precision="16-mixed"`` (Lightning then runs the closure once outside
   ``optimizer.step`` and steps through a gradient scaler without it; use ``"bf16-mixed"``)
@@ -55,6 +60,7 @@ from __future__ import annotations
 from typing import Any
 
 from samkit.integrations._clipping import is_samkit, set_max_grad_norm
+from samkit.integrations._support import check_supported
 
 __all__ = ["SharpnessAwareMixin"]
 
@@ -82,6 +88,7 @@ class SharpnessAwareMixin:
         self._check_trainer_for_samkit(raw)
         if raw.model is None:
             raw.model = self  # BatchNorm statistics from the clean pass only
+        raw.set_epoch(self.trainer.current_epoch)  # type: ignore[attr-defined]
         passes = 0
 
         def counted() -> Any:
@@ -118,7 +125,9 @@ class SharpnessAwareMixin:
             set_max_grad_norm(raw, float(gradient_clip_val))
 
     def _check_trainer_for_samkit(self, optimizer: Any) -> None:
-        """Refuse the settings a multi-pass step cannot run under; map the clipping early."""
+        """Refuse the methods and the settings a multi-pass step cannot run under; map the
+        clipping early."""
+        check_supported(optimizer, "Lightning")
         trainer = self.trainer  # type: ignore[attr-defined]
         if getattr(getattr(trainer, "precision_plugin", None), "scaler", None) is not None:
             raise ValueError(

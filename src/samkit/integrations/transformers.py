@@ -34,6 +34,12 @@ How the ``TrainingArguments`` map:
 
 An optimizer passed as ``optimizers=(opt, scheduler)`` must be a samkit sharpness-aware
 optimizer; its ``max_grad_norm`` is set from the arguments too.
+
+The ``Trainer``'s closure is its own forward and backward: methods that need the batch itself
+(``samkit.make_closure``; ``OptimizerInfo.needs_batch_closure``) are refused when the
+trainer is built (:mod:`samkit.integrations._support`; the table in
+``docs/scaling.md``). Every step tells the optimizer the epoch (``set_epoch``: the
+``Trainer``'s ``state.epoch``, whole epochs done).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import torch
 
 import samkit
 from samkit.integrations._clipping import is_samkit, recorded_grad_norm, set_max_grad_norm
+from samkit.integrations._support import check_supported
 
 try:
     from transformers import Trainer
@@ -155,8 +162,11 @@ class SharpnessAwareTrainer(Trainer):
                     "SharpnessAwareTrainer needs a samkit sharpness-aware optimizer in "
                     f"optimizers=, got {type(opt).__name__}; use transformers.Trainer for it"
                 )
+            check_supported(opt, type(self).__name__)
             self._sharpness_optimizer = opt
             kwargs["optimizers"] = (_StepTakenInTrainingStep(opt), optimizers[1])
+        else:
+            check_supported(method, type(self).__name__)
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if getattr(training_args, "fp16", False):
             raise self._fp16_refused()
@@ -231,6 +241,8 @@ class SharpnessAwareTrainer(Trainer):
             return torch.zeros((), device=self.args.device)
         window, self._window = self._window, []
         trainer_pass = super().training_step
+        # The epoch the Trainer is in, from 0 (state.epoch counts fractions of epochs done).
+        self._sharpness_optimizer.set_epoch(int(self.state.epoch or 0))
 
         def closure() -> torch.Tensor:  # one pass: the Trainer's forward + backward
             total = None

@@ -254,6 +254,21 @@ class Run:
         """fp16 with a plain torch optimizer: ``closure(); scaler.step(opt)`` (no closure)."""
         return self.scaler is not None and not is_sharpness_aware(self.opt)
 
+    def unreached_start(self) -> str | None:
+        """A warning when the run ends before its optimizer's ``start_epoch`` (SAF, MESA:
+        their term starts there, counted from 0; before it they are the base optimizer), so
+        the whole run would be the base optimizer under the method's name; else ``None``."""
+        start = self.opt.param_groups[0].get("start_epoch")
+        epochs, name = self.config.epochs, self.config.optimizer
+        if start is None or epochs > start:
+            return None
+        return (
+            f"{name} adds its term from start_epoch {start} (counted from 0: epoch "
+            f"{start + 1} of this run) but the run has {_epochs(epochs)}, so it trains as "
+            f"plain {self.config.base}; use --epochs {start + 1} or more, or a lower "
+            "start_epoch (--opt-arg start_epoch=N)"
+        )
+
     def wrap_for_processes(self) -> None:
         """Under several processes, put ``DistributedDataParallel`` around the model the
         steps run (around the compiled module with ``compile``: ``no_sync`` stays DDP's).

@@ -166,6 +166,29 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     return ckpt
 
 
+def run_checkpoint_path(out: str | Path) -> Path:
+    """The checkpoint a ``--resume`` of the run directory ``out`` continues from.
+
+    Raises :class:`CheckpointError` in one line when there is nothing to resume: no folder
+    (``no run at OUT``), a file, a folder without a run, or a run that stopped before its
+    first checkpoint.
+    """
+    out = Path(out)
+    if not out.exists():
+        raise CheckpointError(f"no run at {out}: the folder does not exist")
+    if not out.is_dir():
+        raise CheckpointError(f"no run at {out}: it is a file, not a run directory")
+    path = out / CHECKPOINT_NAME
+    if path.exists():
+        return path
+    if any((out / name).exists() for name in ("metrics.jsonl", "config.json")):
+        raise CheckpointError(
+            f"nothing to resume in {out}: its run stopped before writing {CHECKPOINT_NAME}; "
+            "remove the folder or choose another --out"
+        )
+    raise CheckpointError(f"no run at {out}: the folder holds no {CHECKPOINT_NAME}")
+
+
 _ZIP_MAGIC = b"PK\x03\x04"
 _WHAT_TO_DO = "Start a new run (with another --out) or restore the file from a copy"
 

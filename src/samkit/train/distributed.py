@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
+import importlib
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -36,7 +38,14 @@ from torch import nn
 from samkit.train.checkpoint import CheckpointError
 from samkit.train.config import ConfigError
 
-__all__ = ["Launch", "PeerFailure", "Processes", "launch_from_env", "processes"]
+__all__ = [
+    "Launch",
+    "PeerFailure",
+    "Processes",
+    "launch_from_env",
+    "leave_process_group",
+    "processes",
+]
 
 T = TypeVar("T")
 
@@ -274,24 +283,56 @@ class Processes:
 @contextlib.contextmanager
 def processes(launch: Launch, device: torch.device) -> Iterator[Processes]:
     """Join the process group ``launch`` describes for the duration (nothing to join for
-    one process). A group the caller already joined is used and left as it is; one joined
-    here is left when the run ends without an error (after an error the process exits and
-    the launcher stops the others)."""
+    one process). A group the caller already joined is used and left as it is.
+
+    A group joined here must not keep a thread alive into the interpreter's shutdown: gloo
+    runs collectives on worker threads, and a worker that drops its reference to a tensor
+    Python also holds takes the GIL to do so; if the interpreter has begun to shut down by
+    then, Python ends that thread inside C++ code and the process aborts (``terminate called
+    without an active exception``, SIGABRT), after the run has finished. The group's threads
+    are joined when its last reference goes, so it is left in this order: after the run, a
+    barrier (no process tears down while another still communicates), then the run's
+    objects are collected (the DDP model holds the group) and the group is destroyed, which
+    joins its threads while Python is alive. After an error the group stays joined: the
+    run's objects live as long as the error, and the group must go after them
+    (:func:`leave_process_group`, which ``samkit train`` calls once it has reported the error).
+    """
     if not launch.distributed:
         yield Processes(launch, device)
         return
     import torch.distributed as dist
 
+    # torch.distributed.nn's functions take group=group.WORLD as a default argument: imported
+    # after the group exists (DDP imports it), they would hold it, and its threads, until
+    # the interpreter exits. Imported first, they hold None.
+    importlib.import_module("torch.distributed.nn")
+
+    if dist.is_initialized():
+        yield Processes(launch, device, str(dist.get_backend()))
+        return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    joined_here = not dist.is_initialized()
-    if joined_here:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend)
-    else:
-        backend = str(dist.get_backend())
-    yield Processes(launch, device, backend)
-    if joined_here:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend)
+    yield Processes(launch, device, backend)  # after an error the group stays (see above)
+    try:
+        dist.barrier(device_ids=[torch.cuda.current_device()] if backend == "nccl" else None)
+    finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Leave the default process group, if joined, once nothing else holds it: collect what
+    is left of a run in reference cycles (a DDP model holds the group), then destroy the
+    group, which joins its threads (see :func:`processes`). Waits for no other process.
+
+    After a run that raised under several processes, call it once the error is dropped
+    (the error's traceback holds the run); ``samkit train`` does.
+    """
+    import torch.distributed as dist
+
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

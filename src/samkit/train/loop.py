@@ -39,6 +39,7 @@ from samkit.train.build import (
 from samkit.train.config import ConfigError, TrainConfig
 from samkit.train.distributed import (
     Launch,
+    Processes,
     check_launch,
     device_for,
     launch_from_env,
@@ -74,7 +75,10 @@ def train(
     Launched by torchrun (``WORLD_SIZE`` > 1 in the environment) or inside a process group
     the caller joined, every process calls this with the same config: it trains with DDP,
     ``batch_size`` is the global batch, and only rank 0 logs and writes ``out``
-    (:mod:`samkit.train.distributed`). Every process returns the same summary.
+    (:mod:`samkit.train.distributed`). Every process returns the same summary. A group this
+    call joined is left when it returns; if it raises, the group stays joined until the
+    caller drops the error and calls :func:`samkit.train.distributed.leave_process_group`
+    (``samkit train`` does), so that the group's threads end before Python shuts down.
 
     Raises :class:`ConfigError` for invalid settings (before any training),
     :class:`~samkit.train.CheckpointError` for a damaged checkpoint on resume and
@@ -90,38 +94,58 @@ def train(
 
     rundir = RunDirectory(config.out, epochs=config.epochs, write=launch.is_main)
     with processes(launch, device) as procs, deterministic(config.deterministic):
-        # Setup errors stop every process with the same message (agree), not one of them.
-        ckpt = procs.agree(lambda: _open_rundir(rundir, config, launch))
-        run, state = procs.agree(lambda: _build(config, device, procs, ckpt))
-        run.wrap_for_processes()  # DDP (a collective: after every process built its run)
-        resumed_at = state.epoch if ckpt is not None else None
-        record = run_record(run, resumed_from=resumed_at)
-        procs.agree(lambda: rundir.start(record, state.history))
-        for line in header_lines(run, record, resumed_at):
-            say(line)
+        # The run (the DDP model among it) lives in _run's frame only: it is gone by the
+        # time the process group is left (see processes()).
+        summary = _run(config, device, procs, rundir, progress, say, wall_start)
+    return summary
 
-        last_epoch = config.epochs
-        if config.stop_after_epoch is not None:
-            last_epoch = min(last_epoch, config.stop_after_epoch)
-        display = EpochDisplay(
-            bar=progress and launch.is_main,
-            log=say,
-            epochs=config.epochs,
-            steps_per_epoch=run.steps_per_epoch,
-        )
-        for epoch in range(state.epoch + 1, last_epoch + 1):
-            display.start(epoch)
-            row = run_epoch(run, epoch, state.totals, display.step if display.shows_bar else None)
-            state.history.append(row)
-            state.epoch = epoch
-            display.end(row)
-            rundir.append_metrics(row)
-            every = config.checkpoint_every
-            if (every and epoch % every == 0) or epoch == last_epoch:
-                rundir.save_checkpoint(run.checkpoint(state, record["versions"]))
 
-        summary = _summary(run, state, out=rundir.path, wall_start=wall_start)
-        rundir.write_summary(summary)
+def _run(
+    config: TrainConfig,
+    device: Any,
+    procs: Processes,
+    rundir: RunDirectory,
+    progress: bool,
+    say: Log,
+    wall_start: float,
+) -> dict[str, Any]:
+    """The run inside its process group: open the run directory, build, train, summarise."""
+    launch = procs.launch
+    # Setup errors stop every process with the same message (agree), not one of them.
+    ckpt = procs.agree(lambda: _open_rundir(rundir, config, launch))
+    run, state = procs.agree(lambda: _build(config, device, procs, ckpt))
+    unreached = run.unreached_start()
+    if unreached and launch.is_main:
+        warnings.warn(unreached, TrainWarning, stacklevel=3)
+    run.wrap_for_processes()  # DDP (a collective: after every process built its run)
+    resumed_at = state.epoch if ckpt is not None else None
+    record = run_record(run, resumed_from=resumed_at)
+    procs.agree(lambda: rundir.start(record, state.history))
+    for line in header_lines(run, record, resumed_at):
+        say(line)
+
+    last_epoch = config.epochs
+    if config.stop_after_epoch is not None:
+        last_epoch = min(last_epoch, config.stop_after_epoch)
+    display = EpochDisplay(
+        bar=progress and launch.is_main,
+        log=say,
+        epochs=config.epochs,
+        steps_per_epoch=run.steps_per_epoch,
+    )
+    for epoch in range(state.epoch + 1, last_epoch + 1):
+        display.start(epoch)
+        row = run_epoch(run, epoch, state.totals, display.step if display.shows_bar else None)
+        state.history.append(row)
+        state.epoch = epoch
+        display.end(row)
+        rundir.append_metrics(row)
+        every = config.checkpoint_every
+        if (every and epoch % every == 0) or epoch == last_epoch:
+            rundir.save_checkpoint(run.checkpoint(state, record["versions"]))
+
+    summary = _summary(run, state, out=rundir.path, wall_start=wall_start)
+    rundir.write_summary(summary)
     return summary
 
 

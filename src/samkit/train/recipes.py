@@ -425,9 +425,9 @@ def resolve_settings(
                 "settings stored in its checkpoint"
             )
         if checkpoint is None:
-            from samkit.train.checkpoint import read_checkpoint
+            from samkit.train.checkpoint import read_checkpoint, run_checkpoint_path
 
-            checkpoint = read_checkpoint(given["out"])["config"]
+            checkpoint = read_checkpoint(run_checkpoint_path(given["out"]))["config"]
         # Where the earlier command stopped is not where this one stops: a resumed run
         # continues to its epochs unless the resuming command gives its own stop.
         settings = {**checkpoint, "stop_after_epoch": None}

@@ -29,6 +29,7 @@ from samkit.train.checkpoint import (
     atomic_write_json,
     read_checkpoint,
     remove_stale_temp_files,
+    run_checkpoint_path,
     save_checkpoint,
 )
 from samkit.train.config import ConfigError
@@ -95,6 +96,8 @@ class RunDirectory:
         """Create the folder; refuse one that holds a run unless resuming; clean up the temp
         files of a process killed while writing. ConfigError naming ``--out`` if unusable."""
         out = self.path
+        if out is not None and resume:
+            run_checkpoint_path(out)  # a run to resume, before anything is created
         if not self.write or out is None:
             return
         try:
@@ -116,7 +119,7 @@ class RunDirectory:
         """The checkpoint to resume from (CheckpointError if missing or damaged); only with a
         path (``TrainConfig.validate``: ``--resume`` needs ``--out``)."""
         assert self.path is not None
-        ckpt = read_checkpoint(self.path / CHECKPOINT_NAME, map_location="cpu")
+        ckpt = read_checkpoint(run_checkpoint_path(self.path), map_location="cpu")
         self.saved_epoch = int(ckpt["epoch"])
         return ckpt
 

@@ -17,8 +17,10 @@ from torch import Tensor, nn
 from samkit.optim._average import (
     ShardedAverage,
     average_forward,
+    keyed_like,
     new_average,
     paired_tensors,
+    saved_average,
     update_average,
 )
 from samkit.optim._distributed import mesh_groups, replicas_of
@@ -215,9 +217,11 @@ class MESA(TrajectoryLoss):
         )
 
     def state_dict(self) -> dict[str, Any]:
+        """The base's state and ``mesa_ema``, the average under the eager model's names
+        (``torch.compile``'s ``_orig_mod.`` left out: it resumes compiled or not)."""
         sd = super().state_dict()
         if self._ema is not None:
-            sd["mesa_ema"] = self._ema.state_dict()
+            sd["mesa_ema"] = saved_average(self._ema)
         elif self._ema_pending is not None:
             sd["mesa_ema"] = self._ema_pending
         return sd
@@ -228,7 +232,9 @@ class MESA(TrajectoryLoss):
         super().load_state_dict(sd)
         if ema is None:
             return
-        if self._ema is not None:
+        if isinstance(self._ema, nn.Module):
+            self._ema.load_state_dict(keyed_like(ema, self._ema.state_dict()))
+        elif self._ema is not None:
             self._ema.load_state_dict(ema)
         else:
-            self._ema_pending = dict(ema)
+            self._ema_pending = saved_average(dict(ema))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -288,3 +289,37 @@ def test_the_average_resumes_across_compiled_and_eager_models(saved_compiled):
     mine, theirs = opt.state_dict()["mesa_ema"], opt2.state_dict()["mesa_ema"]
     assert mine.keys() == theirs.keys()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+# ----------------------------------------------------------------------------- checked early
+def test_outputs_that_are_not_batch_by_class_logits_fail_at_the_first_step():
+    m = tiny_net()
+    seq = nn.Sequential(m, nn.Unflatten(1, (3, 1)))  # [B, 3, 1]: per-token logits
+    opt = samkit.MESA(seq.parameters(), model=seq, lr=LR)  # start_epoch 6
+    opt.set_epoch(0)
+    x, y = data(1)[0]
+    closure = samkit.make_closure(seq, loss_fn, x, y[:, None])
+    with pytest.raises(TypeError, match=r"MESA's trajectory loss needs .* \[batch, classes\]"):
+        opt.step(closure)
+
+
+def test_a_sample_seen_twice_before_the_term_starts_warns():
+    # Without set_epoch after epoch 0, MESA would stay the base optimizer: with indices, the
+    # second pass over the data warns; from start_epoch on the epoch no longer matters.
+    m = tiny_net()
+    opt = make(m, start_epoch=2)
+    steps = data(4)
+    opt.set_epoch(0)
+    idx = [torch.arange(8 * i, 8 * i + 8) for i in range(2)]
+    closures = [samkit.make_closure(m, loss_fn, x, y, indices=i) for (x, y), i in zip(steps, idx)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for c in closures:
+            opt.step(c)
+    with pytest.warns(samkit.RepeatedSampleWarning, match="MESA is the base optimizer"):
+        opt.step(closures[0])
+    opt.set_epoch(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for c in closures + closures:
+            opt.step(c)

@@ -59,7 +59,7 @@ from samkit._losses import PER_SAMPLE_NEEDED, LossReduction
 __all__ = ["BatchClosure", "make_closure"]
 
 LossFn = Callable[[Any, Tensor], Tensor]
-ExtraLoss = Callable[[Any, Tensor | None, Tensor], Tensor]
+ExtraLoss = Callable[[Any, Tensor | None, Tensor], Tensor | None]
 
 #: A standard closure, in one line, for error messages.
 STANDARD_CLOSURE = (
@@ -238,6 +238,7 @@ class BatchClosure:
                 the samples it is given of a regulariser (such as SAF's), added to the
                 objective before backward; under accumulation each micro-batch's value is
                 weighted by its share of the pass's samples. The returned loss includes it.
+                It may return ``None`` (nothing added; e.g. it only checked the outputs).
 
         Returns the detached objective (0-dim) or per-sample losses.
         """
@@ -288,7 +289,9 @@ class BatchClosure:
                     objective = reduction.terms(raw, y, rows)[0] / count
                     if extra_loss is not None:
                         idx = indices[lo:hi] if indices is not None else None
-                        objective = objective + extra_loss(out, idx, y) * (rows / n)
+                        term = extra_loss(out, idx, y)
+                        if term is not None:  # None: nothing to add on this micro-batch
+                            objective = objective + term * (rows / n)
                     if metrics is not None:
                         metrics.add(out, y, reduction)
                     if per_sample:

@@ -174,8 +174,11 @@ class MESA(TrajectoryLoss):
         ema = self._averaged_model(module)
         decay = float(self.step_global("decay"))
 
-        extra = None
-        if epoch >= int(self.step_global("start_epoch")):
+        start = int(self.step_global("start_epoch"))
+        if batch.indices is not None and epoch < start:  # a stuck epoch: the term never starts
+            self._check_indices(batch.indices, epoch, "MESA is the base optimizer (no term)")
+        extra = self._term(None)  # before start_epoch: checks the outputs only
+        if epoch >= start:
             # z̄ = f(x; w̄): the averaged model's logits (eval mode, no gradient)
             with batch.autocast():
                 reference = as_logits(average_forward(ema, module, batch.inputs), "MESA")
@@ -188,9 +191,8 @@ class MESA(TrajectoryLoss):
                 offset[0] = lo + rows
                 return reference[lo : lo + rows], None
 
-            extra = self._term(
-                rows_of
-            )  # L = L_B(w) + λτ²·mean_i KL(softmax(z̄_i/τ) ‖ softmax(z_i/τ))
+            # L = L_B(w) + λτ²·mean_i KL(softmax(z̄_i/τ) ‖ softmax(z_i/τ))
+            extra = self._term(rows_of)
 
         loss = self.run_pass(closure, "clean", sync=True, extra_loss=extra)
 

@@ -59,7 +59,10 @@ class MESA(TrajectoryLoss):
     the step is one pass plus the average's update. Memory: one copy of the model.
 
     **Needs** the model (``model=`` or the :class:`~samkit.BatchClosure`'s) and the epoch
-    (``set_epoch``); the closure must be a ``BatchClosure`` (indices are not needed).
+    (``set_epoch``); the closure must be a ``BatchClosure`` (indices are not needed; with
+    them, a sample seen twice in one epoch before ``start_epoch`` warns that ``set_epoch``
+    was forgotten); the model must return logits ``[batch, classes]`` (checked from the
+    first step). A tensor under several names (tied weights) is averaged once per step.
 
     **DDP.** The one pass is synchronised. The replicas' weights are identical, hence so are
     their averages; BatchNorm statistics (updated by each replica's own batch) are averaged

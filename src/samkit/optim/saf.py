@@ -179,8 +179,10 @@ class SAF(TrajectoryLoss):
     slack), and only from epoch ``start_epoch - horizon`` on, when records start to matter.
 
     **Epochs.** Call ``optimizer.set_epoch(e)`` (``e`` from 0) at the start of every epoch
-    (``samkit train`` does); a step before the first call raises. The closure must be a
-    :class:`~samkit.BatchClosure` with the batch's dataset ``indices``.
+    (``samkit train`` does); a step before the first call raises, and a sample seen twice in
+    one epoch (a forgotten call) warns (:class:`~samkit.RepeatedSampleWarning`). The closure
+    must be a :class:`~samkit.BatchClosure` with the batch's dataset ``indices``; the model
+    must return logits ``[batch, classes]`` (checked from the first step).
 
     **DDP.** The one pass is synchronised (gradients averaged as in plain DDP training). The
     bank is the same on every replica: each accepted step all-gathers the replicas'

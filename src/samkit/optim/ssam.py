@@ -31,6 +31,7 @@ class _Draw(enum.IntEnum):
     INITIAL = 0  # the initial mask (drawn with epoch _INITIAL_EPOCH)
     DROP = 1  # drop_score="random"
     GROW = 2  # grow_score="random"
+    JOINED = 3  # the mask of a parameter that joins (unfrozen or added) between updates
 
 
 _INITIAL_EPOCH = -1
@@ -231,6 +232,10 @@ class SSAM(SharpnessAwareOptimizer):
             loss = self.run_pass(closure, "clean", sync=True)
             self.base_step()
             return loss
+        joined = self._masks_of_joined(masks, epoch, replicas)  # unfrozen since the last update
+        if joined:
+            masks = {**masks, **joined}
+            self._commit_masks(joined, None)
 
         loss = self.run_pass(closure, "clean")  # g = ∇L_B(w)
         groups = self.collect()
@@ -264,6 +269,30 @@ class SSAM(SharpnessAwareOptimizer):
     def _mask_params(self) -> list[list[Tensor]]:
         """Per group, the parameters a mask covers (those that require a gradient)."""
         return [[p for p in g["params"] if p.requires_grad] for g in self.param_groups]
+
+    def _masks_of_joined(
+        self, masks: dict[Tensor, Tensor], epoch: int, replicas: Group | None
+    ) -> dict[Tensor, Tensor]:
+        """Masks for the parameters that have none: unfrozen (or added) since the last update.
+
+        SSAM-D draws ``k = d - round(d·s)`` of their coordinates at random (as its initial
+        masks, ``d`` their size, ``s`` the group's sparsity); SSAM-F perturbs none of them
+        until its next refresh scores them. They join the group's top-k at the next update.
+        """
+        dynamic = self.step_global("mode") == "dynamic"
+        joined: dict[Tensor, Tensor] = {}
+        for gi, (group, params) in enumerate(zip(self.param_groups, self._mask_params())):
+            new = [p for p in params if p not in masks]
+            if not new:
+                continue
+            coords = coordinates(new)
+            if dynamic:
+                scores = coords.random(self._seed(epoch, gi, _Draw.JOINED))
+                keep = _kept(coords.numel, group["sparsity"])
+            else:
+                scores, keep = coords.flat([torch.zeros_like(p) for p in new]), 0
+            joined.update(zip(new, coords.masks(coords.top(scores, keep))))
+        return first_replica_flags(joined, replicas) if joined else joined
 
     # ------------------------------------------------------------------ SSAM-F
     def _fisher_refresh(
@@ -337,7 +366,8 @@ class SSAM(SharpnessAwareOptimizer):
         self, groups: list[Any], masks: dict[Tensor, Tensor], epoch: int, replicas: Group | None
     ) -> dict[Tensor, Tensor]:
         """Drop the ⌊n_live·r_e⌋ live coordinates with the lowest ``drop_score``, regrow as many
-        dead ones with the highest ``grow_score``."""
+        dead ones with the highest ``grow_score``; the live count becomes the group's ``k``
+        (a changed sparsity: fewer kept or more regrown)."""
         grads = {p: g for gp in groups for p, g in zip(gp.params, gp.grads)}
         needs_grad = "gradient" in (self.step_global("drop_score"), self.step_global("grow_score"))
         if needs_grad and self.local_gradients:  # score with the replicas' mean gradient
@@ -348,21 +378,24 @@ class SSAM(SharpnessAwareOptimizer):
         rate = float(self.step_global("drop_rate"))
         rate *= (1.0 + math.cos(math.pi * min(epoch, total) / total)) / 2.0
         new: dict[Tensor, Tensor] = {}
-        for gi, params in enumerate(self._mask_params()):
+        for gi, (group, params) in enumerate(zip(self.param_groups, self._mask_params())):
             if not params:
                 continue
             coords = coordinates(params)
             live = coords.flat([masks[p] for p in params])
             n_live = coords.count(live)
-            n_drop = min(int(n_live * rate), coords.numel - n_live)
-            if n_drop == 0:
+            k = _kept(coords.numel, group["sparsity"])  # the group's sparsity now (it may change)
+            # keep n_live - ⌊n_live·r_e⌋ live ones, at most k; regrow dead ones up to k in all
+            n_grow = min(k - min(n_live - int(n_live * rate), k), coords.numel - n_live)
+            n_keep = k - n_grow
+            if n_keep == n_live and n_grow == 0:
                 new.update((p, masks[p]) for p in params)
                 continue
             keep_score = self._score("drop_score", coords, grads, self._seed(epoch, gi, _Draw.DROP))
             grow_score = self._score("grow_score", coords, grads, self._seed(epoch, gi, _Draw.GROW))
             lowest = torch.tensor(-math.inf, device=live.device)
-            kept = coords.top(torch.where(live, keep_score, lowest), n_live - n_drop)
-            grown = coords.top(torch.where(live, lowest, grow_score), n_drop)
+            kept = coords.top(torch.where(live, keep_score, lowest), n_keep)
+            grown = coords.top(torch.where(live, lowest, grow_score), n_grow)
             new.update(zip(params, coords.masks(kept | grown)))
         return first_replica_flags(new, replicas)
 

@@ -164,6 +164,7 @@ def test_rho_t_follows_the_learning_rate_linearly():
     assert samkit.GSAM.rho_t(group) == 0.3
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 def test_rho_t_peaks_at_rho_under_one_cycle_lr():
     # OneCycleLR overwrites initial_lr with max_lr / div_factor and keeps its peak in the
     # group's max_lr: rho_t follows lr / max_lr, so it reaches rho at the peak, never above.

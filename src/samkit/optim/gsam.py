@@ -74,7 +74,7 @@ class GSAM(SharpnessAwareOptimizer):
             ``rho``, ``rho_min``, ``alpha``, ``adaptive``, ``eta``.
         base_optimizer: a ``torch.optim.Optimizer`` class or a name (``"sgd"``, ...); its
             arguments (``lr``, ``momentum``, ``weight_decay``, ...) pass through ``**kwargs``.
-        rho: the radius at the initial learning rate, :math:`\rho_{\max}` (default 0.05,
+        rho: the radius at the peak learning rate, :math:`\rho_{\max}` (default 0.05,
             SAM's default; the paper tunes it per model).
         alpha: weight of the orthogonal ascent (default 0.4, the official PyTorch CIFAR
             example; the official ViT-B/32 ImageNet configuration uses 0.6).

@@ -109,9 +109,9 @@ class SSAM(SharpnessAwareOptimizer):
     Differences from the paper / official code:
         * The official SSAM-F scores with a separate batch-size-1 loader, in train mode, and
           refreshes *after* the first step of a refresh epoch (the run's first step has an
-          all-zero mask), adding its first sample's squared gradient onto the un-cleared
-          perturbed gradient. samkit scores the first samples of the batches it is given, in
-          eval mode, before the step's passes, from zero.
+          all-zero mask); its first sample's gradient adds onto the perturbed gradient left in
+          ``.grad`` before it is squared. samkit scores the first samples of the batches it is
+          given, in eval mode, before the step's passes, each from its own gradient.
         * The official SSAM-D refreshes after the refresh step's perturbation and rounds its
           kept/regrown counts separately (the live count may drift by one); samkit
           refreshes before it and keeps exactly :math:`k` live coordinates.

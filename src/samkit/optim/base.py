@@ -49,7 +49,7 @@ from samkit.optim._validation import (
     is_finite_nonnegative,
     resolve_base_optimizer,
 )
-from samkit.optim.batchnorm import bn_layers, frozen_bn_stats
+from samkit.optim.batchnorm import bn_layers, frozen_bn_stats, smallest_sub_batch
 from samkit.optim.closure import NO_CLOSURE_MESSAGE, STANDARD_CLOSURE, BatchClosure
 
 __all__ = [
@@ -414,6 +414,13 @@ class SharpnessAwareOptimizer(ManualSteps, ProcessGroups, FiniteChecks, Checkpoi
         if self.on_nonfinite != "ignore":
             self._record_finite(name, loss, backward)
         return loss
+
+    def smallest_sub_batch(self, closure: Any) -> int:
+        """The fewest samples a pass on part of the batch may have: 2 while a BatchNorm layer
+        of the model (``model=`` or the closure's) is in train mode, else 1
+        (:func:`~samkit.optim.batchnorm.smallest_sub_batch`)."""
+        model = self.model if self.model is not None else getattr(closure, "model", None)
+        return smallest_sub_batch(self._bn_layers_of(model))
 
     def _bn_layers_of(self, model: nn.Module | None) -> list[Any]:
         """BatchNorm layers of ``model``, cached per model object."""

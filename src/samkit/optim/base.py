@@ -45,6 +45,7 @@ from samkit.optim._state import Checkpointing
 from samkit.optim._tensors import Buckets, add_, copy_, global_norm, is_sharded, mul_, scaled
 from samkit.optim._validation import (
     BASE_OPTIMIZERS,
+    check_keywords,
     invalid_value,
     is_finite_nonnegative,
     resolve_base_optimizer,
@@ -172,6 +173,7 @@ class SharpnessAwareOptimizer(ManualSteps, ProcessGroups, FiniteChecks, Checkpoi
             raise ValueError(
                 "foreach is samkit's own option; it is not passed to the base optimizer"
             )
+        check_keywords(type(self), base_cls, base_kwargs)
         self._method_defaults = dict(defaults or {})
         super().__init__(params, dict(self._method_defaults))
         self.base_optimizer: Optimizer = base_cls(self.param_groups, **base_kwargs)

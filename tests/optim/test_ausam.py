@@ -313,3 +313,37 @@ def test_registry_entry_builds_the_class_defaults():
     assert info.cls is samkit.AUSAM and info.needs_batch_closure
     group = samkit.create_optimizer("ausam", tiny_net().parameters(), lr=0.1).param_groups[0]
     assert (group["rho"], group["fraction"], group["max_ratio"]) == (0.05, 0.5, 4.0)
+
+
+# ----------------------------------------------------------------------------- edges
+def test_the_returned_loss_is_the_objective_of_the_subset_with_class_weights():
+    x, y = dataset(16)
+    w = torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)
+    weighted = nn.CrossEntropyLoss(weight=w, reduction="none")
+    for fraction in (1.0, 0.5):
+        m = tiny_net()
+        opt = samkit.AUSAM(m.parameters(), rho=0.1, fraction=fraction, lr=0.1)
+        subsets = []
+        original = opt.run_pass
+
+        def spy(closure, name, original=original, subsets=subsets, **kw):
+            subsets.append(kw["subset"])
+            return original(closure, name, **kw)
+
+        opt.run_pass = spy
+        out = m(x).detach()
+        loss = opt.step(samkit.make_closure(m, weighted, x, y, indices=torch.arange(16)))
+        s = subsets[0] if subsets[0] is not None else torch.arange(16)
+        expected = nn.functional.cross_entropy(out[s], y[s], weight=w)  # weighted mean on S
+        torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+
+
+def test_no_subset_of_one_sample_under_batchnorm():
+    # fraction 0.25 of a last batch of 3 samples ⌈0.75⌉ = 1; BatchNorm1d in train mode
+    # needs 2 (BatchNorm1d raises on one sample).
+    x, y = dataset(3)
+    m = tiny_net(bn=True)
+    opt = samkit.AUSAM(m.parameters(), rho=0.1, fraction=0.25, lr=0.1, model=m)
+    c = samkit.make_closure(m, loss_fn, x, y, indices=torch.arange(3))
+    opt.step(c)
+    assert c.grad_evals == pytest.approx(2 * 2 / 3)  # two passes on 2 of the 3 samples

@@ -221,3 +221,25 @@ def test_extra_loss_under_accumulation_equals_the_full_batch():
     torch.testing.assert_close(results[1][0], expected, rtol=1e-13, atol=0)
     for a, b in zip(*(r[1] for r in results)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_accumulation_makes_no_micro_batch_of_one_sample_under_batchnorm():
+    # 7 samples in 3 micro-batches would be 3, 3, 1: with BatchNorm in train mode the last
+    # one joins the previous (3, 4); the objective is still the whole batch's mean.
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh(), nn.Linear(7, 3)).double()
+    x, y = batches(1, size=7)[0]
+    rows = []
+    m[1].register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+    loss = samkit.make_closure(m, loss_fn, x, y, accumulation_steps=3)()
+    assert rows == [3, 4]
+    m.eval()
+    rows.clear()
+    samkit.make_closure(m, loss_fn, x, y, accumulation_steps=3)()
+    assert rows == [3, 3, 1]
+    m.train()
+    expected = (
+        F.cross_entropy(m(x[:3]), y[:3], reduction="sum")
+        + F.cross_entropy(m(x[3:]), y[3:], reduction="sum")
+    ) / 7
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-13, atol=0)

@@ -248,8 +248,9 @@ def test_unchosen_tensors_get_no_gradient_in_pass_one_and_requires_grad_comes_ba
 def test_requires_grad_restored_when_a_pass_raises(fail_at):
     m = tiny_net()
     opt = samkit.ESAM(m.parameters(), rho=0.1, beta=0.3, seed=2, lr=0.1)
-    before = [p.detach().clone() for p in m.parameters()]
     x, y = batches(1, size=8)[0]
+    opt.step(_Spy(m, x, y))  # the first step learns which tensors get a gradient
+    before = [p.detach().clone() for p in m.parameters()]
     c = _Spy(m, x, y, fail_at=fail_at)
     with pytest.raises(RuntimeError, match="injected"):
         opt.step(c)
@@ -389,3 +390,85 @@ def test_registry_entry_builds_the_class_defaults():
     opt.step(c)
     assert (c.forward_evals, c.grad_evals) == (2.5, 1.5)
     assert info.passes == round(c.forward_evals / 3 + 2 * c.grad_evals / 3, 2)
+
+
+# ----------------------------------------------------------------------------- edges
+class UnusedHead(nn.Module):
+    """A model with a trainable head that the loss never reaches (no gradient, ever)."""
+
+    def __init__(self, frozen_head: bool = False):
+        super().__init__()
+        self.body = tiny_net()
+        torch.manual_seed(4)
+        self.head = nn.Linear(3, 3).double()
+        self.head.requires_grad_(not frozen_head)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_the_mask_is_drawn_among_tensors_that_get_a_gradient():
+    # With 4 used and 2 unused trainable tensors, some steps draw only unused ones: the
+    # clean pass would leave no gradient at all. Drawn among the tensors that receive a
+    # gradient, the run equals the one with the head frozen (same draws, same fallback).
+    data = batches(24, size=8)
+    m, ref = UnusedHead(), UnusedHead(frozen_head=True)
+    opt = samkit.ESAM(m.parameters(), rho=0.1, beta=0.3, gamma=0.5, seed=3, lr=LR)
+    opt_ref = samkit.ESAM(ref.parameters(), rho=0.1, beta=0.3, gamma=0.5, seed=3, lr=LR)
+    run(opt, m, data)
+    run(opt_ref, ref, data)
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), ref.parameters()))
+    assert all(p.grad is None for p in m.head.parameters())
+
+
+def test_a_compiled_model_has_its_mask_drawn_after_the_clean_pass_with_equal_results():
+    # Under torch.compile (detected from the model) every tensor computes its gradient in
+    # pass 1 and the unchosen ones are dropped, instead of switching requires_grad: the
+    # same weights. A stand-in that marks the model compiled keeps the test eager.
+    data = batches(6, size=8)
+    m1, m2 = tiny_net(), tiny_net()
+    o1 = samkit.ESAM(m1.parameters(), rho=0.1, beta=0.5, gamma=0.5, seed=2, lr=LR)
+    o2 = samkit.ESAM(m2.parameters(), rho=0.1, beta=0.5, gamma=0.5, seed=2, lr=LR)
+    m2[0]._compiled_call_impl = m2[0]._call_impl  # what Module.compile() sets
+    flags = []
+    original = m2[0].forward
+    m2[0].forward = lambda x: (flags.append(m2[0].weight.requires_grad), original(x))[1]
+    run(o1, m1, data)
+    run(o2, m2, data)
+    assert all(flags)  # never switched off
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+
+
+def test_the_returned_loss_is_the_batch_objective_with_class_weights_and_padding():
+    x, y = batches(1, size=8)[0]
+    w = torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)
+    m = tiny_net()
+    weighted = nn.CrossEntropyLoss(weight=w, reduction="none")
+    expected = nn.functional.cross_entropy(m(x), y, weight=w).detach()
+    opt = samkit.ESAM(m.parameters(), rho=0.1, beta=0.5, gamma=0.5, seed=1, lr=LR)
+    loss = opt.step(samkit.make_closure(m, weighted, x, y))
+    torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+    # per-token losses of [B, C, T] logits, padded targets (ignore_index)
+    seq = nn.Sequential(tiny_net(), nn.Unflatten(1, (3, 1)))
+    tokens = y[:, None].clone()
+    tokens[:3] = -100
+    token_loss = nn.CrossEntropyLoss(reduction="none")
+    expected = nn.functional.cross_entropy(seq(x), tokens).detach()
+    opt = samkit.ESAM(seq.parameters(), rho=0.1, beta=0.5, gamma=0.5, seed=1, lr=LR)
+    loss = opt.step(samkit.make_closure(seq, token_loss, x, tokens))
+    torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+
+
+def test_no_selected_sub_batch_of_one_sample_under_batchnorm():
+    # gamma 0.3 of a last batch of 3 selects ⌈0.9⌉ = 1 sample; BatchNorm1d in train mode
+    # cannot run on one: the selection keeps 2. In eval mode 1 is fine.
+    m = tiny_net(bn=True)
+    x, y = batches(1, size=3)[0]
+    opt = samkit.ESAM(m.parameters(), rho=0.1, beta=1.0, gamma=0.3, lr=LR, model=m)
+    c = closure_for(m, x, y)
+    opt.step(c)
+    assert c.grad_evals == pytest.approx(1 + 2 / 3)  # pass 2 on 2 of the 3 samples
+    m.eval()
+    c = closure_for(m, x, y)
+    opt.step(c)
+    assert c.grad_evals == pytest.approx(1 + 1 / 3)

@@ -164,6 +164,27 @@ def test_rho_t_follows_the_learning_rate_linearly():
     assert samkit.GSAM.rho_t(group) == 0.3
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_rho_t_peaks_at_rho_under_one_cycle_lr():
+    # OneCycleLR overwrites initial_lr with max_lr / div_factor and keeps its peak in the
+    # group's max_lr: rho_t follows lr / max_lr, so it reaches rho at the peak, never above.
+    m = net()
+    opt = samkit.GSAM(m.parameters(), rho=0.3, rho_min=0.1, lr=0.2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=20)
+    group = opt.param_groups[0]
+    assert group["initial_lr"] == pytest.approx(0.5 / 25) and group["max_lr"] == 0.5
+    radii = []
+    for _ in range(20):
+        radii.append(samkit.GSAM.rho_t(group))
+        assert radii[-1] == pytest.approx(0.1 + 0.2 * group["lr"] / 0.5, rel=1e-12)
+        sched.step()
+    assert max(radii) == pytest.approx(0.3) and radii[0] == pytest.approx(0.1 + 0.2 / 25)
+    # a schedule whose lr rises above the reference without a max_lr: capped at rho
+    group.pop("max_lr")
+    group["lr"] = 4 * group["initial_lr"]
+    assert samkit.GSAM.rho_t(group) == 0.3
+
+
 def test_perturbation_radius_is_rho_t():
     m = net()
     opt = samkit.GSAM(m.parameters(), rho=0.3, rho_min=0.1, lr=0.2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -202,3 +203,123 @@ def test_registry_entry_builds_the_paper_defaults():
     assert info.passes == pytest.approx(4 / 3)
     g = samkit.create_optimizer("mesa", tiny_net().parameters(), lr=0.1).param_groups[0]
     assert (g["lmbda"], g["tau"], g["start_epoch"], g["decay"]) == (0.8, 5.0, 6, 0.9998)
+
+
+# ----------------------------------------------------------------------------- shared tensors
+class TiedNet(nn.Module):
+    """A layer used twice and an output layer tied to the input embedding (float64)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.embed = nn.Linear(5, 6, bias=False)
+        self.block = nn.Linear(6, 6)
+        self.block2 = self.block  # the same layer, twice in the forward and the state_dict
+        self.head = nn.Linear(6, 5, bias=False)
+        self.head.weight = nn.Parameter(torch.randn(5, 6))
+        self.embed.weight = self.head.weight  # tied: [5, 6] read as [out=6, in=5] transposed
+        self.double()
+
+    def forward(self, x):
+        h = torch.tanh(x @ self.embed.weight)  # the tied weight as the embedding
+        h = torch.tanh(self.block2(torch.tanh(self.block(h))))
+        return self.head(h)[:, :3]
+
+
+def test_a_shared_or_tied_tensor_is_averaged_once_per_step_float64():
+    # The state_dict names the block's and the tied weight's tensors twice; the average
+    # must still be w̄ ← β w̄ + (1 − β) w once per step for each tensor (not β² per step).
+    steps = data(9)
+    hp = dict(lmbda=0.8, tau=2.0, start_epoch=1, decay=0.7)
+    m_ref, m = TiedNet(), TiedNet()
+    assert len(m.state_dict()) > len(list(m.parameters()))  # the names do repeat
+    ema_ref = naive_mesa(m_ref, steps, hp["lmbda"], hp["tau"], hp["start_epoch"], hp["decay"])
+    opt = make(m, **hp)
+    train(opt, m, steps)
+    for p, q in zip(m.parameters(), m_ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+    ema = opt.ema_model
+    assert ema.block2 is ema.block and ema.embed.weight is ema.head.weight  # tied in the copy
+    for e, r in zip(ema.parameters(), ema_ref):
+        torch.testing.assert_close(e, r, rtol=1e-12, atol=1e-13)
+
+
+# ----------------------------------------------------------------------------- compiled models
+class Compiled(nn.Module):
+    """The key layout of ``torch.compile(module)``: the module under ``_orig_mod``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self._orig_mod = module
+
+    def forward(self, x):
+        return self._orig_mod(x)
+
+
+@pytest.mark.parametrize("saved_compiled", [True, False])
+def test_the_average_resumes_across_compiled_and_eager_models(saved_compiled):
+    # A checkpoint written while the passes ran through torch.compile(model) (keys
+    # "_orig_mod.0.weight", ...) resumes on the eager model, and the reverse.
+    steps = data(9)
+    hp = dict(start_epoch=1, decay=0.8)
+
+    def run(module_of, model, opt, part, first):
+        for i, (x, y) in enumerate(part, start=first):
+            opt.set_epoch(i // 3)
+            opt.step(samkit.make_closure(module_of(model), loss_fn, x, y))
+
+    wrap = Compiled if saved_compiled else (lambda m: m)
+    other = (lambda m: m) if saved_compiled else Compiled
+    m = tiny_net()
+    opt = samkit.MESA(m.parameters(), lr=LR, momentum=MOM, **hp)
+    run(wrap, m, opt, steps[:5], 0)
+    state = opt.state_dict()
+    assert all("_orig_mod" not in k for k in state["mesa_ema"])  # the eager model's names
+    buf = io.BytesIO()
+    torch.save({"model": m.state_dict(), "opt": state}, buf)
+    run(wrap, m, opt, steps[5:], 5)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    m2 = tiny_net(seed=9)
+    m2.load_state_dict(ck["model"])
+    opt2 = samkit.MESA(m2.parameters(), lr=LR, momentum=MOM, **hp)
+    opt2.load_state_dict(ck["opt"])
+    run(other, m2, opt2, steps[5:], 5)
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
+    mine, theirs = opt.state_dict()["mesa_ema"], opt2.state_dict()["mesa_ema"]
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+# ----------------------------------------------------------------------------- checked early
+def test_outputs_that_are_not_batch_by_class_logits_fail_at_the_first_step():
+    m = tiny_net()
+    seq = nn.Sequential(m, nn.Unflatten(1, (3, 1)))  # [B, 3, 1]: per-token logits
+    opt = samkit.MESA(seq.parameters(), model=seq, lr=LR)  # start_epoch 6
+    opt.set_epoch(0)
+    x, y = data(1)[0]
+    closure = samkit.make_closure(seq, loss_fn, x, y[:, None])
+    with pytest.raises(TypeError, match=r"MESA's trajectory loss needs .* \[batch, classes\]"):
+        opt.step(closure)
+
+
+def test_a_sample_seen_twice_before_the_term_starts_warns():
+    # Without set_epoch after epoch 0, MESA would stay the base optimizer: with indices, the
+    # second pass over the data warns; from start_epoch on the epoch no longer matters.
+    m = tiny_net()
+    opt = make(m, start_epoch=2)
+    steps = data(4)
+    opt.set_epoch(0)
+    idx = [torch.arange(8 * i, 8 * i + 8) for i in range(2)]
+    closures = [samkit.make_closure(m, loss_fn, x, y, indices=i) for (x, y), i in zip(steps, idx)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for c in closures:
+            opt.step(c)
+    with pytest.warns(samkit.RepeatedSampleWarning, match="MESA is the base optimizer"):
+        opt.step(closures[0])
+    opt.set_epoch(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for c in closures + closures:
+            opt.step(c)

@@ -246,3 +246,26 @@ def test_registry_entry():
     opt = samkit.create_optimizer("msam", net().parameters(), lr=0.1)
     group = opt.param_groups[0]
     assert (group["rho"], group["micro_batches"]) == (0.05, 4)
+
+
+def test_no_micro_batch_of_one_sample_under_batchnorm():
+    # M = 4 on a last batch of 5 gives micro-batches of 2, 1, 1, 1; with BatchNorm in train
+    # mode mSAM uses ⌊5/2⌋ = 2 micro-batches (3 and 2 samples). In eval mode, 4 again.
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh(), nn.Linear(7, 3)).double()
+    x, y = data(1, size=5)[0]
+    opt = samkit.MicroBatchSAM(m.parameters(), rho=0.1, micro_batches=4, lr=0.1, model=m)
+    sizes = []
+    original = opt.run_pass
+
+    def spy(closure, name, **kw):
+        sizes.append(len(kw["subset"]))
+        return original(closure, name, **kw)
+
+    opt.run_pass = spy
+    opt.step(samkit.make_closure(m, loss_fn, x, y))
+    assert sizes == [3, 3, 2, 2]  # clean and perturbed pass of each micro-batch
+    m.eval()
+    sizes.clear()
+    opt.step(samkit.make_closure(m, loss_fn, x, y))
+    assert sizes == [2, 2, 1, 1, 1, 1, 1, 1]

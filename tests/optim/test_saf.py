@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -181,10 +182,32 @@ def test_an_announced_bank_size_is_allocated_once():
     assert opt.bank.values.shape[0] == 30 and opt.bank.size == 4
     opt.step(samkit.make_closure(m, loss_fn, x[:4], y[:4], indices=torch.tensor([29, 4, 5, 6])))
     assert opt.bank.values.shape[0] == 30 and opt.bank.size == 30
-    opt.step(samkit.make_closure(m, loss_fn, x[:4], y[:4], indices=torch.tensor([30, 4, 5, 6])))
+    opt.step(samkit.make_closure(m, loss_fn, x[:4], y[:4], indices=torch.tensor([30, 7, 8, 9])))
     assert opt.bank.values.shape[0] > 30 and opt.bank.size == 31  # still grows when needed
     with pytest.raises(ValueError, match="Invalid bank_rows value: 0"):
         make(m, bank_rows=0)
+
+
+def test_a_bank_that_grows_keeps_its_earlier_records_and_their_epochs():
+    # The first allocation holds 4 rows; growing copies values and epoch tags, so the
+    # records of epoch 0 made before the growth are still found (and valid) in epoch 1.
+    m = tiny_net()
+    opt = make(m, start_epoch=1, horizon=1, bank_rows=4)
+    x, y = dataset()
+    opt.set_epoch(0)
+    first = torch.arange(4)
+    logits = m(x[first]).detach()
+    opt.step(samkit.make_closure(m, loss_fn, x[first], y[first], indices=first))
+    assert opt.bank.values.shape[0] == 4
+    opt.set_epoch(1)  # a record of epoch 1 goes to the other slot; epoch 0's must stay
+    later = torch.tensor([10, 4, 5, 6])
+    opt.step(samkit.make_closure(m, loss_fn, x[later], y[later], indices=later))
+    assert opt.bank.values.shape[0] > 10  # grown past the first allocation
+    assert opt.bank.epochs[:4, 0].tolist() == [0, 0, 0, 0]
+    assert torch.equal(opt.bank.values[:4, 0], logits)
+    ref, valid = opt.bank.read(first, 0, logits)
+    assert valid.all() and torch.equal(ref, logits)
+    assert opt.bank.epochs[4:7, 1].tolist() == [1, 1, 1] and opt.bank.epochs[7:10].eq(-1).all()
 
 
 def test_nothing_is_recorded_before_it_can_be_read():
@@ -252,6 +275,7 @@ def test_nan_leaves_the_bank_and_weights_untouched(mode):
     state = copy.deepcopy(opt.state_dict())
     weights = [p.detach().clone() for p in m.parameters()]
     idx = plan[1][0]
+    opt.set_epoch(2)
     nan_loss = lambda out, t: loss_fn(out, t) * float("nan")  # noqa: E731
     closure = samkit.make_closure(m, nan_loss, x[idx], y[idx], indices=idx)
     if mode == "raise":
@@ -265,6 +289,71 @@ def test_nan_leaves_the_bank_and_weights_untouched(mode):
     assert bank["size"] == state["saf_bank"]["size"] == N
     assert torch.equal(bank["values"], state["saf_bank"]["values"])
     assert torch.equal(bank["epochs"], state["saf_bank"]["epochs"])
+
+
+# ----------------------------------------------------------------------------- checked early
+class SequenceModel(nn.Module):
+    """Per-token logits ``[B, V, T]`` (a sequence model), float64."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_net()
+
+    def forward(self, x):
+        return torch.stack([self.net(x), self.net(-x)], dim=-1)  # [B, 3, 2]
+
+
+def test_outputs_that_are_not_batch_by_class_logits_fail_at_the_first_step():
+    # The term needs [batch, classes] logits; found at epoch 0, not at start_epoch - horizon.
+    m = SequenceModel()
+    x, y = dataset()
+    tokens = torch.stack([y, y], dim=-1)[:4]  # [B, T] targets
+    opt = samkit.SAF(m.parameters(), lr=LR)  # start_epoch 6, horizon 3
+    opt.set_epoch(0)
+    closure = samkit.make_closure(m, loss_fn, x[:4], tokens, indices=torch.arange(4))
+    with pytest.raises(TypeError, match=r"SAF's trajectory loss needs .* \[batch, classes\]"):
+        opt.step(closure)
+    assert opt.state_dict()["samkit"]["step"] == 0  # refused before the update
+
+
+def test_a_sample_seen_twice_in_an_epoch_warns_that_set_epoch_was_forgotten():
+    x, y = dataset()
+    m = tiny_net()
+    opt = make(m)  # start_epoch 6: epochs 0-2 are plain steps, the check runs all the same
+    plan = epochs_of(3)
+    opt.set_epoch(0)  # ... and never again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the first epoch: every sample once, no warning
+        for idx in plan[0]:
+            opt.step(samkit.make_closure(m, loss_fn, x[idx], y[idx], indices=idx))
+    with pytest.warns(samkit.RepeatedSampleWarning, match=r"already seen in epoch 0: call") as w:
+        for batches in plan[1:]:
+            for idx in batches:
+                opt.step(samkit.make_closure(m, loss_fn, x[idx], y[idx], indices=idx))
+    assert len(w) == 1  # once per epoch value
+    # A loop that calls set_epoch, and repeats inside one batch, never warn.
+    m2 = tiny_net()
+    opt2 = make(m2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(opt2, m2, plan, x, y)
+        opt2.set_epoch(3)
+        twice = torch.tensor([1, 1, 2, 2])
+        opt2.step(samkit.make_closure(m2, loss_fn, x[twice], y[twice], indices=twice))
+
+
+def test_a_failed_step_does_not_count_its_samples_as_seen():
+    x, y = dataset()
+    m = tiny_net()
+    opt = make(m, on_nonfinite="skip")
+    opt.set_epoch(0)
+    idx = torch.arange(4)
+    nan_loss = lambda out, t: loss_fn(out, t) * float("nan")  # noqa: E731
+    opt.step(samkit.make_closure(m, nan_loss, x[idx], y[idx], indices=idx))
+    assert opt.skipped_steps == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the retried batch is not a repeat
+        opt.step(samkit.make_closure(m, loss_fn, x[idx], y[idx], indices=idx))
 
 
 # ----------------------------------------------------------------------------- errors

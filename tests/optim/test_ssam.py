@@ -234,29 +234,106 @@ def test_dynamic_initial_mask_is_random_with_k_live_and_reproducible():
     assert not all(torch.equal(u, v) for u, v in zip(a, c))
 
 
-@pytest.mark.parametrize("grow", ["gradient", "random"])
-def test_drop_and_regrow_follows_the_scores_and_the_cosine_drop_rate(grow):
+def random_masks(model, live_fraction, seed=5):
+    """Masks with exactly ``round(d·live_fraction)`` live coordinates, drawn at random."""
+    d = sum(p.numel() for p in model.parameters())
+    flat = torch.zeros(d, dtype=torch.bool)
+    flat[
+        torch.randperm(d, generator=torch.Generator().manual_seed(seed))[: round(d * live_fraction)]
+    ] = 1
+    parts = torch.split(flat, [p.numel() for p in model.parameters()])
+    return [c.view(p.shape) for c, p in zip(parts, model.parameters())]
+
+
+@pytest.mark.parametrize(
+    "grow, epoch", [("gradient", 2), ("random", 2), ("random", 0), ("random", 1), ("gradient", 3)]
+)
+def test_drop_and_regrow_follows_the_scores_and_the_cosine_drop_rate(grow, epoch):
     m = tiny_net()
-    gen = torch.Generator().manual_seed(5)
-    old = [torch.rand(p.shape, generator=gen) < 0.5 for p in m.parameters()]
+    old = random_masks(m, 0.5)  # k live: sparsity 0.5
     opt = make(m, mode="dynamic", epochs=4, drop_rate=0.5, grow_score=grow)
     for p, mk in zip(m.parameters(), old):
         opt.state[p]["mask"] = mk
     x, y = data(1)[0]
     g = torch.cat([gi.abs().reshape(-1) for gi in grads(m, x, y)])
-    opt.set_epoch(2)  # drop rate 0.5 * (1 + cos(pi * 2 / 4)) / 2 = 0.25
+    opt.set_epoch(epoch)
     opt.step(samkit.make_closure(m, loss_fn, x, y))
     live = torch.cat([mk.reshape(-1) for mk in old])
     new = torch.cat([opt.state[p]["mask"].reshape(-1) for p in m.parameters()])
     n_live = int(live.sum())
-    n_drop = math.floor(n_live * 0.25)
-    assert int(new.sum()) == n_live and opt.samkit_state["ssam_mask_epoch"] == 2
+    # r_e = drop_rate·(1 + cos(π e / epochs))/2: 0.5, 0.4268, 0.25, 0.0732 at e = 0, 1, 2, 3
+    rate = {0: 0.5, 1: 0.5 * (1 + math.sqrt(0.5)) / 2, 2: 0.25, 3: 0.5 * (1 - math.sqrt(0.5)) / 2}
+    n_drop = math.floor(n_live * rate[epoch])
+    assert n_drop == {0: 16, 1: 14, 2: 8, 3: 2}[epoch]  # 33 live of 66
+    assert int(new.sum()) == n_live and opt.samkit_state["ssam_mask_epoch"] == epoch
     kept, grown = new & live, new & ~live
     assert int(kept.sum()) == n_live - n_drop and int(grown.sum()) == n_drop
     # kept: the live coordinates with the largest |g|
     assert g[kept].min() >= g[live & ~new].max()
     if grow == "gradient":  # regrown: the dead coordinates with the largest |g|
         assert g[grown].min() >= g[~live & ~new].max()
+
+
+@pytest.mark.parametrize("how", ["group edited", "checkpoint loaded"])
+@pytest.mark.parametrize("sparsity", [0.8, 0.2])
+def test_dynamic_follows_a_changed_sparsity_at_the_next_update(how, sparsity):
+    # Density 0.5 -> 1 - sparsity at the next drop-and-regrow, not "0.5 forever".
+    steps = data(6)
+    m = tiny_net()
+    opt = make(m, mode="dynamic", epochs=6, drop_rate=0.5, grow_score="gradient")
+    train(opt, m, steps[:2])  # epoch 0
+    assert opt.density() == 0.5
+    if how == "group edited":
+        opt.param_groups[0]["sparsity"] = sparsity
+    else:  # a run resumed from the masks of a 0.5 run, with its own sparsity
+        m2 = copy.deepcopy(m)
+        kw = dict(mode="dynamic", epochs=6, drop_rate=0.5, grow_score="gradient")
+        opt2 = make(m2, sparsity=sparsity, **kw)
+        opt2.load_state_dict(opt.state_dict())  # the saved groups' sparsity: 0.5
+        opt2.param_groups[0]["sparsity"] = sparsity
+        opt, m = opt2, m2
+    before = [opt.state[p]["mask"].clone() for p in m.parameters()]
+    train(opt, m, steps[2:3], first=1)  # epoch 0 still: masks unchanged until the update
+    assert all(torch.equal(opt.state[p]["mask"], b) for p, b in zip(m.parameters(), before))
+    x, y = steps[3]
+    g = torch.cat([gi.abs().reshape(-1) for gi in grads(m, x, y)])
+    train(opt, m, steps[3:4], first=2)  # epoch 1: the update
+    d = sum(p.numel() for p in m.parameters())
+    assert opt.density() == (d - round(d * sparsity)) / d
+    live = torch.cat([b.reshape(-1) for b in before])
+    new = torch.cat([opt.state[p]["mask"].reshape(-1) for p in m.parameters()])
+    kept, grown, dropped = new & live, new & ~live, live & ~new
+    assert g[kept].min() >= g[dropped].max()  # the live ones with the largest |g| stay
+    if grown.any() and (~live & ~new).any():  # the dead ones with the largest |g| grow
+        assert g[grown].min() >= g[~live & ~new].max()
+    # kept: n_live - ⌊n_live·r_1⌋, at most k, and at least k minus every dead coordinate
+    n_live, k = int(live.sum()), int(new.sum())
+    n_drop = math.floor(n_live * 0.5 * (1 + math.cos(math.pi / 6)) / 2)
+    assert int(kept.sum()) == max(min(n_live - n_drop, k), k - (d - n_live))
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "fisher"])
+def test_a_parameter_unfrozen_mid_training_gets_a_mask(mode):
+    # Gradual unfreezing: the first layer trains from the second step on, within an epoch
+    # and across a mask update.
+    steps = data(6)
+    m = tiny_net()
+    m[0].requires_grad_(False)
+    opt = make(m, mode=mode, epochs=6, num_samples=4, sparsity=0.6)
+    train(opt, m, steps[:1])
+    assert all(p not in opt.masks for p in m[0].parameters())
+    m[0].requires_grad_(True)
+    train(opt, m, steps[1:2], first=1)  # epoch 0: no update, the new layer gets its mask
+    masks = [opt.state[p]["mask"] for p in m[0].parameters()]
+    if mode == "dynamic":  # k = d - round(d·s) of its coordinates, at random
+        d = sum(mk.numel() for mk in masks)
+        assert sum(int(mk.sum()) for mk in masks) == d - round(0.6 * d)
+    else:  # nothing perturbed until the next Fisher refresh
+        assert not any(mk.any() for mk in masks)
+    train(opt, m, steps[2:4], first=2)  # epoch 1: the update covers the whole model
+    d = sum(p.numel() for p in m.parameters())
+    assert opt.density() == (d - round(0.6 * d)) / d
+    assert any(opt.state[p]["mask"].any() for p in m[0].parameters())
 
 
 def test_dynamic_requires_the_run_length():

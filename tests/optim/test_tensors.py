@@ -63,3 +63,25 @@ def test_plain_tensors_are_not_sharded():
     a, _ = _lists()
     assert not T.is_sharded(a)
     assert not T.Buckets(a).sharded
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_norms_are_taken_in_float32(foreach, dtype):
+    # One tensor whose norm (80000) is above float16's largest value (65504), and many
+    # tensors whose squares a 16-bit sum would round away (bfloat16 stops counting at 256):
+    # taken in float32, per tensor and across tensors, both are right to float32 precision.
+    big = [torch.full((4,), 40000.0, dtype=dtype), torch.full((3,), 3.0, dtype=dtype)]
+    got = T.global_norm(big, foreach)
+    expected = torch.linalg.vector_norm(torch.cat([t.double() for t in big]))
+    assert got.dtype == torch.float32 and torch.isfinite(got)
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
+    many = [torch.ones(1, dtype=dtype) for _ in range(1000)]
+    got = T.global_norm(many, foreach)
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(1000**0.5, rel=1e-6)
+    # with a float64 tensor in the list the whole norm is float64
+    mixed = T.global_norm([big[0], torch.ones(2, dtype=torch.float64)], foreach)
+    assert mixed.dtype == torch.float64
+    value = float(big[0][0])  # 40000 in float16, 39936 in bfloat16
+    assert float(mixed) == pytest.approx((4 * value**2 + 2) ** 0.5, rel=1e-12)

@@ -138,3 +138,26 @@ def test_invalid_base_hyperparameter_comes_from_the_base(name):
     # lr < 0 is refused by torch's SGD; the method must not swallow or mask it.
     with pytest.raises(ValueError, match="-1"):
         samkit.create_optimizer(name, _model().parameters(), lr=-1.0)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_misspelt_keyword_names_the_method_its_arguments_and_the_nearest(name):
+    # Not the base optimizer's "SGD.__init__() got an unexpected keyword argument".
+    info = get_optimizer_info(name)
+    own = list(info.hyperparameters)
+    typo = own[0][:-1] + "0"  # rho -> rh0, lmbda -> lmbd0, ...
+    with pytest.raises(TypeError) as err:
+        samkit.create_optimizer(name, _model().parameters(), lr=0.1, **{typo: 0.1})
+    message = str(err.value)
+    assert message.startswith(f"{info.cls.__name__} got an unexpected keyword argument {typo!r}")
+    assert f"did you mean {own[0]!r}?" in message
+    assert f"{info.cls.__name__}'s arguments: {', '.join(own)}" in message
+    assert "samkit's options: model, foreach" in message
+    assert "SGD's arguments: lr, momentum" in message
+    with pytest.raises(TypeError, match=rf"{info.cls.__name__} got .* 'momentm' .* 'momentum'"):
+        samkit.create_optimizer(name, _model().parameters(), lr=0.1, momentm=0.9)
+
+
+def test_a_keyword_of_another_method_is_refused_by_name():
+    with pytest.raises(TypeError, match=r"^SAF got an unexpected keyword argument 'rho'\. SAF's"):
+        samkit.create_optimizer("saf", _model().parameters(), lr=0.1, rho=0.05)

@@ -1,5 +1,6 @@
 """Sharpness-aware optimizers: a shared base, one module per method family, a registry."""
 
+from samkit.optim._trajectory import RepeatedSampleWarning
 from samkit.optim.ausam import AUSAM
 from samkit.optim.base import (
     BASE_OPTIMIZERS,
@@ -44,6 +45,7 @@ __all__ = [
     "MESA",
     "NonFiniteError",
     "OptimizerInfo",
+    "RepeatedSampleWarning",
     "SAF",
     "SAM",
     "SSAM",

@@ -11,7 +11,11 @@ are copied). This module keeps that average whatever the model's layout:
 * :func:`average_forward`: the averaged model's outputs on a batch, either way;
 * :func:`paired_tensors` and :func:`update_average`: the update, with the BatchNorm
   statistics averaged over the processes first (each replica's come from its own batch,
-  and FSDP2 does not synchronise buffers).
+  and FSDP2 does not synchronise buffers). A tensor the model holds under several names (a
+  layer used twice, an embedding tied to the output layer) is averaged once per step;
+* :func:`saved_average` and :func:`keyed_like`: the average's entries under the eager
+  model's names (``torch.compile``'s ``_orig_mod.`` left out), so that a checkpoint of a
+  compiled model resumes on the eager one and the reverse.
 """
 
 from __future__ import annotations
@@ -28,11 +32,17 @@ from samkit.optim._tensors import lerp_, local
 __all__ = [
     "ShardedAverage",
     "average_forward",
+    "distinct_keys",
+    "keyed_like",
     "new_average",
     "paired_tensors",
     "reshard",
+    "saved_average",
     "update_average",
 ]
+
+#: The submodule name ``torch.compile`` gives the module it wraps (``OptimizedModule``).
+_COMPILED = "_orig_mod"
 
 #: The tensors an update pairs: (average's parameters, model's parameters, average's
 #: buffers, model's buffers), floating buffers first.
@@ -51,8 +61,53 @@ def new_average(
     ema.eval()
     ema.requires_grad_(False)
     if saved is not None:
-        ema.load_state_dict(saved)
+        ema.load_state_dict(keyed_like(saved, ema.state_dict()))
     return ema
+
+
+def distinct_keys(module: nn.Module) -> list[str]:
+    """The ``state_dict`` keys of ``module``, each tensor once (its first name).
+
+    A tensor held under several names (``self.block2 = self.block``, an output layer whose
+    weight is the embedding's) appears once, so that an update touches it once.
+    """
+    seen: set[int] = set()
+    keys = []
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            keys.append(key)
+    return keys
+
+
+def _eager_name(key: str) -> str:
+    """``key`` without ``torch.compile``'s ``_orig_mod`` segments (the eager model's name)."""
+    return ".".join(part for part in key.split(".") if part != _COMPILED)
+
+
+def saved_average(average: nn.Module | ShardedAverage | dict[str, Tensor]) -> dict[str, Tensor]:
+    """The average's ``state_dict`` (or a saved one) under the eager model's names (no
+    ``_orig_mod.``): what a checkpoint holds, whether the model was compiled or not."""
+    state = average if isinstance(average, dict) else average.state_dict()
+    return {_eager_name(k): v for k, v in state.items()}
+
+
+def keyed_like(saved: dict[str, Tensor], live: dict[str, Any]) -> dict[str, Tensor]:
+    """``saved`` under the names of ``live`` (a ``state_dict``), compiled or not.
+
+    The names are compared without ``torch.compile``'s ``_orig_mod`` segments; a saved
+    average of another model is refused with the entries that differ.
+    """
+    by_name = {_eager_name(k): v for k, v in saved.items()}
+    wanted = {_eager_name(k): k for k in live}
+    if by_name.keys() != wanted.keys():
+        missing = sorted(wanted.keys() - by_name.keys())
+        extra = sorted(by_name.keys() - wanted.keys())
+        raise ValueError(
+            "MESA.load_state_dict: the saved average does not match the model: "
+            f"missing {missing}, unexpected {extra}"
+        )
+    return {wanted[name]: value for name, value in by_name.items()}
 
 
 @torch.no_grad()
@@ -64,12 +119,14 @@ def average_forward(average: nn.Module | ShardedAverage, module: nn.Module, inpu
 
 
 def paired_tensors(module: nn.Module, average: nn.Module | ShardedAverage) -> Pairs:
-    """The average's tensors paired with the model's, entry by entry (views, no copies)."""
+    """The average's tensors paired with the model's, entry by entry (views, no copies),
+    each tensor of the model once (:func:`distinct_keys`)."""
     src, dst = module.state_dict(), average.state_dict()
     if list(src) != list(dst):
         raise RuntimeError("MESA: the model's state_dict keys changed during training")
-    floats = [k for k, v in dst.items() if v.is_floating_point()]
-    others = [k for k, v in dst.items() if not v.is_floating_point()]
+    keys = distinct_keys(module)
+    floats = [k for k in keys if dst[k].is_floating_point()]
+    others = [k for k in keys if not dst[k].is_floating_point()]
     buffers = {n for n, _ in module.named_buffers()}
     return (
         [dst[k] for k in floats if k not in buffers],
@@ -113,39 +170,33 @@ class ShardedAverage:
     FSDP2 modules cannot be deep-copied, and a copy of the whole model is what sharding
     avoids. The average is kept instead as one tensor per entry of the model's
     ``state_dict`` and with its layout (parameters: DTensors sharded like the model's,
-    ``clone`` of each; buffers: plain tensors). Its forward exchanges these tensors with the
-    model's own, shard by shard, runs the model in eval mode and exchanges them back, so the
-    model's weights and buffers end bit for bit as they were; the exchange holds one extra
-    tensor at a time.
+    ``clone`` of each; buffers: plain tensors; a tensor the model holds under several names
+    is one tensor here too). Its forward exchanges these tensors with the model's own, shard
+    by shard, runs the model in eval mode and exchanges them back, so the model's weights and
+    buffers end bit for bit as they were; the exchange holds one extra tensor at a time.
     """
 
     def __init__(self, module: nn.Module, saved: dict[str, Tensor] | None = None) -> None:
-        live = module.state_dict()
-        if saved is not None and list(saved) != list(live):
-            raise ValueError(
-                "MESA.load_state_dict: the saved average has the entries "
-                f"{sorted(saved)}, the model has {sorted(live)}"
-            )
-        source = saved if saved is not None else live
+        live = module.state_dict(keep_vars=True)
+        source = live if saved is None else keyed_like(saved, live)
+        self.keys = distinct_keys(module)  # what the exchange swaps: each tensor once
+        clones: dict[int, Tensor] = {}
         with torch.no_grad():
-            self.tensors = {k: source[k].detach().clone() for k in live}
+            for k in self.keys:
+                clones[id(live[k])] = source[k].detach().clone()
+        self.tensors = {k: clones[id(v)] for k, v in live.items()}
 
     def state_dict(self) -> dict[str, Tensor]:
         return dict(self.tensors)
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if list(state) != list(self.tensors):
-            raise ValueError(
-                f"MESA.load_state_dict: the saved average has the entries {sorted(state)}, "
-                f"the model has {sorted(self.tensors)}"
-            )
-        for key, value in state.items():
+        for key, value in keyed_like(state, self.tensors).items():
             self.tensors[key].copy_(value)
 
     def _exchange(self, live: dict[str, Tensor]) -> None:
-        mine = local([self.tensors[k] for k in live])
-        theirs = local(list(live.values()))
+        mine = local([self.tensors[k] for k in self.keys])
+        theirs = local([live[k] for k in self.keys])
         for a, b in zip(mine, theirs):
             kept = b.clone()
             b.copy_(a)

@@ -1,21 +1,34 @@
-"""Where samkit meets torch's optimizer machinery across torch versions.
+"""Where samkit meets torch's optimizer and compiler machinery across torch versions.
 
-Two facts about ``torch.optim`` that are not part of its documented interface, kept here so
-that the rest of ``samkit.optim`` never reaches into torch's internals:
+Facts about ``torch.optim`` and ``torch.compile`` that are not part of their documented
+interfaces, kept here so that the rest of ``samkit.optim`` never reaches into torch's
+internals:
 
 * torch fires its *global* optimizer step hooks around every optimizer's ``step``; a
   sharpness-aware step must fire them once, not again for its base optimizer
   (:func:`without_global_step_hooks`);
 * newer torch versions added group keys to their optimizers, which an older state lacks
-  (:data:`OPTIONAL_BASE_KEYS`).
+  (:data:`OPTIONAL_BASE_KEYS`);
+* a model that runs through ``torch.compile`` (:func:`is_compiled`) recompiles when the
+  ``requires_grad`` of its parameters changes, and a ``torch.func`` transform through it
+  makes dynamo give up on the whole forward: such a pass runs eagerly
+  (:func:`compiler_disabled`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
-__all__ = ["OPTIONAL_BASE_KEYS", "without_global_step_hooks"]
+from torch import nn
+
+__all__ = [
+    "OPTIONAL_BASE_KEYS",
+    "compiler_disabled",
+    "is_compiled",
+    "without_global_step_hooks",
+]
 
 #: Group keys of torch optimizers that newer torch versions added (an older state may lack
 #: them; torch's own ``__setstate__`` fills them in), so they do not identify a class.
@@ -57,3 +70,33 @@ def without_global_step_hooks() -> Iterator[None]:
             registry.clear()
             registry.update(items)
             registry.update(added)
+
+
+def is_compiled(module: nn.Module | None) -> bool:
+    """Whether ``module``, or a module inside it, runs through ``torch.compile``.
+
+    ``torch.compile(m)`` returns an ``OptimizedModule`` (found as the model or one of its
+    submodules); ``m.compile()`` compiles in place. Nothing is imported: without dynamo
+    loaded nothing can be compiled.
+    """
+    if module is None:
+        return False
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    compiled_class = getattr(eval_frame, "OptimizedModule", None)
+    return any(
+        (compiled_class is not None and isinstance(m, compiled_class))
+        or getattr(m, "_compiled_call_impl", None) is not None
+        for m in module.modules()
+    )
+
+
+def compiler_disabled() -> contextlib.AbstractContextManager:
+    """Inside, compiled modules run eagerly: dynamo neither compiles nor marks a frame to be
+    skipped later (``torch.compiler.set_stance("force_eager")``; a null context on a torch
+    without it)."""
+    import torch
+
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:  # pragma: no cover - torch < 2.6
+        return contextlib.nullcontext()
+    return set_stance("force_eager")

@@ -3,7 +3,9 @@ r"""Per-sample squared gradients summed over samples: an empirical Fisher diagon
 SSAM-F (Sparse SAM with a Fisher mask) scores every coordinate ``j`` of the model by
 :math:`F_j = \sum_n (\partial_j \ell_n)^2` over a number of samples. The per-sample
 gradients come from ``torch.func``: ``vmap`` over ``grad`` of a ``functional_call``, in
-chunks that bound the memory, with the model in eval mode (restored afterwards).
+chunks that bound the memory, with the model in eval mode (restored afterwards) and run
+eagerly even when it is ``torch.compile``'d (dynamo cannot trace ``torch.func``'s tensors,
+and would then skip the model's frame for every later pass too).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from samkit.optim._compat import compiler_disabled
 from samkit.optim._distributed import Group, through_flat
 
 __all__ = ["fisher_scores", "per_sample_squared_gradients"]
@@ -58,13 +61,14 @@ def per_sample_squared_gradients(
     modes = [m.training for m in module.modules()]
     module.eval()
     try:
-        for lo in range(0, k, chunk):
-            hi = min(k, lo + chunk)
-            xs = tree_map(lambda t, a=lo, b=hi: t[a:b] if isinstance(t, Tensor) else t, inputs)
-            gs = per_sample(wanted, xs, targets[lo:hi])
-            for name, g in gs.items():
-                a = acc[position[name]]
-                a.add_(g.to(a.dtype).square().sum(0))
+        with compiler_disabled():  # dynamo cannot trace torch.func's tensors: run eagerly
+            for lo in range(0, k, chunk):
+                hi = min(k, lo + chunk)
+                xs = tree_map(lambda t, a=lo, b=hi: t[a:b] if isinstance(t, Tensor) else t, inputs)
+                gs = per_sample(wanted, xs, targets[lo:hi])
+                for name, g in gs.items():
+                    a = acc[position[name]]
+                    a.add_(g.to(a.dtype).square().sum(0))
     except (RuntimeError, TypeError, NotImplementedError) as e:
         raise RuntimeError(
             "SSAM (mode='fisher') computes per-sample gradients with torch.func "

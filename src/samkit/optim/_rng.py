@@ -16,6 +16,8 @@ Two kinds of randomness meet in a step, and this module holds both:
   tensor), which the base class saves in ``state_dict()`` and restores in
   ``load_state_dict()``; the ``torch.Generator`` object itself is only a cache rebuilt from
   that state.
+* **Stateless seeded draws** (:func:`draw_seed`): a draw keyed by (seed, epoch, group,
+  purpose) needs no saved generator state at all (Sparse SAM's masks).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = [
     "SharedRandomState",
     "check_seed",
     "cuda_devices",
+    "draw_seed",
     "get_global_state",
     "initial_rng_state",
     "set_global_state",
@@ -141,3 +144,14 @@ class OwnedGenerator:
     def put(self, samkit_state: dict[str, Any]) -> None:
         self._written = self._gen.get_state()
         samkit_state[self.key] = self._written
+
+
+#: The strides of :func:`draw_seed`'s key.
+_SEED_STRIDE, _EPOCH_STRIDE, _GROUP_STRIDE = 1_000_003, 10_007, 101
+
+
+def draw_seed(seed: int, epoch: int, group: int, purpose: int) -> int:
+    """The seed of one draw, from its key: ``(seed·1000003 + (epoch + 1)·10007 + group·101
+    + purpose) mod 2^63``. Nothing but ``seed`` needs saving: a resumed run draws the same."""
+    value = seed * _SEED_STRIDE + (epoch + 1) * _EPOCH_STRIDE + group * _GROUP_STRIDE + purpose
+    return value % (1 << 63)

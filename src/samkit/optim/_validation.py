@@ -8,12 +8,17 @@
   (:func:`invalid_value`), and the rules methods share: a finite number >= 0
   (:func:`is_finite_nonnegative`), a fraction in ``(0, 1]`` (:func:`is_fraction`), a count
   (:func:`is_count`).
+* Keyword arguments: one the method, samkit and the base optimizer all lack is refused
+  naming the method, with every argument it takes and the nearest to the one given
+  (:func:`check_keywords`), before the base optimizer's own ``TypeError`` could name only
+  the base optimizer.
 
 Every name here is also importable from :mod:`samkit.optim.base`.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import numbers
@@ -24,6 +29,7 @@ from torch.optim import Optimizer
 
 __all__ = [
     "BASE_OPTIMIZERS",
+    "check_keywords",
     "invalid_value",
     "is_count",
     "is_finite_nonnegative",
@@ -117,3 +123,47 @@ def _step_needs_closure(cls: type[Optimizer]) -> bool:
         return False
     closure = parameters.get("closure")
     return closure is not None and closure.default is inspect.Parameter.empty
+
+
+def _keywords(function: Any, leave_out: set[str]) -> tuple[list[str], bool]:
+    """The named keyword arguments ``function`` takes, and whether it takes any (``**kw``)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return [], True
+    names = [
+        p.name
+        for p in parameters
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in leave_out
+    ]
+    return names, any(p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def check_keywords(method: type, base: type[Optimizer], given: dict[str, Any]) -> None:
+    """Refuse the keywords in ``given`` that neither the base optimizer ``base`` nor samkit
+    takes (they reach the base optimizer last), with a ``TypeError`` that names ``method``,
+    lists the arguments of the method, of samkit and of ``base``, and suggests the nearest.
+
+    ``SAM(params, rh0=0.1)`` reads ``SAM got an unexpected keyword argument 'rh0' (did you
+    mean 'rho'?). SAM's arguments: rho, adaptive, eta; samkit's options: model, ...; SGD's
+    arguments: lr, momentum, ...``. A base optimizer that takes ``**kwargs`` is not checked.
+    """
+    accepted, takes_any = _keywords(base.__init__, {"self", "params", "foreach"})
+    unknown = [k for k in given if k not in accepted]
+    if takes_any or not unknown:
+        return
+    from samkit.optim.base import SharpnessAwareOptimizer  # the class that uses this check
+
+    skip = {"self", "params", "base_optimizer", "defaults"}
+    options = _keywords(SharpnessAwareOptimizer.__init__, skip)[0]
+    own = [] if method is SharpnessAwareOptimizer else _keywords(method.__init__, skip)[0]
+    everything = own + options + accepted
+    name = unknown[0]
+    near = difflib.get_close_matches(name, everything, n=1, cutoff=0.6)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    lists = [f"{method.__name__}'s arguments: {', '.join(own)}"] if own else []
+    lists += [f"samkit's options: {', '.join(options)}"]
+    lists += [f"{base.__name__}'s arguments: {', '.join(accepted)}"]
+    raise TypeError(
+        f"{method.__name__} got an unexpected keyword argument {name!r}{hint}. " + "; ".join(lists)
+    )

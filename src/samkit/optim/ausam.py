@@ -94,8 +94,10 @@ class AUSAM(SharpnessAwareOptimizer):
 
     Needs a :class:`~samkit.BatchClosure` with dataset indices and per-sample losses:
     ``samkit.make_closure(model, nn.CrossEntropyLoss(reduction="none"), x, y, indices=idx)``
-    (``samkit train`` builds one). The loss returned by :meth:`step` is the mean clean loss
-    of the sampled subset; ``closure.outputs`` is not filled (no pass sees the whole batch).
+    (``samkit train`` builds one). The loss returned by :meth:`step` is the clean objective
+    of the sampled subset (:math:`L_S(w)`, weighted and padded like the batch's); with
+    ``fraction=1`` the batch's, as SAM's. ``closure.outputs`` is not filled (no pass sees
+    the whole batch). With BatchNorm in train mode the subset has at least 2 samples.
 
     State: ``samkit_state["adlp"]`` (float64, the average DLP per dataset index) and
     ``samkit_state["adlp_count"]`` (int64, how many DLPs each average holds; 0 = never seen)
@@ -186,8 +188,8 @@ class AUSAM(SharpnessAwareOptimizer):
         fraction, max_ratio = self.fraction, self.max_ratio
         n = int(indices.shape[0])
         subset: Tensor | None = None
-        if fraction < 1.0:
-            k = selection_size(fraction, n)
+        if fraction < 1.0:  # k = ⌈f·|B|⌉, at least 2 under BatchNorm in train mode
+            k = max(selection_size(fraction, n), min(n, self.smallest_sub_batch(closure)))
             if k < n:
                 scores, seen = self.scores(indices)
                 weights = sampling_weights(scores, seen, max_ratio)
@@ -197,6 +199,7 @@ class AUSAM(SharpnessAwareOptimizer):
                 subset = torch.sort(drawn).values
 
         before = self.run_pass(closure, "clean", subset=subset, per_sample=True)  # ℓ_i(w), i ∈ S
+        loss = closure.last_objective  # L_S(w): the objective on S (class weights, padding)
         self.perturb()  # ε = ρ·g/‖g‖ with g = ∇L_S(w)
         after = self.run_pass(closure, "perturbed", perturbed=True, subset=subset, per_sample=True)
         self.restore()
@@ -204,7 +207,7 @@ class AUSAM(SharpnessAwareOptimizer):
         dlp = (after - before).abs()  # DLP_i = |ℓ_i(w + ε) - ℓ_i(w)|, into ADLP_i once accepted
         self.on_accept(lambda: self._record(chosen, dlp))
         self.base_step()
-        return before.mean()
+        return loss
 
     @torch.no_grad()
     def _record(self, indices: Tensor, dlp: Tensor) -> None:

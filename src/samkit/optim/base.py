@@ -45,11 +45,12 @@ from samkit.optim._state import Checkpointing
 from samkit.optim._tensors import Buckets, add_, copy_, global_norm, is_sharded, mul_, scaled
 from samkit.optim._validation import (
     BASE_OPTIMIZERS,
+    check_keywords,
     invalid_value,
     is_finite_nonnegative,
     resolve_base_optimizer,
 )
-from samkit.optim.batchnorm import bn_layers, frozen_bn_stats
+from samkit.optim.batchnorm import bn_layers, frozen_bn_stats, smallest_sub_batch
 from samkit.optim.closure import NO_CLOSURE_MESSAGE, STANDARD_CLOSURE, BatchClosure
 
 __all__ = [
@@ -172,6 +173,7 @@ class SharpnessAwareOptimizer(ManualSteps, ProcessGroups, FiniteChecks, Checkpoi
             raise ValueError(
                 "foreach is samkit's own option; it is not passed to the base optimizer"
             )
+        check_keywords(type(self), base_cls, base_kwargs)
         self._method_defaults = dict(defaults or {})
         super().__init__(params, dict(self._method_defaults))
         self.base_optimizer: Optimizer = base_cls(self.param_groups, **base_kwargs)
@@ -414,6 +416,13 @@ class SharpnessAwareOptimizer(ManualSteps, ProcessGroups, FiniteChecks, Checkpoi
         if self.on_nonfinite != "ignore":
             self._record_finite(name, loss, backward)
         return loss
+
+    def smallest_sub_batch(self, closure: Any) -> int:
+        """The fewest samples a pass on part of the batch may have: 2 while a BatchNorm layer
+        of the model (``model=`` or the closure's) is in train mode, else 1
+        (:func:`~samkit.optim.batchnorm.smallest_sub_batch`)."""
+        model = self.model if self.model is not None else getattr(closure, "model", None)
+        return smallest_sub_batch(self._bn_layers_of(model))
 
     def _bn_layers_of(self, model: nn.Module | None) -> list[Any]:
         """BatchNorm layers of ``model``, cached per model object."""

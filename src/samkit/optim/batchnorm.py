@@ -1,4 +1,5 @@
-"""Keeping BatchNorm running statistics out of the extra (perturbed) passes."""
+"""BatchNorm in sharpness-aware steps: running statistics kept out of the extra (perturbed)
+passes, and the smallest sub-batch a training pass may run on."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterator
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["frozen_bn_stats", "bn_layers"]
+__all__ = ["frozen_bn_stats", "bn_layers", "smallest_sub_batch"]
 
 
 def bn_layers(model: nn.Module | None) -> list[_BatchNorm]:
@@ -51,3 +52,17 @@ def frozen_bn_stats(model: nn.Module | list[_BatchNorm] | None) -> Iterator[None
     finally:
         for m in switched:
             m.track_running_stats = True
+
+
+def smallest_sub_batch(layers: list[_BatchNorm]) -> int:
+    """The fewest samples a method may give a pass on part of the batch: 2 while a BatchNorm
+    layer is in train mode, else 1.
+
+    A BatchNorm layer in train mode normalises with the statistics of the samples it sees;
+    on one sample they are degenerate (``BatchNorm1d`` raises "Expected more than 1 value
+    per channel", a convolution's BatchNorm normalises one image by itself). So a method
+    that evaluates a sub-batch (ESAM's selected samples, AUSAM's subset, mSAM's
+    micro-batches) keeps at least 2 samples there; a batch of one sample is run whole, as
+    the training loop gave it.
+    """
+    return 2 if any(m.training for m in layers) else 1

@@ -83,7 +83,11 @@ class BilateralSAM(SharpnessAwareOptimizer):
         * The official code schedules ``rho_min`` with a separate ``ProportionScheduler``
           tied to its own cosine LR scheduler; samkit derives it from the group's current
           ``lr`` and ``initial_lr`` so that any scheduler works. For a schedule that ends at
-          lr 0 and a min value of 0 (the official defaults) the two agree.
+          lr 0 and a min value of 0 (the official defaults) the two agree from the second
+          step on. Not on the first: the official ``ProportionScheduler`` reads its cosine
+          scheduler's last lr, 0.0 before that scheduler's first step, so the official
+          step 1 runs with ``rho_min_t = 0`` (its third pass at ``w``); samkit's step 1 uses
+          ``rho_min``.
         * No ``adaptive`` variant: the official class accepts the flag but always sets it to
           ``False``.
         * ``ε`` is added to the norms in the perturbation and in the ratio (no guard in the

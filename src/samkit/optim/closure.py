@@ -55,11 +55,12 @@ import torch
 from torch import Tensor, nn
 
 from samkit._losses import PER_SAMPLE_NEEDED, LossReduction
+from samkit.optim.batchnorm import bn_layers, smallest_sub_batch
 
 __all__ = ["BatchClosure", "make_closure"]
 
 LossFn = Callable[[Any, Tensor], Tensor]
-ExtraLoss = Callable[[Any, Tensor | None, Tensor], Tensor]
+ExtraLoss = Callable[[Any, Tensor | None, Tensor], Tensor | None]
 
 #: A standard closure, in one line, for error messages.
 STANDARD_CLOSURE = (
@@ -97,6 +98,8 @@ class BatchClosure:
         indices: optional dataset indices of the samples (``LongTensor`` of shape ``[B]``).
         accumulation_steps: split every pass into this many micro-batches (gradient
             accumulation); gradients and losses equal the full-batch ones up to rounding.
+            While a BatchNorm layer of the model is in train mode no micro-batch has fewer
+            than 2 samples (fewer micro-batches on a small last batch).
         autocast_dtype: run forward passes under ``torch.autocast`` with this dtype
             (``torch.bfloat16`` or ``torch.float16``) on the inputs' device type.
         grad_scaler: a ``torch.amp.GradScaler`` for float16 training: every backward pass
@@ -135,6 +138,10 @@ class BatchClosure:
     calls :meth:`begin_step`); the other passes of a step (perturbed, sub-batch,
     forward-only) never change them, so after a SAM step they describe the clean weights,
     and a reused closure never reports an earlier step's.
+
+    :attr:`last_objective`: the objective of the last pass (0-dim, detached; the batch's or
+    the sub-batch's, ``extra_loss`` included), also when that pass returned per-sample
+    losses: a method that needs those returns this objective as its loss.
 
     Counters: ``passes`` (number of forward passes), ``grad_evals`` (backward passes in
     full-batch units: a backward pass on half the batch counts 0.5) and ``forward_evals``
@@ -192,6 +199,7 @@ class BatchClosure:
         self.correct: Tensor | None = None
         self.counted: Tensor | None = None
         self._refresh = True
+        self.last_objective: Tensor | None = None
         self.passes = 0
         self.grad_evals = 0.0
         self.forward_evals = 0.0
@@ -238,6 +246,7 @@ class BatchClosure:
                 the samples it is given of a regulariser (such as SAF's), added to the
                 objective before backward; under accumulation each micro-batch's value is
                 weighted by its share of the pass's samples. The returned loss includes it.
+                It may return ``None`` (nothing added; e.g. it only checked the outputs).
 
         Returns the detached objective (0-dim) or per-sample losses.
         """
@@ -262,7 +271,9 @@ class BatchClosure:
                 zeroed.add(id(p))
 
         reduction = self.reduction
-        chunks = _chunks(n, self.accumulation_steps)
+        # micro-batches of at least 2 samples while a BatchNorm layer is in train mode
+        smallest = smallest_sub_batch(bn_layers(self.model)) if self.accumulation_steps > 1 else 1
+        chunks = _chunks(n, self.accumulation_steps, smallest)
         metrics = _Metrics(self.keep_outputs) if record else None
         losses: list[Tensor] = []
         total: Tensor | None = None
@@ -288,7 +299,9 @@ class BatchClosure:
                     objective = reduction.terms(raw, y, rows)[0] / count
                     if extra_loss is not None:
                         idx = indices[lo:hi] if indices is not None else None
-                        objective = objective + extra_loss(out, idx, y) * (rows / n)
+                        term = extra_loss(out, idx, y)
+                        if term is not None:  # None: nothing to add on this micro-batch
+                            objective = objective + term * (rows / n)
                     if metrics is not None:
                         metrics.add(out, y, reduction)
                     if per_sample:
@@ -306,13 +319,14 @@ class BatchClosure:
                 del objective
         if metrics is not None:
             metrics.publish(self)
+        assert total is not None
+        self.last_objective = total
         self.passes += 1
         self.forward_evals += n / self.batch_size
         if backward:
             self.grad_evals += n / self.batch_size
         if per_sample:
             return torch.cat(losses)
-        assert total is not None
         return total
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -433,10 +447,15 @@ def _zero_new_leaves(root: Tensor, zeroed: set[int]) -> None:
                 zeroed.add(id(leaf))
 
 
-def _chunks(n: int, k: int) -> list[tuple[int, int]]:
-    k = min(k, n)
+def _chunks(n: int, k: int, smallest: int = 1) -> list[tuple[int, int]]:
+    """``k`` micro-batches of ``n`` rows (``ceil(n/k)`` each, the last one smaller), fewer
+    where that would leave one with fewer than ``smallest`` rows."""
+    k = max(1, min(k, n // smallest))
     size = math.ceil(n / k)
-    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+    chunks = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+    if len(chunks) > 1 and chunks[-1][1] - chunks[-1][0] < smallest:
+        chunks[-2:] = [(chunks[-2][0], n)]
+    return chunks
 
 
 def _map_batch(inputs: Any, leaf: Callable[[Tensor], Tensor], verb: str) -> Any:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from samkit.optim._compat import is_compiled
 from samkit.optim._rng import OwnedGenerator, check_seed, initial_rng_state
 from samkit.optim._validation import is_fraction
 from samkit.optim.base import ASAM_ETA, SharpnessAwareOptimizer, asam_defaults, invalid_value
@@ -44,8 +45,14 @@ class ESAM(SharpnessAwareOptimizer):
     probability :math:`\beta` (an independent Bernoulli draw per tensor, every step, from the
     optimizer's own seeded generator). Unchosen tensors do not compute weight gradients in
     the first backward pass (their ``requires_grad`` is switched off for that pass and always
-    switched back, also when the pass raises) and are not perturbed. With :math:`m` the
-    mask and :math:`g = \nabla L_B(w)` (defined on the chosen tensors only):
+    switched back, also when the pass raises) and are not perturbed. Two cases draw after the
+    first pass instead, which then computes every tensor's gradient and drops the unchosen
+    ones (the same numbers): a model that runs through ``torch.compile`` (switching
+    ``requires_grad`` would recompile it at every step) and a step with tensors not yet seen
+    in a full pass (the first step, a tensor just unfrozen), since the fallback below draws
+    among the tensors that *receive* a gradient (a trainable but unused head does not).
+    With :math:`m` the mask and :math:`g = \nabla L_B(w)` (defined on the chosen tensors
+    only):
 
     .. math::
 
@@ -107,7 +114,9 @@ class ESAM(SharpnessAwareOptimizer):
     ``gamma < 1`` needs a :class:`~samkit.BatchClosure` whose ``loss_fn`` returns per-sample
     losses (``samkit.make_closure(model, nn.CrossEntropyLoss(reduction="none"), x, y)``;
     ``samkit train`` builds one); ``gamma=1`` works with a standard closure too. The loss
-    returned by :meth:`step` is the mean of the clean pass's per-sample losses.
+    returned by :meth:`step` is the clean pass's batch objective (weighted and padded as
+    the loss function says), as for every method. With BatchNorm in train mode
+    :math:`B^+` has at least 2 samples.
 
     Example::
 
@@ -143,8 +152,9 @@ class ESAM(SharpnessAwareOptimizer):
           keeps exactly ``k = ⌈gamma·|B|⌉``, ties broken by batch position. The official
           code keeps every sample when ``gamma >= 0.99``; samkit only at ``gamma = 1``.
         * The official code crashes when no tensor is chosen (a real risk for small models).
-          samkit then perturbs one tensor chosen uniformly at random (a second draw from the
-          same generator), so a step always perturbs something.
+          samkit then perturbs one tensor chosen uniformly at random among those that
+          receive a gradient (a second draw from the same generator), so a step always
+          perturbs something.
         * The official mask is drawn with Python's global ``random`` after each base step
           and applies to the next step (the first step perturbs every tensor); samkit draws
           it at the start of each step from its own seeded ``torch.Generator``, saved in
@@ -181,6 +191,8 @@ class ESAM(SharpnessAwareOptimizer):
         super().__init__(params, base_optimizer, defaults, **kwargs)
         self.samkit_state["rng_state"] = initial_rng_state(seed)
         self._draws = OwnedGenerator("rng_state")
+        #: Which trainable tensors received a gradient in the last step's full pass.
+        self._receives: dict[Tensor, bool] = {}
 
     def validate_group(self, group: dict[str, Any]) -> None:
         super().validate_group(group)
@@ -207,10 +219,24 @@ class ESAM(SharpnessAwareOptimizer):
                 "closure with samkit.make_closure(model, loss_fn, inputs, targets) and a "
                 "loss_fn that returns one loss per sample (reduction='none'), or use gamma=1"
             )
-        left_out = self._draw_left_out(closure)  # SWP: each tensor kept with probability β
+        params = [p for g in self.param_groups for p in g["params"]]
+        trainable = [p for p in params if p.requires_grad]
+        draw = any(float(g["beta"]) < 1.0 for g in self.param_groups)
+        # SWP, each tensor kept with probability β, among the tensors that get a gradient.
+        # Drawn before pass 1 (the left-out tensors skip their weight gradients) when those
+        # are known and the model runs eagerly; else drawn after it, from every tensor's
+        # gradient (the same result; one torch.compile graph; it sees the gradients).
+        model = self.model if self.model is not None else getattr(closure, "model", None)
+        after = draw and (is_compiled(model) or any(p not in self._receives for p in trainable))
+        before = draw and not after
+        left_out = (
+            self._draw_left_out(closure, [p for p in trainable if self._receives[p]])
+            if before
+            else []
+        )
 
         # Pass 1 at w, ℓ_i(w), without the weight gradients of the tensors left out.
-        sync = None if not left_out else False
+        sync = False if (left_out or after) else None
         try:
             for p in left_out:
                 p.requires_grad_(False)
@@ -218,7 +244,12 @@ class ESAM(SharpnessAwareOptimizer):
         finally:
             for p in left_out:
                 p.requires_grad_(True)
-        if left_out and self.sync_ascent:
+        loss = closure.last_objective if select else clean  # the batch objective
+        if after:
+            left_out = self._draw_left_out(closure, [p for p in trainable if p.grad is not None])
+            for p in left_out:
+                p.grad = None
+        if sync is False and self.sync_ascent:
             # The pass was local (see "Distributed" in the docstring): average the chosen
             # tensors' gradients explicitly, the same tensors on every replica.
             self.all_reduce_mean_([g for gp in self.collect() for g in gp.grads])
@@ -226,38 +257,41 @@ class ESAM(SharpnessAwareOptimizer):
         # ε = (ρ/β)·(m ⊙ g)/‖m ⊙ g‖: the left-out tensors have no gradient, so their ε is 0.
         self.perturb(radius=self._radius)
         if select:
-            # SDS: ℓ_i(w + ε) forward only; B⁺ = the ⌈γ|B|⌉ largest increases; pass 2 on B⁺.
+            # SDS: ℓ_i(w + ε) forward only; B⁺ = the ⌈γ|B|⌉ largest increases (at least 2
+            # samples under BatchNorm in train mode); pass 2 on B⁺.
             perturbed = self.run_pass(
                 closure, "select", perturbed=True, backward=False, per_sample=True
             )
-            k = selection_size(gamma, int(clean.shape[0]))
+            n = int(clean.shape[0])
+            k = max(selection_size(gamma, n), min(n, self.smallest_sub_batch(closure)))
             top = top_increase(perturbed - clean, k)
             self.run_pass(closure, "perturbed", perturbed=True, subset=top)
         else:
             self.run_pass(closure, "perturbed", perturbed=True)
+        # Every trainable tensor took part in pass 2: which of them receive a gradient.
+        self._receives = {p: p.grad is not None for p in trainable}
         self.restore()
         self.base_step()  # w ← base_step(w, g')
-        return clean.mean() if select else clean
+        return loss
 
-    def _draw_left_out(self, closure: Any) -> list[Tensor]:
+    def _draw_left_out(self, closure: Any, receivers: list[Tensor]) -> list[Tensor]:
         """This step's SWP mask: the trainable tensors that are *not* perturbed.
 
         One uniform number per parameter (every group, in order) from the optimizer's
-        generator; a tensor is chosen when its number is below its group's ``beta``. If
-        nothing is chosen, one trainable tensor is chosen uniformly at random (a second
-        draw). Groups with ``beta = 1`` choose every tensor.
+        generator; a tensor is chosen when its number is below its group's ``beta``. If no
+        tensor of ``receivers`` (those that get a gradient) is chosen, one of them is chosen
+        uniformly at random (a second draw): a step always perturbs something.
         """
         params = [p for g in self.param_groups for p in g["params"]]
         betas = [float(g["beta"]) for g in self.param_groups for _ in g["params"]]
-        if all(b >= 1.0 for b in betas):
-            return []
         gen = self._draws.take(self.samkit_state)
         u = torch.rand(len(params), generator=gen, dtype=torch.float64)
         chosen = [bool(ui < b) for ui, b in zip(u.tolist(), betas)]
-        trainable = [i for i, p in enumerate(params) if p.requires_grad]
-        if trainable and not any(chosen[i] for i in trainable):
-            pick = int(torch.randint(len(trainable), (1,), generator=gen))
-            chosen[trainable[pick]] = True
+        ids = {id(p) for p in receivers}
+        candidates = [i for i, p in enumerate(params) if id(p) in ids]
+        if candidates and not any(chosen[i] for i in candidates):
+            pick = int(torch.randint(len(candidates), (1,), generator=gen))
+            chosen[candidates[pick]] = True
         self.on_accept(lambda: self._draws.put(self.samkit_state))
         chosen = self._agree_on_mask(closure, chosen)
         return [p for p, c in zip(params, chosen) if not c and p.requires_grad]

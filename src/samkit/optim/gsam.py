@@ -44,17 +44,18 @@ class GSAM(SharpnessAwareOptimizer):
     The radius follows the learning rate linearly, as in the paper's schedule
     (:math:`(\rho_t-\rho_{\min})/(\rho_{\max}-\rho_{\min}) = (\mathrm{lr}_t -
     \mathrm{lr}_{\min})/(\mathrm{lr}_{\max}-\mathrm{lr}_{\min})`) with
-    :math:`\mathrm{lr}_{\max}` the group's initial learning rate and
-    :math:`\mathrm{lr}_{\min} = 0`:
+    :math:`\mathrm{lr}_{\max}` the schedule's peak and :math:`\mathrm{lr}_{\min} = 0`:
 
     .. math::
 
-        \rho_t = \rho_{\min} + (\rho - \rho_{\min})\,\frac{\mathrm{lr}_t}{\mathrm{lr}_0}
+        \rho_t = \rho_{\min} + (\rho - \rho_{\min})\,
+            \min\!\Big(1, \frac{\mathrm{lr}_t}{\mathrm{lr}_{\max}}\Big)
 
-    where :math:`\mathrm{lr}_0` is ``group["initial_lr"]`` (set at construction, the key
-    torch's LR schedulers use), so any scheduler drives it. ``rho_min=None`` (default) keeps
-    :math:`\rho_t = \rho`. A scheduler that raises the lr above its initial value (warm-up
-    to a peak, ``OneCycleLR``) raises :math:`\rho_t` above ``rho`` in proportion.
+    where :math:`\mathrm{lr}_{\max}` is ``group["max_lr"]`` when the group has it
+    (``OneCycleLR`` puts its peak there; so can you, for another schedule whose peak is
+    above the initial lr), else ``group["initial_lr"]`` (set at construction, the key
+    torch's LR schedulers use), so any scheduler drives it. :math:`\rho_t` never exceeds
+    ``rho``. ``rho_min=None`` (default) keeps :math:`\rho_t = \rho`.
 
     Cost: two passes (forward + backward each) per step, as SAM; besides SAM's work, one
     copy of the clean gradient (one buffer per parameter, freed after the step), one inner
@@ -73,7 +74,7 @@ class GSAM(SharpnessAwareOptimizer):
             ``rho``, ``rho_min``, ``alpha``, ``adaptive``, ``eta``.
         base_optimizer: a ``torch.optim.Optimizer`` class or a name (``"sgd"``, ...); its
             arguments (``lr``, ``momentum``, ``weight_decay``, ...) pass through ``**kwargs``.
-        rho: the radius at the initial learning rate, :math:`\rho_{\max}` (default 0.05,
+        rho: the radius at the peak learning rate, :math:`\rho_{\max}` (default 0.05,
             SAM's default; the paper tunes it per model).
         alpha: weight of the orthogonal ascent (default 0.4, the official PyTorch CIFAR
             example; the official ViT-B/32 ImageNet configuration uses 0.6).
@@ -99,8 +100,11 @@ class GSAM(SharpnessAwareOptimizer):
         * The official code schedules :math:`\rho_t` with a scheduler object tied to its
           own lr scheduler, between given ``lr_max`` and ``lr_min`` (the JAX ImageNet
           configuration uses ``lr_min = 0.01·lr_max``); samkit reads the group's current lr
-          and takes ``lr_min = 0`` and ``lr_max`` = the initial lr, so the two agree for
-          schedules that end at lr 0 (the PyTorch CIFAR example).
+          and takes ``lr_min = 0`` and ``lr_max`` = the peak above, so the two agree for
+          schedules that end at lr 0, from the second step on: in the official PyTorch
+          example the radius scheduler reads its lr scheduler's last lr, 0.0 before that
+          scheduler's first step, so the first step runs with :math:`\rho_t = \rho_{\min}`
+          (the two agree on every step only when ``rho_min = rho``).
         * :math:`\hat g_p` carries ``perturb_eps`` in its norm; the official PyTorch code
           writes the same projection as ``cos·‖g‖·g_p/(‖g_p‖+eps)`` with
           ``cos = g·g_p/(‖g‖‖g_p‖+eps)``: equal up to the eps terms. samkit evaluates
@@ -159,15 +163,16 @@ class GSAM(SharpnessAwareOptimizer):
 
     @staticmethod
     def rho_t(group: dict[str, Any]) -> float:
-        """The group's current radius: ``rho_min + (rho - rho_min) * lr / initial_lr``."""
+        """The group's current radius: ``rho_min + (rho - rho_min) * min(1, lr / lr_max)``,
+        ``lr_max`` the group's ``max_lr`` (``OneCycleLR``'s peak) or else its ``initial_lr``."""
         rho = float(group["rho"])
         rho_min = group.get("rho_min")
         if rho_min is None:
             return rho
-        lr0 = float(group.get("initial_lr", group["lr"]))
-        if lr0 == 0.0:
+        lr_max = float(group.get("max_lr", group.get("initial_lr", group["lr"])))
+        if lr_max == 0.0:
             return rho
-        return float(rho_min) + (rho - float(rho_min)) * float(group["lr"]) / lr0
+        return float(rho_min) + (rho - float(rho_min)) * min(1.0, float(group["lr"]) / lr_max)
 
     def sharpness_step(self, closure: Callable[[], Any]) -> Any:
         loss = self.run_pass(closure, "clean")  # g = ∇L_B(w)

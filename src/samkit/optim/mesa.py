@@ -17,8 +17,10 @@ from torch import Tensor, nn
 from samkit.optim._average import (
     ShardedAverage,
     average_forward,
+    keyed_like,
     new_average,
     paired_tensors,
+    saved_average,
     update_average,
 )
 from samkit.optim._distributed import mesh_groups, replicas_of
@@ -57,7 +59,10 @@ class MESA(TrajectoryLoss):
     the step is one pass plus the average's update. Memory: one copy of the model.
 
     **Needs** the model (``model=`` or the :class:`~samkit.BatchClosure`'s) and the epoch
-    (``set_epoch``); the closure must be a ``BatchClosure`` (indices are not needed).
+    (``set_epoch``); the closure must be a ``BatchClosure`` (indices are not needed; with
+    them, a sample seen twice in one epoch before ``start_epoch`` warns that ``set_epoch``
+    was forgotten); the model must return logits ``[batch, classes]`` (checked from the
+    first step). A tensor under several names (tied weights) is averaged once per step.
 
     **DDP.** The one pass is synchronised. The replicas' weights are identical, hence so are
     their averages; BatchNorm statistics (updated by each replica's own batch) are averaged
@@ -172,8 +177,11 @@ class MESA(TrajectoryLoss):
         ema = self._averaged_model(module)
         decay = float(self.step_global("decay"))
 
-        extra = None
-        if epoch >= int(self.step_global("start_epoch")):
+        start = int(self.step_global("start_epoch"))
+        if batch.indices is not None and epoch < start:  # a stuck epoch: the term never starts
+            self._check_indices(batch.indices, epoch, "MESA is the base optimizer (no term)")
+        extra = self._term(None)  # before start_epoch: checks the outputs only
+        if epoch >= start:
             # z̄ = f(x; w̄): the averaged model's logits (eval mode, no gradient)
             with batch.autocast():
                 reference = as_logits(average_forward(ema, module, batch.inputs), "MESA")
@@ -186,9 +194,8 @@ class MESA(TrajectoryLoss):
                 offset[0] = lo + rows
                 return reference[lo : lo + rows], None
 
-            extra = self._term(
-                rows_of
-            )  # L = L_B(w) + λτ²·mean_i KL(softmax(z̄_i/τ) ‖ softmax(z_i/τ))
+            # L = L_B(w) + λτ²·mean_i KL(softmax(z̄_i/τ) ‖ softmax(z_i/τ))
+            extra = self._term(rows_of)
 
         loss = self.run_pass(closure, "clean", sync=True, extra_loss=extra)
 
@@ -215,9 +222,11 @@ class MESA(TrajectoryLoss):
         )
 
     def state_dict(self) -> dict[str, Any]:
+        """The base's state and ``mesa_ema``, the average under the eager model's names
+        (``torch.compile``'s ``_orig_mod.`` left out: it resumes compiled or not)."""
         sd = super().state_dict()
         if self._ema is not None:
-            sd["mesa_ema"] = self._ema.state_dict()
+            sd["mesa_ema"] = saved_average(self._ema)
         elif self._ema_pending is not None:
             sd["mesa_ema"] = self._ema_pending
         return sd
@@ -228,7 +237,9 @@ class MESA(TrajectoryLoss):
         super().load_state_dict(sd)
         if ema is None:
             return
-        if self._ema is not None:
+        if isinstance(self._ema, nn.Module):
+            self._ema.load_state_dict(keyed_like(ema, self._ema.state_dict()))
+        elif self._ema is not None:
             self._ema.load_state_dict(ema)
         else:
-            self._ema_pending = dict(ema)
+            self._ema_pending = saved_average(dict(ema))

@@ -37,7 +37,8 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
     where :math:`L_{B_j}` is the mean loss over :math:`B_j`, so :math:`g'` is the mean over the
     batch of the per-sample gradients, each taken at its micro-batch's perturbed point. With
     ``micro_batches=1`` every step is exactly :class:`~samkit.SAM`; a batch with fewer than
-    :math:`M` samples is split into single samples. With ``adaptive=True`` each
+    :math:`M` samples is split into single samples, or into micro-batches of at least 2
+    samples while a BatchNorm layer is in train mode (:math:`\lfloor n/2\rfloor` of them). With ``adaptive=True`` each
     :math:`\varepsilon_j` uses ASAM's scaling (see :class:`~samkit.ASAM`).
 
     Cost: :math:`2M` passes on :math:`1/M` of the batch each, i.e. two full-batch passes per
@@ -133,8 +134,8 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
                 "with samkit.make_closure(model, loss_fn, inputs, targets), not a plain "
                 "function"
             )
-        n = closure.batch_size
-        m = min(self.micro_batches, n)
+        n = closure.batch_size  # M micro-batches, of at least 2 samples under BatchNorm
+        m = min(self.micro_batches, max(1, n // self.smallest_sub_batch(closure)))
         if m == 1:
             return super().sharpness_step(closure)  # SAM's two passes on the whole batch
         model = self.model if self.model is not None else closure.model

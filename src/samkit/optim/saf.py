@@ -22,6 +22,11 @@ from samkit.optim.mesa import MESA  # noqa: F401  (importable from here, as befo
 
 __all__ = ["SAF", "trajectory_kl"]
 
+#: What a loop that forgets ``set_epoch`` does to SAF (the warning's words).
+_STUCK_EPOCH = (
+    "SAF is the base optimizer before start_epoch, and compares with stale records after it"
+)
+
 #: Bank rows are added in steps of at least this many samples, and by at least 1/4 of the
 #: rows already held (amortised growth with at most 25% unused rows).
 _GROWTH_ROWS = 1024
@@ -174,8 +179,10 @@ class SAF(TrajectoryLoss):
     slack), and only from epoch ``start_epoch - horizon`` on, when records start to matter.
 
     **Epochs.** Call ``optimizer.set_epoch(e)`` (``e`` from 0) at the start of every epoch
-    (``samkit train`` does); a step before the first call raises. The closure must be a
-    :class:`~samkit.BatchClosure` with the batch's dataset ``indices``.
+    (``samkit train`` does); a step before the first call raises, and a sample seen twice in
+    one epoch (a forgotten call) warns (:class:`~samkit.RepeatedSampleWarning`). The closure
+    must be a :class:`~samkit.BatchClosure` with the batch's dataset ``indices``; the model
+    must return logits ``[batch, classes]`` (checked from the first step).
 
     **DDP.** The one pass is synchronised (gradients averaged as in plain DDP training). The
     bank is the same on every replica: each accepted step all-gathers the replicas'
@@ -277,20 +284,16 @@ class SAF(TrajectoryLoss):
                 "SAF looks up each sample's past logits by its dataset index: build the "
                 "closure with samkit.make_closure(model, loss_fn, inputs, targets, indices=idx)"
             )
-        if indices.dim() != 1 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
-            raise TypeError(
-                f"SAF needs indices as a 1-D integer tensor, got {indices.dtype} of shape "
-                f"{tuple(indices.shape)}"
-            )
         epoch = self.current_epoch()
         start, horizon = int(self.step_global("start_epoch")), int(self.step_global("horizon"))
+        # Checked from the first step on: the indices, the epoch signal (a sample seen twice
+        # in an epoch warns) and, in the pass, logits [batch, classes].
+        idx_cpu = self._check_indices(indices, epoch, _STUCK_EPOCH)
         if epoch < start - horizon:  # no record made now is ever read: plain step
-            loss = self.run_pass(closure, "clean", sync=True)
+            loss = self.run_pass(closure, "clean", sync=True, extra_loss=self._term(None))
             self.base_step()
             return loss
-        lo, hi = torch.stack(list(torch.aminmax(indices.detach()))).tolist()  # a GPU: 1 sync
-        if lo < 0:
-            raise ValueError(f"SAF: dataset indices must be >= 0, got {lo}")
+        hi = int(idx_cpu.max())
         bank, read_epoch = self._bank, epoch - horizon
         recorded: list[tuple[Tensor, Tensor]] = []
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from samkit.optim._coordinates import Coordinates, coordinates
 from samkit.optim._distributed import Group, first_replica_flags, replicas_of
 from samkit.optim._per_sample import fisher_scores, per_sample_squared_gradients
-from samkit.optim._rng import check_seed
+from samkit.optim._rng import check_seed, draw_seed
 from samkit.optim._tensors import dot, masked
 from samkit.optim._validation import is_count
 from samkit.optim.base import SharpnessAwareOptimizer, invalid_value, is_finite_nonnegative
@@ -26,16 +26,15 @@ SCORES = ("gradient", "weight", "random")
 
 
 class _Draw(enum.IntEnum):
-    """What a seeded draw of SSAM-D is for: part of its seed, so that the draws differ."""
+    """What a seeded draw of SSAM-D is for: part of its key (:func:`draw_seed`)."""
 
     INITIAL = 0  # the initial mask (drawn with epoch _INITIAL_EPOCH)
     DROP = 1  # drop_score="random"
     GROW = 2  # grow_score="random"
+    JOINED = 3  # the mask of a parameter that joins (unfrozen or added) between updates
 
 
 _INITIAL_EPOCH = -1
-#: A draw's seed: (seed·SEED + (epoch + 1)·EPOCH + group·GROUP + draw) mod 2^63.
-_SEED_STRIDE, _EPOCH_STRIDE, _GROUP_STRIDE = 1_000_003, 10_007, 101
 
 
 class SSAM(SharpnessAwareOptimizer):
@@ -57,30 +56,28 @@ class SSAM(SharpnessAwareOptimizer):
 
     **SSAM-F** (``mode="fisher"``): the mask keeps the :math:`k` coordinates with the largest
     empirical Fisher information :math:`F_j = \sum_{n \le N} (\partial_j \ell_n)^2` over
-    ``num_samples`` samples :math:`N`. It is refreshed every ``update_freq`` epochs, at the
-    first step of epochs :math:`e` with :math:`e \bmod \text{update\_freq} = 0`. The samples
-    are the first samples of that step's batch (and of the following steps' batches when
-    ``num_samples`` exceeds the batch size; the old mask stays in use until the new one is
-    complete). Per-sample gradients come from ``torch.func``, with the model in eval mode.
-    Until the first mask exists the step is plain SGD (one pass): with ``num_samples`` at
-    most the batch size this never happens (the first step computes its mask first).
+    ``num_samples`` samples, refreshed at the first step of epochs :math:`e` with
+    :math:`e \bmod \text{update\_freq} = 0`. The samples are the first of that step's batch
+    (and of the next steps' batches when ``num_samples`` exceeds the batch size; the old mask
+    stays in use until the new one is complete), their gradients from ``torch.func`` in eval
+    mode. Before the first mask exists a step is plain SGD (never when ``num_samples`` is at
+    most the batch size).
 
     **SSAM-D** (``mode="dynamic"``): starts from a random mask; every ``update_freq``
     epochs (at the first step of the epoch, epoch 0 included) it drops the
     :math:`\lfloor n_\text{live}\, r_e\rfloor` live coordinates with the lowest
-    ``drop_score`` (default :math:`|g|`) and regrows as many coordinates that were dead,
-    those with the highest ``grow_score`` (default random), so the number of live
-    coordinates stays :math:`k`. The drop rate follows
-    :math:`r_e = \text{drop\_rate}\cdot(1 + \cos(\pi e / \text{epochs}))/2`. Random draws
-    come from a generator seeded by ``(seed, epoch, group)``, so they are reproducible and
-    need no saved generator state.
+    ``drop_score`` and regrows dead ones with the highest ``grow_score`` until :math:`k` are
+    live (:math:`k` from the group's sparsity at that update: a changed sparsity takes
+    effect there), with :math:`r_e = \text{drop\_rate}\cdot(1 + \cos(\pi e /
+    \text{epochs}))/2`. Its draws are seeded by ``(seed, epoch, group)``: reproducible, no
+    saved generator state.
 
-    **State, cost, processes** (details: ``docs/methods/ssam.md``). The masks
-    (``state[p]["mask"]``, ``bool``) and a Fisher sum in progress are in :meth:`state_dict`
-    and change only when a step is accepted. A refresh costs ``num_samples`` per-sample
-    gradients (SSAM-F, in the closure's counters) or a top-k (SSAM-D); the sparsity saves
-    nothing (the perturbed pass is dense). The mask is the same on every DDP replica. SSAM-D
-    runs on FSDP2's shards without gathering; SSAM-F refuses them (:attr:`fsdp_unsupported`).
+    A parameter unfrozen between updates gets a mask at its first step: SSAM-D draws
+    :math:`k` of its coordinates at random, SSAM-F perturbs none until its next refresh.
+
+    **State, cost, processes** (``docs/methods/ssam.md``): the masks (``state[p]["mask"]``)
+    and a Fisher sum in progress are saved and change on accepted steps only; the perturbed
+    pass stays dense; the mask is the same on every DDP replica; SSAM-F refuses FSDP2.
 
     Args:
         params: parameters, named parameters or param groups; groups may set their own
@@ -93,15 +90,13 @@ class SSAM(SharpnessAwareOptimizer):
         num_samples: samples of the Fisher information (SSAM-F; default 128).
         update_freq: refresh the mask every this many epochs (default 1).
         drop_rate: initial drop rate of SSAM-D (default 0.5).
-        drop_score: SSAM-D's score to keep live coordinates: ``"gradient"`` (|g|, default),
-            ``"weight"`` (|w|) or ``"random"``.
-        grow_score: SSAM-D's score to regrow dead coordinates: ``"random"`` (default),
-            ``"gradient"`` or ``"weight"``.
+        drop_score, grow_score: SSAM-D's scores to keep live and to regrow dead coordinates:
+            ``"gradient"`` (|g|), ``"weight"`` (|w|) or ``"random"`` (defaults: ``"gradient"``
+            and ``"random"``).
         epochs: length of the run in epochs, for SSAM-D's drop-rate schedule (required with
             ``mode="dynamic"``).
         seed: seed of SSAM-D's random draws (default ``None``: 0).
-        **kwargs: samkit's options of :class:`~samkit.SharpnessAwareOptimizer` and the base
-            optimizer's arguments.
+        **kwargs: samkit's options and the base optimizer's arguments.
 
     Example::
 
@@ -114,8 +109,9 @@ class SSAM(SharpnessAwareOptimizer):
     Differences from the paper / official code:
         * The official SSAM-F scores with a separate batch-size-1 loader, in train mode, and
           refreshes *after* the first step of a refresh epoch (the run's first step has an
-          all-zero mask). samkit scores the first samples of the batches it is given, in
-          eval mode, before the step's passes.
+          all-zero mask); its first sample's gradient adds onto the perturbed gradient left in
+          ``.grad`` before it is squared. samkit scores the first samples of the batches it is
+          given, in eval mode, before the step's passes, each from its own gradient.
         * The official SSAM-D refreshes after the refresh step's perturbation and rounds its
           kept/regrown counts separately (the live count may drift by one); samkit
           refreshes before it and keeps exactly :math:`k` live coordinates.
@@ -231,6 +227,10 @@ class SSAM(SharpnessAwareOptimizer):
             loss = self.run_pass(closure, "clean", sync=True)
             self.base_step()
             return loss
+        joined = self._masks_of_joined(masks, epoch, replicas)  # unfrozen since the last update
+        if joined:
+            masks = {**masks, **joined}
+            self._commit_masks(joined, None)
 
         loss = self.run_pass(closure, "clean")  # g = ∇L_B(w)
         groups = self.collect()
@@ -264,6 +264,15 @@ class SSAM(SharpnessAwareOptimizer):
     def _mask_params(self) -> list[list[Tensor]]:
         """Per group, the parameters a mask covers (those that require a gradient)."""
         return [[p for p in g["params"] if p.requires_grad] for g in self.param_groups]
+
+    def _masks_of_joined(self, masks: dict[Tensor, Tensor], epoch: int, replicas: Group | None):
+        """Masks for parameters without one (unfrozen or added since the last update): SSAM-D
+        draws ``k`` of their coordinates at random, SSAM-F perturbs none until its next
+        refresh; the next update takes them into the group's top-k."""
+        new = {p for ps in self._mask_params() for p in ps if p not in masks}
+        if not new or self.step_global("mode") == "fisher":
+            return {p: torch.zeros_like(p, dtype=torch.bool) for p in new}
+        return self._random_masks(replicas, epoch, _Draw.JOINED, new)
 
     # ------------------------------------------------------------------ SSAM-F
     def _fisher_refresh(
@@ -314,12 +323,17 @@ class SSAM(SharpnessAwareOptimizer):
         return masks
 
     def _top_k(
-        self, scores: Callable[[int, Coordinates], Tensor], replicas: Group | None = None
+        self,
+        scores: Callable[[int, Coordinates], Tensor],
+        replicas: Group | None = None,
+        among: set[Tensor] | None = None,
     ) -> dict[Tensor, Tensor]:
         """Per group, the masks keeping the ``k = d - round(d·s)`` coordinates with the highest
-        ``scores(group index, coordinates)``; under DDP the first replica's."""
+        ``scores(group index, coordinates)`` (of the parameters ``among``, default all);
+        under DDP the first replica's."""
         masks: dict[Tensor, Tensor] = {}
         for gi, (group, params) in enumerate(zip(self.param_groups, self._mask_params())):
+            params = params if among is None else [p for p in params if p in among]
             if params:
                 coords = coordinates(params)
                 keep = _kept(coords.numel, group["sparsity"])
@@ -327,17 +341,19 @@ class SSAM(SharpnessAwareOptimizer):
         return first_replica_flags(masks, replicas)
 
     # ------------------------------------------------------------------ SSAM-D
-    def _random_masks(self, replicas: Group | None) -> dict[Tensor, Tensor]:
-        """The initial masks: ``k`` coordinates drawn uniformly per group."""
-        draw = _Draw.INITIAL
-        return self._top_k(lambda gi, c: c.random(self._seed(_INITIAL_EPOCH, gi, draw)), replicas)
+    def _random_masks(
+        self, replicas: Group | None, epoch=_INITIAL_EPOCH, draw=_Draw.INITIAL, among=None
+    ) -> dict[Tensor, Tensor]:
+        """``k`` coordinates drawn uniformly per group (of the parameters ``among``)."""
+        return self._top_k(lambda gi, c: c.random(self._seed(epoch, gi, draw)), replicas, among)
 
     @torch.no_grad()
     def _drop_and_regrow(
         self, groups: list[Any], masks: dict[Tensor, Tensor], epoch: int, replicas: Group | None
     ) -> dict[Tensor, Tensor]:
         """Drop the ⌊n_live·r_e⌋ live coordinates with the lowest ``drop_score``, regrow as many
-        dead ones with the highest ``grow_score``."""
+        dead ones with the highest ``grow_score``; the live count becomes the group's ``k``
+        (a changed sparsity: fewer kept or more regrown)."""
         grads = {p: g for gp in groups for p, g in zip(gp.params, gp.grads)}
         needs_grad = "gradient" in (self.step_global("drop_score"), self.step_global("grow_score"))
         if needs_grad and self.local_gradients:  # score with the replicas' mean gradient
@@ -348,21 +364,24 @@ class SSAM(SharpnessAwareOptimizer):
         rate = float(self.step_global("drop_rate"))
         rate *= (1.0 + math.cos(math.pi * min(epoch, total) / total)) / 2.0
         new: dict[Tensor, Tensor] = {}
-        for gi, params in enumerate(self._mask_params()):
+        for gi, (group, params) in enumerate(zip(self.param_groups, self._mask_params())):
             if not params:
                 continue
             coords = coordinates(params)
             live = coords.flat([masks[p] for p in params])
             n_live = coords.count(live)
-            n_drop = min(int(n_live * rate), coords.numel - n_live)
-            if n_drop == 0:
+            k = _kept(coords.numel, group["sparsity"])  # the group's sparsity now (it may change)
+            # keep n_live - ⌊n_live·r_e⌋ live ones, at most k; regrow dead ones up to k in all
+            n_grow = min(k - min(n_live - int(n_live * rate), k), coords.numel - n_live)
+            n_keep = k - n_grow
+            if n_keep == n_live and n_grow == 0:
                 new.update((p, masks[p]) for p in params)
                 continue
             keep_score = self._score("drop_score", coords, grads, self._seed(epoch, gi, _Draw.DROP))
             grow_score = self._score("grow_score", coords, grads, self._seed(epoch, gi, _Draw.GROW))
             lowest = torch.tensor(-math.inf, device=live.device)
-            kept = coords.top(torch.where(live, keep_score, lowest), n_live - n_drop)
-            grown = coords.top(torch.where(live, lowest, grow_score), n_drop)
+            kept = coords.top(torch.where(live, keep_score, lowest), n_keep)
+            grown = coords.top(torch.where(live, lowest, grow_score), n_grow)
             new.update(zip(params, coords.masks(kept | grown)))
         return first_replica_flags(new, replicas)
 
@@ -380,9 +399,7 @@ class SSAM(SharpnessAwareOptimizer):
         return coords.flat(parts).abs().float()
 
     def _seed(self, epoch: int, group: int, draw: _Draw) -> int:
-        seed = int(self.samkit_state["ssam_seed"])
-        value = seed * _SEED_STRIDE + (epoch + 1) * _EPOCH_STRIDE + group * _GROUP_STRIDE + draw
-        return value % (1 << 63)
+        return draw_seed(int(self.samkit_state["ssam_seed"]), epoch, group, draw)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

@@ -369,13 +369,23 @@ def build_run(config: TrainConfig, device: torch.device, procs: Processes | None
         val_loader = InMemoryLoader(
             data.x_val[lo:hi], data.y_val[lo:hi], eval_batch, transform=data.prepare
         )
-    # Sharpness is measured on a fixed subset of the (possibly noisy) training set:
-    # its first `sharpness_samples` samples, without augmentation.
+    # Sharpness is measured on a fixed subset of the (possibly noisy) training set: its
+    # first `sharpness_samples` samples, without augmentation. Each process holds a
+    # contiguous share of it, in batches of at most `batch_size`; the measurement is over
+    # the union of the shares (samkit.sharpness under torch.distributed).
     sharpness_batches = []
     if config.track_sharpness:
         n_sharp = min(config.sharpness_samples, info.num_train)
-        for lo in range(0, n_sharp, config.batch_size):
-            hi = min(lo + config.batch_size, n_sharp)
+        if n_sharp < procs.world_size:
+            raise ConfigError(
+                f"--track-sharpness: {n_sharp} training samples (--sharpness-samples "
+                f"{config.sharpness_samples}) cannot be shared by {procs.world_size} "
+                "processes: each process measures at least one; use --sharpness-samples "
+                f"{procs.world_size} or more"
+            )
+        first, last = procs.shard(n_sharp)
+        for lo in range(first, last, config.batch_size):
+            hi = min(lo + config.batch_size, last)
             sharpness_batches.append((data.prepare(data.x_train[lo:hi]), data.y_train[lo:hi]))
 
     # Model (initialised from torch's global RNG, seeded above) and optimizer.

@@ -3,7 +3,9 @@
 Launch tests (marked slow; each launch starts torchrun and two workers): a 2-process run with
 a synchronised ascent equals one process on the global batch; an interrupted 2-process run
 resumes bit for bit (F-SAM keeps per-process state; BatchNorm); a setup error is reported
-once; an error on one process ends both with one line each. In-process tests cover the
+once; an error on one process ends both with one line each; ``--track-sharpness`` and
+``samkit sharpness`` by 2 processes equal one process measuring the same samples, and a
+subset too small for the processes is one line from rank 0. In-process tests cover the
 loader's shares, the refusals and the collective helpers' single-process forms.
 """
 
@@ -274,11 +276,15 @@ def _digits_batches(run: Path, n: int, size: int) -> tuple[torch.nn.Module, list
 
 
 def _same_measure(two: float, one: float) -> bool:
-    """Equal up to float32 rounding: the processes add their partial sums (gradients, HVPs,
-    losses in float32) in another order than one process does; measured differences are at
-    most 4e-7 relative (2.4e-7 absolute on a trace of 0.55), so 1e-5 relative (1e-6 absolute)
-    has margin, while measuring one process's half of the samples moves every measure by
-    more than 1e-3 relative (checked in the tests)."""
+    """Equal up to float32 rounding (the CLI measures in the model's float32): the processes
+    may add their partial sums (gradients, HVPs, losses) in another order than one process.
+    Measured (2026-12-06): the tracked run's shares (batches of 40+35 on each process, 40,
+    40, 40, 30 in one) differ by at most 1.1e-7 relative (1.7e-7 absolute on a trace of
+    4.4); the sharpness command's split (2 batches | 1) adds them in one process's order and
+    is bit-identical. 1e-5 relative has margin; 1e-6 absolute covers the sharpness values
+    near 0, which are differences of losses near 2.2 (float32 rounding ~2e-7 each). Measuring
+    one process's half of the samples instead moves every measure by more than 1e-3 relative
+    (checked in the tests)."""
     return two == pytest.approx(one, rel=1e-5, abs=1e-6)
 
 

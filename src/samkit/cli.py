@@ -243,21 +243,27 @@ def _is_terminal() -> bool:
 
 def _run_train(args: argparse.Namespace) -> int:
     """``samkit train``; under torchrun, also decides which process reports what."""
+    return _on_every_process(_train, args)
+
+
+def _on_every_process(run: Callable[[argparse.Namespace, Any], int], args: Any) -> int:
+    """``run(args, launch)`` in this process; under torchrun (every process runs the same
+    command) its errors end this process as :func:`_exit_one_of_many` says."""
     from samkit.train.distributed import launch_from_env
 
     launch = launch_from_env()
     if not launch.distributed:
-        return _train(args, launch)
+        return run(args, launch)
     import signal
 
     def stopped(_signum: int, _frame: Any) -> None:
         raise _Stopped()
 
-    # torchrun stops the others when one fails; once training is over (reported, or the
+    # torchrun stops the others when one fails; once the command is over (reported, or the
     # process group being left), SIGTERM ends the process as it would have.
     previous = signal.signal(signal.SIGTERM, stopped)
     try:
-        return _train(args, launch)
+        return run(args, launch)
     except BaseException as e:
         _exit_one_of_many(e, launch)
     finally:
@@ -479,17 +485,24 @@ def _add_sharpness_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="PATH",
                    help="where to write the results (default RUN_DIR/sharpness.json)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the random vectors: Lanczos start, Hutchinson probes, "
-                        "random directions (default 0)")  # fmt: skip
+                   help="seed of the random vectors: Lanczos start, the trace's probes "
+                        "(Hutch++), random directions (default 0)")  # fmt: skip
     _add_measure_arguments(
         p,
         batch_size_help="samples per batch (default 128); it is the m of m-sharpness: the "
         "worst- and ascent-direction sharpness are maximised per batch, then averaged "
-        "(lambda_max, the trace and the average-direction sharpness do not depend on it)",
+        "(lambda_max, the trace and the average-direction sharpness do not depend on it); "
+        "under torchrun each process measures whole batches of M, so m stays M",
     )
 
 
 def _run_sharpness(args: argparse.Namespace) -> int:
+    """``samkit sharpness``; under torchrun every process measures its share of the subset
+    and rank 0 prints and writes."""
+    return _on_every_process(_sharpness, args)
+
+
+def _sharpness(args: argparse.Namespace, launch: Any) -> int:
     from samkit.train.measure import format_table, measure_sharpness
 
     try:
@@ -497,10 +510,13 @@ def _run_sharpness(args: argparse.Namespace) -> int:
             args.run, rho=args.rho, batches=args.batches, batch_size=args.batch_size,
             iters=args.iters, seed=args.seed, json_path=args.json, device=args.device,
         )  # fmt: skip
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # every process gets Ctrl-C: rank 0 says it
+        if not launch.is_main:
+            sys.exit(130)
         _fail("interrupted (nothing was written)", code=130)
-    print(format_table(record))
-    print(f"saved {record['json']}")
+    if launch.is_main:
+        print(format_table(record))
+        print(f"saved {record['json']}")
     return 0
 
 
@@ -745,10 +761,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _release_process_group() -> None:
-    """Under torchrun, leave the process group ``samkit train`` joined if an error left it
-    joined, now that the error (which holds the run, whose DDP model holds the group) is
-    dropped: its threads are joined while Python is alive, not during the interpreter's
-    shutdown (:func:`samkit.train.distributed.processes` says why that aborts)."""
+    """Under torchrun, leave the process group ``samkit train`` or ``samkit sharpness``
+    joined if an error left it joined, now that the error (which holds the run, whose DDP
+    model holds the group) is dropped: its threads are joined while Python is alive, not
+    during the interpreter's shutdown (:func:`samkit.train.distributed.processes` says why that aborts)."""
     if os.environ.get("WORLD_SIZE", "1") in ("", "1") or "torch.distributed" not in sys.modules:
         return
     from samkit.train.distributed import leave_process_group

@@ -3,12 +3,15 @@
 Launch tests (marked slow; each launch starts torchrun and two workers): a 2-process run with
 a synchronised ascent equals one process on the global batch; an interrupted 2-process run
 resumes bit for bit (F-SAM keeps per-process state; BatchNorm); a setup error is reported
-once; an error on one process ends both with one line each. In-process tests cover the
+once; an error on one process ends both with one line each; ``--track-sharpness`` and
+``samkit sharpness`` by 2 processes equal one process measuring the same samples, and a
+subset too small for the processes is one line from rank 0. In-process tests cover the
 loader's shares, the refusals and the collective helpers' single-process forms.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,6 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import samkit.sharpness as S
 from samkit.cli import main
 from samkit.train import (
     ConfigError,
@@ -28,10 +32,11 @@ from samkit.train import (
     build_dataset,
     load_checkpoint,
     read_checkpoint,
+    resolve_config,
     train,
 )
 from samkit.train.data import InMemoryLoader
-from samkit.train.distributed import Launch, Processes, _digest, launch_from_env
+from samkit.train.distributed import Launch, PeerFailure, Processes, _digest, launch_from_env
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
@@ -250,6 +255,132 @@ def test_an_error_on_one_process_ends_both_with_one_line_each(tmp_path):
     _left_in_order(res.stderr, ranks=(1,))
 
 
+# ----------------------------------------------------------------------------- sharpness
+
+#: --track-sharpness on 150 samples in batches of 40: each process measures 75 of them (in
+#: batches of 40 and 35), one process measures batches of 40, 40, 40 and 30.
+TRACKED = ["--model", "mlp", "--limit-train", "200", "--epochs", "1", "--lr", "0.5"]
+TRACKED += ["--track-sharpness", "1", "--sharpness-samples", "150"]
+
+
+def _digits_batches(run: Path, n: int, size: int) -> tuple[torch.nn.Module, list]:
+    """The run's model and its first ``n`` training samples in batches of ``size``, as one
+    process measures them."""
+    model, config, _ = load_checkpoint(run)
+    data = build_dataset(config)
+    batches = [
+        (data.prepare(data.x_train[lo : min(lo + size, n)]), data.y_train[lo : min(lo + size, n)])
+        for lo in range(0, n, size)
+    ]
+    return model, batches
+
+
+def _same_measure(two: float, one: float) -> bool:
+    """Equal up to float32 rounding (the CLI measures in the model's float32): the processes
+    may add their partial sums (gradients, HVPs, losses) in another order than one process.
+    Measured (2026-12-06): the tracked run's shares (batches of 40+35 on each process, 40,
+    40, 40, 30 in one) differ by at most 1.1e-7 relative (1.7e-7 absolute on a trace of
+    4.4); the sharpness command's split (2 batches | 1) adds them in one process's order and
+    is bit-identical. 1e-5 relative has margin; 1e-6 absolute covers the sharpness values
+    near 0, which are differences of losses near 2.2 (float32 rounding ~2e-7 each). Measuring
+    one process's half of the samples instead moves every measure by more than 1e-3 relative
+    (checked in the tests)."""
+    return two == pytest.approx(one, rel=1e-5, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """``samkit train --track-sharpness 1`` by 2 processes (launch 1 of 2 of this section)."""
+    out = tmp_path_factory.mktemp("tracked") / "run"
+    res = _ok(_launch("-m", "samkit", "train", *TINY, *TRACKED, "--out", str(out)))
+    return out, res
+
+
+@pytest.mark.slow
+def test_tracked_sharpness_of_two_processes_is_that_of_the_whole_subset(tracked):
+    """Each process measures its half of the tracked subset; the measures, over the union,
+    equal one process measuring the whole subset (the final checkpoint is the model measured
+    after the last epoch)."""
+    from samkit.train.epoch import measure_sharpness
+
+    out, res = tracked
+    assert res.stdout.count("test accuracy") == 1  # rank 0 alone prints
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    torch.set_num_threads(1)
+    model, batches = _digits_batches(out, 150, 40)
+    seed = json.loads((out / "config.json").read_text())["config"]["seed"]
+    one = measure_sharpness(model, batches, seed)
+    half = measure_sharpness(model, _digits_batches(out, 75, 40)[1], seed)  # rank 0's share
+    assert row["lambda_max_converged"] == one["lambda_max_converged"]
+    for key in ("lambda_max", "hessian_trace", "grad_eig_alignment"):
+        assert _same_measure(row[key], one[key]), (key, row[key], one[key])
+        assert abs(half[key] - one[key]) > 1e-3 * abs(one[key]), key
+
+
+@pytest.fixture(scope="module")
+def measured(tracked, tmp_path_factory):
+    """``samkit sharpness`` by 2 processes on the tracked run (launch 2 of 2): first with a
+    subset of one batch (refused before the processes join a group), then with 3 batches of
+    32 (2 on rank 0, 1 on rank 1), both in the same launch."""
+    run, _ = tracked
+    folder = tmp_path_factory.mktemp("measured")
+    script = folder / "two_commands.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "from samkit.cli import main\n"
+        "run, folder = sys.argv[1], sys.argv[2]\n"
+        "bad = main(['sharpness', run, '--batches', '1', '--batch-size', '32'])\n"
+        "good = main(['sharpness', run, '--batches', '3', '--batch-size', '32', '--iters', '8',\n"
+        "             '--rho', '0.1'])\n"
+        "with open(os.path.join(folder, 'rc' + os.environ['RANK']), 'w') as f:\n"
+        "    json.dump([bad, good], f)\n"
+    )
+    start = time.monotonic()
+    res = _launch(str(script), str(run), str(folder), timeout=300)
+    seconds = time.monotonic() - start
+    codes = [json.loads((folder / f"rc{r}").read_text()) for r in range(2) if res.returncode == 0]
+    return run, res, codes, seconds
+
+
+@pytest.mark.slow
+def test_sharpness_by_two_processes_is_that_of_one_on_the_subset(measured):
+    run, res, codes, _ = measured
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert [good for _, good in codes] == [0, 0]
+    record = json.loads((run / "sharpness.json").read_text())
+    assert record["run"]["processes"] == 2
+    assert record["run"]["samples"] == 96 and record["run"]["batches"] == 3
+    # rank 0 alone prints the table and writes
+    assert res.stdout.count("96 training samples in 3 batches, measured by 2 processes") == 1
+    assert res.stdout.count(f"saved {run / 'sharpness.json'}") == 1
+    torch.set_num_threads(1)
+    model, batches = _digits_batches(run, 96, 32)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    one = S.measure_all(model, loss_fn, batches, rho=0.1, lanczos_iter=8, seed=0)
+    half = S.measure_all(model, loss_fn, batches[:2], rho=0.1, lanczos_iter=8, seed=0)
+    m = record["measures"]
+    assert m["errors"] == {} and m["num_hvp"] == one["num_hvp"]
+    assert m["lambda_max_converged"] == one["lambda_max_converged"]
+    for key, value in one.items():
+        if isinstance(value, float) and key not in ("rho", "seconds"):
+            assert _same_measure(m[key], value), (key, m[key], value)
+            assert abs(half[key] - value) > 1e-3 * abs(value), key
+
+
+@pytest.mark.slow
+def test_too_few_batches_for_the_processes_is_one_line_from_rank_0(measured):
+    _, res, codes, seconds = measured
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert [bad for bad, _ in codes] == [2, 2]
+    errors = _errors(res.stderr)
+    assert errors == [
+        "samkit: error: --batches 1: the subset has 1 batch for 2 processes; each process "
+        "measures whole batches of --batch-size 32 (the m of m-sharpness), at least one: use "
+        "--batches 2 or more"
+    ], res.stderr
+    assert seconds < 300  # no process waited for the other
+
+
 # ----------------------------------------------------------------------------- in process
 
 
@@ -346,3 +477,53 @@ def test_the_digest_sees_every_bit_and_the_order():
     assert _digest({**same, "a": same["a"].double()}) != _digest(state)
     assert _digest({"b": same["b"], "a": same["a"], "c": None}) != _digest(state)
     assert _digest({**same, "b": [torch.tensor(3), "y"]}) != _digest(state)
+
+
+def test_each_process_tracks_the_sharpness_of_its_share_of_the_subset():
+    from samkit.train.build import build_run
+
+    config = resolve_config(
+        TrainConfig(dataset="digits", model="mlp", limit_train=200, limit_test=91,
+                    batch_size=30, track_sharpness=1, sharpness_samples=150)
+    )  # fmt: skip
+    cpu = torch.device("cpu")
+    whole = build_run(config, cpu).sharpness_batches
+    shares = [
+        build_run(config, cpu, Processes(Launch(world_size=3, rank=r), cpu)).sharpness_batches
+        for r in range(3)
+    ]
+    assert [[len(y) for _, y in share] for share in shares] == [[30, 20]] * 3
+    for i in (0, 1):  # the union, in rank order, is the subset one process measures
+        assert torch.equal(torch.cat([b[i] for s in shares for b in s]),
+                           torch.cat([b[i] for b in whole]))  # fmt: skip
+    few = dataclasses.replace(config, sharpness_samples=2)
+    with pytest.raises(ConfigError, match=r"--track-sharpness: 2 training samples .* 3 proc"):
+        build_run(few, cpu, Processes(Launch(world_size=3, rank=0), cpu))
+
+
+def test_a_subset_too_small_to_share_names_the_setting_to_change():
+    from samkit.train.measure import _check_shares
+
+    _check_shares(2, batch_size=32, world=2)  # enough, before the data is loaded
+    _check_shares(4, batch_size=32, world=2, bounds=[(0, 32), (32, 50)])  # and after
+    with pytest.raises(ConfigError, match="--batches 1: the subset has 1 batch for 2 proc"):
+        _check_shares(1, batch_size=32, world=2)
+    with pytest.raises(
+        ConfigError,
+        match=r"--batch-size 64: the training set has 50 samples, 1 batch for 3 processes; "
+        r".*use --batch-size 16 or less",
+    ):
+        _check_shares(4, batch_size=64, world=3, bounds=[(0, 50)])
+
+
+def test_measurement_errors_of_several_processes_are_agreed():
+    two = Processes(Launch(world_size=2, rank=1), torch.device("cpu"))
+    for error in (S.PeerError("hvp: process 0 failed"), ValueError("v"), TypeError("t")):
+        with pytest.raises(PeerFailure, match=str(error)) as caught, two.measuring():
+            raise error
+        assert caught.value.samkit_agreed and caught.value.__cause__ is error
+    with pytest.raises(RuntimeError, match="a bug") as caught, two.measuring():
+        raise RuntimeError("a bug")  # its own traceback, not agreed
+    assert not getattr(caught.value, "samkit_agreed", False)
+    with pytest.raises(ValueError, match="v"), Processes(Launch(), two.device).measuring():
+        raise ValueError("v")  # one process: unchanged

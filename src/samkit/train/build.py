@@ -320,6 +320,38 @@ class Run:
         return RunState(epoch=int(ckpt["epoch"]), history=list(ckpt["history"]), totals=totals)
 
 
+def _sharpness_batches(
+    config: TrainConfig, data: Dataset, num_train: int, procs: Processes
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's batches of the subset ``--track-sharpness`` measures (none without it).
+
+    Sharpness is measured on a fixed subset of the (possibly noisy) training set: its first
+    ``sharpness_samples`` samples, without augmentation. Each process holds a contiguous share
+    of it (:meth:`Processes.shard`), in batches of at most ``batch_size``; the measurement is
+    over the union of the shares (samkit.sharpness under torch.distributed). ConfigError
+    when the subset has fewer samples than there are processes."""
+    if not config.track_sharpness:
+        return []
+    n = min(config.sharpness_samples, num_train)
+    if n < procs.world_size:
+        fix = (
+            f"use --sharpness-samples {procs.world_size} or more"
+            if n == config.sharpness_samples
+            else f"the training split has {n}"
+        )
+        raise ConfigError(
+            f"--track-sharpness: {n} training samples (--sharpness-samples "
+            f"{config.sharpness_samples}) cannot be shared by {procs.world_size} processes: "
+            f"each process measures at least one; {fix}"
+        )
+    first, last = procs.shard(n)
+    return [
+        (data.prepare(data.x_train[lo : min(lo + config.batch_size, last)]),
+         data.y_train[lo : min(lo + config.batch_size, last)])
+        for lo in range(first, last, config.batch_size)
+    ]  # fmt: skip
+
+
 def build_run(config: TrainConfig, device: torch.device, procs: Processes | None = None) -> Run:
     """Seed every RNG, then build the run's data, model and optimizer in a fixed order.
 
@@ -369,14 +401,7 @@ def build_run(config: TrainConfig, device: torch.device, procs: Processes | None
         val_loader = InMemoryLoader(
             data.x_val[lo:hi], data.y_val[lo:hi], eval_batch, transform=data.prepare
         )
-    # Sharpness is measured on a fixed subset of the (possibly noisy) training set:
-    # its first `sharpness_samples` samples, without augmentation.
-    sharpness_batches = []
-    if config.track_sharpness:
-        n_sharp = min(config.sharpness_samples, info.num_train)
-        for lo in range(0, n_sharp, config.batch_size):
-            hi = min(lo + config.batch_size, n_sharp)
-            sharpness_batches.append((data.prepare(data.x_train[lo:hi]), data.y_train[lo:hi]))
+    sharpness_batches = _sharpness_batches(config, data, info.num_train, procs)
 
     # Model (initialised from torch's global RNG, seeded above) and optimizer.
     try:

@@ -127,6 +127,15 @@ def check_launch(launch: Launch, batch_size: int, device: str) -> None:
             f"number of processes ({w}): each process takes an equal share; use {lower} or "
             f"{upper}"
         )
+    check_launch_device(launch, device)
+
+
+def check_launch_device(launch: Launch, device: str) -> None:
+    """ConfigError for a device that ``launch``'s processes cannot share (one GPU named for
+    all of them), or several processes without ``torch.distributed``."""
+    w = launch.world_size
+    if not launch.distributed:
+        return
     if device.startswith("cuda:"):
         raise ConfigError(
             f"--device {device} names one GPU, but {w} processes run: pass --device cuda "
@@ -226,6 +235,28 @@ class Processes:
             error = _USER_ERRORS.get(kind, PeerFailure)(text)
         error.samkit_agreed = True  # type: ignore[attr-defined]
         raise error
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        """Around a :mod:`samkit.sharpness` measurement that every process runs on its share
+        of the data: the errors such a measurement raises on every process — ValueError and
+        TypeError (a bad setting, or another process's, whose message it quotes) and
+        :class:`~samkit.sharpness.PeerError` (another process failed, or did not answer in
+        time; its message names that process and its error) — become :class:`PeerFailure`
+        marked ``samkit_agreed``: the CLI prints it once, on rank 0. With one process
+        nothing changes. A process whose own exception is of another kind (a bug) raises it
+        as it is; the others learn of it as a PeerError."""
+        if not self.distributed:
+            yield
+            return
+        from samkit.sharpness import PeerError
+
+        try:
+            yield
+        except (ValueError, TypeError, PeerError) as e:
+            error = PeerFailure(" ".join(str(e).split()))
+            error.samkit_agreed = True  # type: ignore[attr-defined]
+            raise error from e
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Rank 0 gets ``[obj of rank 0, obj of rank 1, ...]``; the others get ``None``."""

@@ -6,15 +6,17 @@ same two lines, so this never looks at the method's name::
     closure = samkit.make_closure(model, loss_fn, x, y, indices=idx)
     loss = opt.step(closure)
 
-Distributed training changes two places here: the sums of :func:`train_epoch` and
+Distributed training changes three places here: the sums of :func:`train_epoch` and
 :func:`evaluate` are added over the processes before they are divided (sums and counts, never
-a mean of means), and at the end of an epoch every process takes rank 0's BatchNorm
-statistics, so all of them evaluate (and rank 0 saves) the same model. The running figures a
-progress bar shows during an epoch are rank 0's own share.
+a mean of means), at the end of an epoch every process takes rank 0's BatchNorm statistics,
+so all of them evaluate (and rank 0 saves) the same model, and each process measures the
+sharpness on its share of the tracked subset (the measures combine the shares). The running
+figures a progress bar shows during an epoch are rank 0's own share.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -131,21 +133,30 @@ def evaluate(
 
 
 def measure_sharpness(
-    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], seed: int
+    model: nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    seed: int,
+    procs: Processes | None = None,
 ) -> dict[str, Any]:
     """lambda_1, Hessian trace and gradient/top-eigenvector alignment on fixed batches.
 
     Measured by ``samkit.sharpness.measure_all`` in eval mode on the mean cross-entropy (no
     label smoothing). It leaves the model and the global RNG as they were and seeds its own
     random vectors, so tracking sharpness does not change the training trajectory.
+
+    Under several processes every process calls it with its share of the batches
+    (:func:`~samkit.train.build.build_run` splits the tracked subset): the measures are over
+    the union of the shares, the same on every process; an error of the measurement ends
+    every process (:meth:`Processes.measuring`).
     """
-    res = measure_all(
-        model,
-        nn.CrossEntropyLoss(),
-        batches,
-        measures=("lambda_max", "trace", "alignment"),
-        seed=seed,
-    )
+    with procs.measuring() if procs is not None else contextlib.nullcontext():
+        res = measure_all(
+            model,
+            nn.CrossEntropyLoss(),
+            batches,
+            measures=("lambda_max", "trace", "alignment"),
+            seed=seed,
+        )
     return {
         "lambda_max": res.get("lambda_max"),
         "lambda_max_converged": res.get("lambda_max_converged"),
@@ -199,6 +210,6 @@ def run_epoch(
     track = run.config.track_sharpness
     if track and epoch % track == 0:
         t1 = time.perf_counter()
-        row.update(measure_sharpness(run.model, run.sharpness_batches, seed=run.config.seed))
+        row.update(measure_sharpness(run.model, run.sharpness_batches, run.config.seed, run.procs))
         row["sharpness_seconds"] = time.perf_counter() - t1
     return row

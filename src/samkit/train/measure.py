@@ -27,7 +27,9 @@ from torch import nn
 
 from samkit.train.checkpoint import CHECKPOINT_NAME, atomic_write_json, load_checkpoint
 from samkit.train.config import ConfigError
+from samkit.train.distributed import check_launch_device, device_for, launch_from_env, processes
 from samkit.train.loop import build_dataset
+from samkit.train.progress import count
 
 __all__ = [
     "format_table",
@@ -152,6 +154,22 @@ def _endpoint_labels(path: str | Path, other: str | Path) -> tuple[str, str]:
     return a, b
 
 
+def _subset_bounds(data: Any, batches: int, batch_size: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` of each batch of the subset: the first ``batches × batch_size`` training
+    samples (fewer if the training set is smaller) in batches of ``batch_size``."""
+    n = min(batches * batch_size, int(data.y_train.shape[0]))
+    return [(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
+
+
+def _load_batches(
+    data: Any, bounds: list[tuple[int, int]], dev: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [
+        (data.prepare(data.x_train[lo:hi]).to(dev), data.y_train[lo:hi].to(dev))
+        for lo, hi in bounds
+    ]
+
+
 def measure_subset(
     path: str | Path, batches: int, batch_size: int, device: str = "cpu"
 ) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]], Any, dict[str, Any]]:
@@ -163,16 +181,12 @@ def measure_subset(
     dev = _device(device)
     model, config, ckpt = load_checkpoint(path, map_location=dev)
     data = build_dataset(config)
-    n = min(batches * batch_size, int(data.y_train.shape[0]))
-    subset = []
-    for lo in range(0, n, batch_size):
-        hi = min(lo + batch_size, n)
-        x = data.prepare(data.x_train[lo:hi]).to(dev)
-        subset.append((x, data.y_train[lo:hi].to(dev)))
+    subset = _load_batches(data, _subset_bounds(data, batches, batch_size), dev)
     return model, subset, config, ckpt
 
 
-def _describe(path: str | Path, config: Any, ckpt: dict[str, Any], subset: list) -> dict:
+def _describe(path: str | Path, config: Any, ckpt: dict[str, Any], sizes: list[int]) -> dict:
+    """The run and the subset (``sizes``: the samples of each batch) of a measurement."""
     return {
         "checkpoint": str(path),
         "epoch": int(ckpt.get("epoch", 0)),
@@ -180,10 +194,37 @@ def _describe(path: str | Path, config: Any, ckpt: dict[str, Any], subset: list)
         "model": ckpt.get("model_name", config.model),
         "optimizer": config.optimizer,
         "seed": config.seed,
-        "samples": int(sum(int(y.shape[0]) for _, y in subset)),
-        "batches": len(subset),
+        "samples": sum(sizes),
+        "batches": len(sizes),
         "subset": "first samples of the training split, no augmentation, eval mode",
     }
+
+
+def _check_shares(
+    batches: int, batch_size: int, world: int, bounds: list[tuple[int, int]] | None = None
+) -> None:
+    """ConfigError unless the subset has a batch for each of ``world`` processes (a process
+    measures whole batches: splitting them would change m, the batch size). Without
+    ``bounds`` (before the data is loaded) it checks ``batches``; with them, the batches
+    the training set fills."""
+    have = batches if bounds is None else len(bounds)
+    if have >= world:
+        return
+    why = (
+        f"each process measures whole batches of --batch-size {batch_size} (the m of "
+        "m-sharpness), at least one"
+    )
+    if bounds is None:
+        raise ConfigError(
+            f"--batches {batches}: the subset has {count(have, 'batch', 'batches')} for "
+            f"{world} processes; {why}: use --batches {world} or more"
+        )
+    n = bounds[-1][1]
+    raise ConfigError(
+        f"--batch-size {batch_size}: the training set has {n} samples, "
+        f"{count(have, 'batch', 'batches')} for {world} processes; {why}: use --batch-size "
+        f"{max(n // world, 1)} or less"
+    )
 
 
 def measure_sharpness(
@@ -206,37 +247,70 @@ def measure_sharpness(
     ``RUN_DIR/sharpness.json``; its folder must exist, and is checked before measuring) and
     returns it, with ``"json": path`` added. A measure that fails is ``None`` with its error
     in ``measures["errors"]`` (see :func:`samkit.sharpness.measure_all`); the others are kept.
+
+    Launched by torchrun (or inside a process group the caller joined), every process calls
+    this with the same arguments: each one loads the model and measures a contiguous block
+    of the subset's batches (:func:`samkit.sharpness.shard_batches`), the measures are over
+    the union of the blocks — the whole subset, in batches of ``batch_size`` whatever the
+    number of processes, so m stays ``batch_size`` — and rank 0 alone writes the JSON;
+    every process returns the same record. The subset must have at least one batch per
+    process (:class:`ConfigError` otherwise). Errors are raised on every process alike
+    (``samkit_agreed``: the CLI reports them once).
     """
     import samkit.sharpness as S
 
-    rho = _check_float("rho", rho, positive=False)
-    _check_int("iters", iters, 1)
-    _check_int("seed", seed, 0)
-    out_path = Path(json_path) if json_path is not None else None
-    if out_path is not None:
-        _check_json_path(out_path)
-    model, subset, config, ckpt = measure_subset(path, batches, batch_size, device)
-    if out_path is None:
-        out_path = run_dir_of(path) / "sharpness.json"
-        _check_json_path(out_path)
-    with warnings.catch_warnings():
-        # a failed measure is reported in the record (and by format_table), not as a warning
-        warnings.filterwarnings("ignore", message="measure_all: ", category=RuntimeWarning)
-        measures = S.measure_all(
-            model, nn.CrossEntropyLoss(), subset, rho=rho, lanczos_iter=iters, seed=seed
-        )
-    record = {
-        "run": _describe(path, config, ckpt, subset),
-        "settings": {
-            "rho": rho,
-            "batches": batches,
-            "batch_size": batch_size,
-            "iters": iters,
-            "seed": seed,
-        },  # fmt: skip
-        "measures": measures,
-    }
-    _write_json(out_path, record, "--json")
+    try:  # the same on every process, before any of them joins the others
+        rho = _check_float("rho", rho, positive=False)
+        _check_int("iters", iters, 1)
+        _check_int("seed", seed, 0)
+        _check_int("batches", batches, 1)
+        _check_int("batch_size", batch_size, 1)
+        launch = launch_from_env()
+        check_launch_device(launch, device)
+        _check_shares(batches, batch_size, launch.world_size)
+        dev = _device(device_for(launch, device))
+    except ConfigError as e:
+        e.samkit_agreed = True  # type: ignore[attr-defined]
+        raise
+
+    with processes(launch, dev) as procs:
+
+        def prepare() -> tuple[Any, ...]:
+            out_path = Path(json_path) if json_path is not None else None
+            if out_path is not None and procs.is_main:  # rank 0 alone writes
+                _check_json_path(out_path)
+            model, config, ckpt = load_checkpoint(path, map_location=dev)
+            if out_path is None:
+                out_path = run_dir_of(path) / "sharpness.json"
+                if procs.is_main:
+                    _check_json_path(out_path)
+            data = build_dataset(config)
+            bounds = _subset_bounds(data, batches, batch_size)
+            _check_shares(batches, batch_size, procs.world_size, bounds)
+            mine = S.shard_batches(bounds, procs.rank, procs.world_size)
+            return model, config, ckpt, bounds, _load_batches(data, mine, dev), out_path
+
+        model, config, ckpt, bounds, mine, out_path = procs.agree(prepare)
+        sizes = [hi - lo for lo, hi in bounds]
+        with warnings.catch_warnings(), procs.measuring():
+            # a failed measure is reported in the record (and by format_table), not as a warning
+            warnings.filterwarnings("ignore", message="measure_all: ", category=RuntimeWarning)
+            measures = S.measure_all(
+                model, nn.CrossEntropyLoss(), mine, rho=rho, lanczos_iter=iters, seed=seed
+            )
+        record = {
+            "run": {**_describe(path, config, ckpt, sizes), "processes": procs.world_size},
+            "settings": {
+                "rho": rho,
+                "batches": batches,
+                "batch_size": batch_size,
+                "iters": iters,
+                "seed": seed,
+            },  # fmt: skip
+            "measures": measures,
+        }
+        # rank 0 writes; a failure to write ends every process with rank 0's error
+        procs.agree(lambda: _write_json(out_path, record, "--json") if procs.is_main else None)
     return {**record, "json": str(out_path)}
 
 
@@ -289,6 +363,8 @@ def format_table(record: dict[str, Any]) -> str:
         f"{run['checkpoint']} | {run['optimizer']} on {run['dataset']} ({run['model']}), "
         f"epoch {run['epoch']} | {run['samples']} training samples in {run['batches']} batches"
     )
+    if run.get("processes", 1) > 1:
+        head += f", measured by {run['processes']} processes"
     width = max(len(name) for name, _, _ in rows)
     lines = [head]
     for name, key, value in rows:
@@ -390,7 +466,7 @@ def landscape(
         S.plot_landscape_1d(result, png, title=title)
     grid = result.to_dict()
     record = {
-        "run": _describe(path, config, ckpt, subset),
+        "run": _describe(path, config, ckpt, [int(y.shape[0]) for _, y in subset]),
         "settings": {
             "kind": name,
             "steps": steps,

@@ -65,7 +65,7 @@ def _probe(folder: str, name: str, token: str) -> str | None:
     ``folder`` was just created by the driver: a node that does not see it does not share
     the driver's file system there."""
     path = Path(folder)
-    deadline = time.monotonic() + 5  # a shared file system may show a new folder late
+    deadline = time.monotonic() + 2  # a shared file system may show a new folder late
     while not path.is_dir():
         if time.monotonic() > deadline:
             return f"{folder} does not exist there"
@@ -403,7 +403,7 @@ class RayExecutor(Executor):
 
 
 def _reads(path: Path, token: str) -> bool:
-    deadline = time.monotonic() + 5  # a shared file system may show a new file late
+    deadline = time.monotonic() + 2  # a shared file system may show a new file late
     while True:
         with contextlib.suppress(OSError):
             if path.read_text() == token:

@@ -288,7 +288,7 @@ def _worker_pids(run_dir: Path) -> list[int]:
 def test_a_sweep_on_ray_equals_the_same_sweep_on_local_run_for_run(cluster, reference):
     out = cluster.base / "equal"
     code, stdout, stderr = cluster.run(out, *SWEEP)
-    assert code == 0, stderr
+    assert code == 0, stdout + stderr
     lines = stdout.splitlines()
     assert lines[0] == (
         f"2 runs: 0 already finished, 2 to run, 2 at a time on the Ray cluster at "
@@ -322,7 +322,7 @@ def test_a_killed_ray_worker_is_retried_and_the_run_resumes(cluster, reference):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == 0, stdout + stderr
     log = (run_dir / "train.log").read_text()
     assert "resumed at epoch" in log, "the run ended before its worker was killed"
     assert len(_worker_pids(run_dir)) == 2  # the task ran again, in another worker
@@ -349,7 +349,7 @@ def test_a_killed_driver_then_the_same_command_skips_finished_runs(cluster, refe
     stamps = {p: p.stat().st_mtime_ns for p in sgd.iterdir()}
 
     code, stdout, stderr = cluster.run(out, *SWEEP)
-    assert code == 0, stderr
+    assert code == 0, stdout + stderr
     assert stdout.splitlines()[0].startswith(
         "2 runs: 1 already finished, 1 to run (1 resumed from a checkpoint), 1 at a time"
     )
@@ -358,6 +358,22 @@ def test_a_killed_driver_then_the_same_command_skips_finished_runs(cluster, refe
     assert "resumed at epoch" in (sam / "train.log").read_text()
     for rel in RUNS:
         _same_run(out / rel, reference / rel)
+
+
+def test_without_an_address_a_ray_instance_is_started_for_the_sweep_and_ended(cluster):
+    out = cluster.base / "own-instance"
+    flags = ["--tasks", "digits", "--optimizers", "sgd", "--seeds", "1", "--epochs", "1",
+             "--limit-train", "128", "--limit-test", "100"]  # fmt: skip
+    code, stdout, stderr = cluster.run(out, *flags, address=False)
+    assert code == 0, stdout + stderr
+    assert stdout.splitlines()[0].startswith(
+        "1 runs: 0 already finished, 1 to run, 1 at a time on a Ray instance started on this "
+        "machine for the sweep (1 node, "
+    )
+    assert (out / "digits" / "sgd" / "seed0-1ep" / "summary.json").exists()
+    # Its processes (Ray's temporary folder is RAY_TMPDIR here) ended with the sweep.
+    instance = str(cluster.base / "tmp")
+    assert not [p for p in cluster.ours() if instance in p]
 
 
 # ----------------------------------------------------------------------------- refused

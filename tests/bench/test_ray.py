@@ -97,7 +97,7 @@ def _wait(condition, what: str, proc: subprocess.Popen | None = None) -> None:
     deadline = time.time() + DEADLINE
     while not condition():
         if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the sweep ended before {what}: {proc.stderr.read()}")
+            pytest.fail(f"the sweep ended before {what}: {proc.stdout.read()}{proc.stderr.read()}")
         if time.time() > deadline:
             pytest.fail(f"no {what} within {DEADLINE} s")
         time.sleep(0.02)
@@ -208,12 +208,13 @@ class Cluster:
         return found
 
     def sweep(self, out: Path, *flags: str, address: bool = True) -> subprocess.Popen:
-        """``samkit bench --executor ray`` as a process of its own, on this cluster."""
+        """``samkit bench --executor ray`` as a process of its own, on this cluster, in
+        :attr:`base` (``out`` may be relative to it)."""
         argv = [*self.prefix, sys.executable, "-m", "samkit", "bench", "--executor", "ray",
                 *(["--ray-address", self.address] if address else []), "--out", str(out),
                 *flags]  # fmt: skip
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=self.env, start_new_session=True)  # fmt: skip
+                                env=self.env, cwd=self.base, start_new_session=True)  # fmt: skip
 
     def run(self, out: Path, *flags: str, address: bool = True) -> tuple[int, str, str]:
         """The sweep's exit code, output and errors (without the lines of Ray's C++ logger:
@@ -316,7 +317,8 @@ def test_a_ray_sweep_equals_the_local_one_run_for_run_a_killed_worker_resumed(cl
     # after sam's first checkpoint: Ray starts the task again, which resumes the run.
     out = cluster.base / "equal"
     sgd, sam = (out / rel for rel in RUNS)
-    proc = cluster.sweep(out, *SWEEP)
+    # A relative --out: the runs start in Ray workers, elsewhere; the sweep makes it absolute.
+    proc = cluster.sweep(Path("equal"), *SWEEP)
     try:
         worker, run = _freeze_at_first_checkpoint(sam, proc)
         os.kill(worker, signal.SIGKILL)
@@ -332,9 +334,8 @@ def test_a_ray_sweep_equals_the_local_one_run_for_run_a_killed_worker_resumed(cl
         f"{cluster.address} (2 nodes, 2 CPUs, 0 GPUs)"
     )
     assert sum(x.startswith("done digits") for x in lines) == 2
-    assert lines[-1].startswith("2 runs: 2 finished | ") and lines[-1].endswith(
-        f"next: samkit report {out}"
-    )
+    assert lines[-1].startswith("2 runs: 2 finished | ")
+    assert lines[-1].endswith("next: samkit report equal")
     assert len(_worker_pids(sgd)) == 1 and len(_worker_pids(sam)) == 2  # sam ran twice
     assert "resumed at epoch" in (sam / "train.log").read_text()
     for rel in RUNS:  # bit for bit, the resumed run too

@@ -218,6 +218,11 @@ def bench(
         )  # fmt: skip
     out = Path(out)
     extra = dict(extra or {})
+    if executor.absolute_paths:  # the runs start elsewhere: paths that mean the same there
+        out = out.absolute()
+        data_dir = None if data_dir is None else os.path.abspath(data_dir)
+        if extra.get("data_dir") is not None:
+            extra["data_dir"] = os.path.abspath(extra["data_dir"])
     if quick:
         seeds, epochs, extra = quick_settings(seeds, epochs, extra, recipes)
     sweep = Sweep.parse(

@@ -53,6 +53,9 @@ class Executor(abc.ABC):
     name: str = ""
     #: torch threads of each run.
     threads: int = 1
+    #: The runs start on other machines, in other working directories: the sweep gives them
+    #: ``--out`` and ``--data-dir`` as absolute paths.
+    absolute_paths: bool = False
 
     def __enter__(self) -> Executor:
         self.start()

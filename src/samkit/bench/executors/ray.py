@@ -156,6 +156,7 @@ class RayExecutor(Executor):
     its worker or node dies."""
 
     name = "ray"
+    absolute_paths = True
 
     def __init__(
         self,

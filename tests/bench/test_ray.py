@@ -85,6 +85,15 @@ def _descendants(pids: list[int]) -> list[int]:
     return found
 
 
+def _die_with_parent() -> None:
+    """SIGKILL when the test's process dies abruptly (a node's Ray processes then end with
+    it: Ray ties them to ``ray start``); the teardown ends everything by pid otherwise."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -131,7 +140,7 @@ class Cluster:
         with open(self.base / log, "wb") as f:
             proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=self.env,
-                                    start_new_session=True)  # fmt: skip
+                                    start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
         self.procs.append(proc)
         return proc
 

@@ -131,6 +131,10 @@ class Cluster:
                 [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])]
             ),
         }
+        # The nodes (and so Ray's workers) run elsewhere than the sweeps (in `base`): a path
+        # relative to a sweep's folder means nothing there.
+        self.nodes_cwd = base / "nodes"
+        self.nodes_cwd.mkdir()
         self.procs: list[subprocess.Popen] = []
         self.prefix: list[str] = []  # what enters the cluster's network namespace
         self.isolated = False  # the worker node cannot see `hidden`
@@ -139,7 +143,7 @@ class Cluster:
     def _start(self, argv: list[str], log: str) -> subprocess.Popen:
         with open(self.base / log, "wb") as f:
             proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=self.env,
+                                    stdin=subprocess.DEVNULL, env=self.env, cwd=self.nodes_cwd,
                                     start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
         self.procs.append(proc)
         return proc
@@ -451,6 +455,18 @@ def test_bad_ray_options_are_one_line_before_anything(tmp_path, capsys, flags, e
     err = capsys.readouterr().err
     assert err.startswith(f"samkit: error: {expected}") and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_cuda_runs_without_gpus_per_run_are_refused():
+    pytest.importorskip("ray")
+    from samkit.bench import SweepError
+    from samkit.bench.executors.ray import RayExecutor
+    from samkit.train import TrainConfig
+
+    runs = [TrainConfig(device="cpu"), TrainConfig(device="cuda")]
+    with pytest.raises(SweepError, match=r"^--device cuda with --executor ray needs --gpus-per"):
+        RayExecutor().check(runs)
+    RayExecutor(gpus_per_run=0.5).check(runs)  # a GPU reserved: nothing to refuse
 
 
 def test_ray_options_with_the_local_executor_are_refused(tmp_path, capsys):

@@ -195,8 +195,7 @@ class RayExecutor(Executor):
         self.gpus_per_run = float(gpus) if gpus != int(gpus) else int(gpus)
         self.max_retries = retries
         self.threads = cpus
-        self._connected = False
-        self._own_connection = False
+        self._own_connection = False  # this sweep connected (or started the instance)
 
     # -------------------------------------------------------------- cluster
 
@@ -215,7 +214,6 @@ class RayExecutor(Executor):
                     "Ray is already initialised in this process: leave --ray-address out to "
                     "use that connection"
                 )
-            self._connected = True
             self.address = ray.get_runtime_context().gcs_address
         else:
             if self.address is not None:
@@ -228,7 +226,7 @@ class RayExecutor(Executor):
             except Exception as e:  # noqa: BLE001 - Ray's reason, as one line
                 where = self.where
                 raise SweepError(f"cannot connect to {where}: {_first_line(e)}") from e
-            self._connected = self._own_connection = True
+            self._own_connection = True
         try:
             self._check_resources()
         except BaseException:
@@ -240,7 +238,7 @@ class RayExecutor(Executor):
             import ray
 
             ray.shutdown()  # a Ray instance started for the sweep ends here
-        self._connected = self._own_connection = False
+        self._own_connection = False
 
     def _nodes(self) -> list[dict[str, Any]]:
         import ray
@@ -295,7 +293,7 @@ class RayExecutor(Executor):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         token = uuid.uuid4().hex
-        folder = out.resolve() / f".samkit-probe-{token[:12]}"
+        folder = out / f".samkit-probe-{token[:12]}"  # the path the runs will write to
         folder.mkdir()
         try:
             probe = ray.remote(_probe)

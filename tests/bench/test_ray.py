@@ -391,20 +391,35 @@ def test_a_killed_driver_then_the_same_command_skips_finished_runs(cluster, refe
 
 
 @pytest.mark.slow
-def test_without_an_address_a_ray_instance_is_started_for_the_sweep_and_ended(cluster):
+def test_a_tuned_sweep_runs_both_stages_on_one_ray_instance_started_for_it(cluster):
+    # --trials on Ray, without --ray-address: the trials, then the chosen trial's final run,
+    # each stage handed to the executor, both on the one Ray instance started for the sweep.
     out = cluster.base / "own-instance"
-    flags = ["--tasks", "digits", "--optimizers", "sgd", "--seeds", "1", "--epochs", "1",
-             "--limit-train", "128", "--limit-test", "100"]  # fmt: skip
+    flags = ["--tasks", "digits", "--optimizers", "sgd", "--trials", "2", "--seeds", "1",
+             "--epochs", "1", "--limit-train", "128", "--limit-test", "100"]  # fmt: skip
+    sessions = cluster.base / "tmp" / "ray"  # RAY_TMPDIR: a session folder per Ray instance
+    before = set(sessions.glob("session_2*"))
     code, stdout, stderr = cluster.run(out, *flags, address=False)
     assert code == 0, stdout + stderr
-    assert stdout.splitlines()[0].startswith(
-        "1 runs: 0 already finished, 1 to run, 1 at a time on a Ray instance started on this "
-        "machine for the sweep (1 node, "
-    )
-    assert (out / "digits" / "sgd" / "seed0-1ep" / "summary.json").exists()
+    lines = stdout.splitlines()
+    own = " at a time on a Ray instance started on this machine for the sweep (1 node, "
+    trials = lines.index("trials (2 per method and task):")
+    finals = lines.index("final runs of the chosen trials:")
+    assert trials < finals
+    assert lines[trials + 1].startswith("2 runs: 0 already finished, 2 to run, ")
+    assert own in lines[trials + 1]
+    assert lines[finals + 1].startswith(f"1 run: 0 already finished, 1 to run, 1{own}")
+    assert lines[-1].startswith("3 runs: 3 finished | ")
+    assert len(set(sessions.glob("session_2*")) - before) == 1  # one instance for both stages
+    entry = json.loads((out / "tuning.json").read_text())["tasks"]["digits"]["sgd"]
+    assert len(entry["trials"]) == 2 and all(t["val_acc"] is not None for t in entry["trials"])
+    final = out / "digits" / "sgd" / f"trial{entry['chosen']}-seed0-1ep"
+    config = json.loads((final / "config.json").read_text())
+    assert config["config"]["lr"] == entry["trials"][entry["chosen"]]["params"]["lr"]
+    assert config["hardware"]["torch_threads"] == 1  # = --cpus-per-run
+    assert _worker_pids(final) and (final / "summary.json").exists()  # run by a Ray worker
     # Its processes (Ray's temporary folder is RAY_TMPDIR here) ended with the sweep.
-    instance = str(cluster.base / "tmp")
-    assert not [p for p in cluster.ours() if instance in p]
+    assert not [p for p in cluster.ours() if str(cluster.base / "tmp") in p]
 
 
 # ----------------------------------------------------------------------------- refused

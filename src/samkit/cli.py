@@ -84,7 +84,7 @@ def _add_run_scope_arguments(p: argparse.ArgumentParser) -> None:
         g.add_argument("--threads", default=S, type=int, metavar="N",
                        help=f"torch CPU threads of a run (default: samkit train: 1 for "
                             f"{', '.join(tiny)} on a CPU, else torch's choice; samkit bench: 1, "
-                            "its runs share the cores)"),
+                            "its runs share the cores, or --cpus-per-run with --executor ray)"),
     ]  # fmt: skip
     p.set_defaults(_run_scope=tuple(a.dest for a in actions))
 
@@ -570,6 +570,8 @@ def _run_landscape(args: argparse.Namespace) -> int:
 
 def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     from samkit.bench import BUDGETS
+    from samkit.bench.executors import EXECUTORS
+    from samkit.bench.executors.local import ISOLATIONS
     from samkit.train.recipes import DEFAULT_RECIPE
 
     p.add_argument("--optimizers", nargs="+", required=True, metavar="NAME[:KEY=VALUE,...]",
@@ -606,12 +608,27 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="a first look in seconds (and for tests): 3 seeds, 3 epochs of the "
                         "first 512 training samples in batches of 32, the first 256 test "
                         "samples; each only where not given")  # fmt: skip
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="runs in parallel, each in its own process (default 1)")  # fmt: skip
-    p.add_argument("--isolation", choices=["auto", "fork", "subprocess"], default="auto",
-                   help="auto (default): fork CPU runs from a process that has the data in "
-                        "memory, a fresh Python process otherwise")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="print only the final line")
+    g = p.add_argument_group("where the runs execute")
+    g.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local (default): worker processes on this machine; ray: one Ray task "
+                        "per run on a Ray cluster (pip install \"samkit[ray]\")")  # fmt: skip
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="local: runs in parallel, each in its own process (default 1)")  # fmt: skip
+    g.add_argument("--isolation", choices=ISOLATIONS, default=None,
+                   help="local: auto (default): fork CPU runs from a process that has the data "
+                        "in memory, a fresh Python process otherwise")  # fmt: skip
+    g.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="ray: the cluster to use, HOST:PORT of its head node or auto (the one "
+                        "`ray start` started on this machine, or $RAY_ADDRESS); default: a Ray "
+                        "instance started on this machine for the sweep")  # fmt: skip
+    g.add_argument("--cpus-per-run", type=int, default=None, metavar="N",
+                   help="ray: CPUs each run reserves, also its torch threads (default 1)")  # fmt: skip
+    g.add_argument("--gpus-per-run", type=float, default=None, metavar="G",
+                   help="ray: GPUs each run reserves (default 0; 0.5: two runs share one)")  # fmt: skip
+    g.add_argument("--max-retries", type=int, default=None, metavar="N",
+                   help="ray: times a run whose worker process or node died is started again, "
+                        "resuming from its checkpoint (default 2)")  # fmt: skip
     _add_run_scope_arguments(p)
 
 
@@ -629,7 +646,9 @@ def _run_bench(args: argparse.Namespace) -> int:
             args.out, args.tasks, args.optimizers, args.seeds, budget=args.budget,
             epochs=args.epochs, recipes=args.recipe, extra=settings, trials=args.trials,
             time_to_target=args.time_to_target, quick=args.quick, workers=args.workers,
-            threads=threads, isolation=args.isolation, command=command,
+            threads=threads, isolation=args.isolation, executor=args.executor,
+            ray_address=args.ray_address, cpus_per_run=args.cpus_per_run,
+            gpus_per_run=args.gpus_per_run, max_retries=args.max_retries, command=command,
             progress=not args.quiet,
         )  # fmt: skip
     except SweepError as e:

@@ -1,14 +1,12 @@
-"""Running a sweep: parallel worker processes, one overall progress line, resumable.
+"""Running a sweep: which runs are left and how, one overall progress line, resumable.
 
-Each run is trained in a process of its own, so a crash or a SIGKILL of one run loses nothing
-else. On Linux, CPU runs are forked from a parent that has already imported torch and
-generated the embedded datasets (MNIST-1D takes ~7 s to generate, torch ~2 s to import: more
-than a small run's training); elsewhere, and for GPU runs, each run is a fresh
-``python -m samkit.bench.child`` process. Either way the child trains the settings resolved
-in the parent (it resolves nothing itself), the run directory is an ordinary
-``samkit train`` run, and ``bench.json`` records each run's equivalent command line.
+The runs themselves execute in an executor (:mod:`samkit.bench.executors`): worker processes
+on this machine (``local``) or Ray tasks on a cluster (``ray``). Either way the run directory
+is an ordinary ``samkit train`` run, and ``bench.json`` records each run's equivalent command
+line.
 
-State of a run directory, decided before anything starts:
+State of a run directory, decided before anything starts (:func:`prepare`; a Ray task decides
+again on its node, so a retried run resumes from its checkpoint):
 
 * ``summary.json`` complete, same settings: finished, skipped;
 * a ``checkpoint.pt`` from an earlier epoch: resumed, with the settings
@@ -22,20 +20,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from samkit.bench.plan import PlannedRun, plural
 from samkit.train.config import RESUMABLE_KEYS, ConfigError, TrainConfig
-from samkit.train.env import check_threads
 
-__all__ = ["RunResult", "SweepError", "check_workers", "run_state", "run_sweep"]
+if TYPE_CHECKING:
+    from samkit.bench.executors import Ended, Executor
+
+__all__ = ["RunResult", "SweepError", "prepare", "run_state", "run_sweep"]
 
 LOG_NAME = "train.log"
 #: Files a run writes; what a killed run leaves is cleared before it starts again.
@@ -125,104 +123,28 @@ def _resumption(run: PlannedRun) -> TrainConfig | None:
     return run_config(None, given, checkpoint=ckpt["config"])
 
 
-# ----------------------------------------------------------------------------- one run
+def prepare(run: PlannedRun) -> tuple[str, TrainConfig | None, str]:
+    """What to do with ``run`` now, from its directory: ``(state, settings, message)``.
 
-
-def _die_with_parent() -> None:
-    """In a child: get SIGKILL when the sweep's process dies (Linux), so a killed sweep
-    leaves no orphan writing into a run directory the next sweep resumes."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-class _Child:
-    """A run in progress, in a forked child or a subprocess, training ``config``."""
-
-    def __init__(self, run: PlannedRun, config: TrainConfig, threads: int, fork: bool) -> None:
-        self.run = run
-        self.started = time.perf_counter()
-        run.out.mkdir(parents=True, exist_ok=True)
-        log_path = run.out / LOG_NAME
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.pid: int | None = None
-        self.cpu_seconds: float | None = None
-        if fork:
-            parent = os.getpid()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:  # child
-                code = 2
-                try:
-                    _die_with_parent()
-                    if os.getppid() != parent:
-                        os._exit(2)
-                    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-                    os.dup2(fd, 1)
-                    os.dup2(fd, 2)
-                    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
-                    sys.stderr = sys.stdout
-                    signal.signal(signal.SIGINT, signal.SIG_DFL)
-                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                    from samkit.bench.child import train_planned
-
-                    code = train_planned(config, threads)
-                finally:
-                    with contextlib.suppress(Exception):
-                        sys.stdout.flush()
-                    os._exit(code)
-            self.pid = pid
-        else:
-            settings = json.dumps(config.to_dict())
-            cmd = [sys.executable, "-m", "samkit.bench.child", settings, str(threads)]
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-            with open(log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    cmd,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    env=env,
-                    preexec_fn=_die_with_parent if os.name == "posix" else None,  # noqa: PLW1509
-                )
-
-    def poll(self) -> int | None:
-        """Exit code (negative: killed by that signal), or None while running. Records the
-        process's CPU time (user + system) in :attr:`cpu_seconds` when it has ended."""
-        pid = self.proc.pid if self.proc is not None else self.pid
-        assert pid is not None
-        if hasattr(os, "wait4"):
-            done, status, usage = os.wait4(pid, os.WNOHANG)
-            if done == 0:
-                return None
-            self.cpu_seconds = usage.ru_utime + usage.ru_stime
-            code = os.waitstatus_to_exitcode(status)
-            if self.proc is not None:
-                self.proc.returncode = code
-            return code
-        if self.proc is not None:  # pragma: no cover - not POSIX
-            return self.proc.poll()
-        done, status = os.waitpid(pid, os.WNOHANG)
-        return None if done == 0 else os.waitstatus_to_exitcode(status)
-
-    def terminate(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            if self.proc is not None:
-                self.proc.terminate()
-            elif self.pid is not None:
-                os.kill(self.pid, signal.SIGTERM)
-
-    def wait(self) -> None:
-        with contextlib.suppress(ChildProcessError):
-            if self.proc is not None:
-                self.proc.wait()
-            elif self.pid is not None:
-                os.waitpid(self.pid, 0)
+    ``settings``: what to train, the planned ones or those that resume its checkpoint (what
+    a run killed before its first checkpoint left is cleared here); ``None`` when there is
+    nothing to train: ``finished``, or a failure (``mismatch``, ``failed``) that ``message``
+    explains."""
+    state, detail = run_state(run)
+    if state == "finished":
+        return state, None, ""
+    if state == "mismatch":
+        why = f"{run.out} holds a run with other settings ({detail}); remove it or choose "
+        return state, None, why + "another --out"
+    config = run.config
+    if state == "resume":
+        try:
+            config = _resumption(run) or config
+        except ConfigError as e:  # e.g. a checkpoint of another process count
+            return "failed", None, f"cannot resume {run.out}: {e}"
+    if state in ("stale", "resume") and not config.resume:
+        _clear(run.out)
+    return state, config, ""
 
 
 def _last_error(out: Path, code: int) -> str:
@@ -237,6 +159,20 @@ def _last_error(out: Path, code: int) -> str:
         return f"killed by signal {-code}"
     tail = next((line for line in reversed(lines) if line.strip()), "")
     return f"exit code {code}" + (f": {tail.strip()}" if tail else "")
+
+
+def _result(outcome: Ended) -> RunResult:
+    """The result of a run that ended: done if its process exited with 0 and its
+    ``summary.json`` is complete, else failed with the reason (its log's last error)."""
+    run = outcome.run
+    if outcome.error is not None or outcome.code is None:
+        return RunResult(run, "failed", outcome.error or "?", outcome.seconds)
+    summary = _read_json(run.out / "summary.json")
+    if outcome.code == 0 and isinstance(summary, dict) and summary.get("completed"):
+        return RunResult(run, "done", seconds=outcome.seconds, test_acc=summary.get("test_acc"),
+                         cpu_seconds=outcome.cpu_seconds)  # fmt: skip
+    message = f"{_last_error(run.out, outcome.code)} (log: {run.out / LOG_NAME})"
+    return RunResult(run, "failed", message, outcome.seconds)
 
 
 # ----------------------------------------------------------------------------- progress
@@ -305,52 +241,10 @@ class _Progress:
 # ----------------------------------------------------------------------------- the sweep
 
 
-def _prewarm(configs: Sequence[TrainConfig]) -> None:
-    """Import the training code and generate the embedded datasets once, in the parent, so
-    every forked run starts with them in memory."""
-    import torch
-
-    import samkit.train  # noqa: F401
-    from samkit.train.data import dataset_spec, load_dataset
-
-    torch.set_num_threads(1)  # no intra-op pool in the parent: fork-safe
-    # The first call imports torch._inductor (seconds): pay it once, state unchanged.
-    torch.use_deterministic_algorithms(
-        torch.are_deterministic_algorithms_enabled(),
-        warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    for name in sorted({c.dataset for c in configs}):
-        if not dataset_spec(name).needs_data_dir:  # generated: once here, not in every run
-            load_dataset(name)
-
-
-def _use_fork(config: TrainConfig, isolation: str) -> bool:
-    if isolation == "subprocess" or not hasattr(os, "fork") or sys.platform != "linux":
-        return False
-    return config.device == "cpu" or (config.device == "auto" and not _cuda_might_be_used())
-
-
-def _cuda_might_be_used() -> bool:
-    # Asking torch would initialise CUDA in the parent, which forked children cannot use.
-    return (
-        bool(os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip()) and Path("/dev/nvidia0").exists()
-    )
-
-
-def check_workers(workers: Any) -> None:
-    """``SweepError`` unless ``workers`` is an integer >= 1."""
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise SweepError(f"invalid --workers {workers!r} (must be an integer >= 1)")
-
-
-#: torch threads of each run when none are given: a sweep's runs share the machine's cores
-#: (``workers`` at a time), and the embedded tasks' models gain nothing from more.
-RUN_THREADS = 1
-
-
 def run_sweep(
     runs: Sequence[PlannedRun],
     *,
+    executor: Executor | None = None,
     workers: int = 1,
     threads: int | None = None,
     isolation: str = "auto",
@@ -358,14 +252,15 @@ def run_sweep(
     progress: bool = True,
     on_result: Callable[[RunResult], None] | None = None,
 ) -> list[RunResult]:
-    """Run every planned run not yet finished, ``workers`` at a time; return one
+    """Run every planned run not yet finished in ``executor``; return one
     :class:`RunResult` per run (finished ones ``skipped``). A failed run is reported in one
-    line and does not stop the others. ``isolation``: ``auto`` (fork where possible),
-    ``fork`` or ``subprocess``; ``threads``: torch threads of each run (default
-    :data:`RUN_THREADS`)."""
-    check_workers(workers)
-    check_threads(threads)
-    threads = RUN_THREADS if threads is None else threads
+    line and does not stop the others. Without ``executor``: the local one,
+    ``workers`` at a time (``isolation``: ``auto`` (fork where possible), ``fork`` or
+    ``subprocess``; ``threads``: torch threads of each run, default 1)."""
+    if executor is None:
+        from samkit.bench.executors.local import LocalExecutor
+
+        executor = LocalExecutor(workers=workers, isolation=isolation, threads=threads)
     stream = stream if stream is not None else sys.stdout
     results: dict[Path, RunResult] = {}
     pending: list[tuple[PlannedRun, TrainConfig]] = []  # the run, the settings it trains
@@ -387,48 +282,34 @@ def run_sweep(
         if on_result is not None:
             on_result(result)
 
+    executor.check([r.config for r in runs])
     skipped = 0
     for run in runs:
-        state, detail = run_state(run)
+        state, config, message = prepare(run)
         if state == "finished":
             summary = _read_json(run.out / "summary.json") or {}
             results[run.out] = RunResult(run, "skipped", test_acc=summary.get("test_acc"))
             display.done += 1
             skipped += 1
-        elif state == "mismatch":
-            finish(
-                RunResult(
-                    run,
-                    "failed",
-                    f"{run.out} holds a run with other settings ({detail}); remove it or "
-                    "choose another --out",
-                ),
-                0,
-            )
+        elif config is None:
+            finish(RunResult(run, "failed", message), 0)
         else:
-            config = run.config
-            if state == "resume":
-                try:
-                    config = _resumption(run) or config
-                except ConfigError as e:  # e.g. a checkpoint of another process count
-                    finish(RunResult(run, "failed", f"cannot resume {run.out}: {e}"), 0)
-                    continue
-            if state in ("stale", "resume") and not config.resume:
-                _clear(run.out)
             pending.append((run, config))
     if progress:
         resumed = sum(config.resume for _, config in pending)
         line = f"{plural(len(runs), 'run')}: {skipped} already finished, {len(pending)} to run"
         line += f" ({resumed} resumed from a checkpoint)" if resumed else ""
-        stream.write(f"{line}, {min(workers, max(1, len(pending)))} at a time\n")
+        stream.write(f"{line}, {executor.describe(len(pending))}\n")
         stream.flush()
     # Partial results soon: all methods of seed 0 first; within a seed the costly ones first.
     pending.sort(key=lambda p: (p[0].seed, -p[0].cost))
     display.cost_left = sum(r.cost for r, _ in pending)
-    if pending and any(_use_fork(c, isolation) for _, c in pending):
-        _prewarm([c for _, c in pending])
 
-    running: list[_Child] = []
+    def ended(outcome: Ended, running: int) -> None:
+        display.cost_done += outcome.run.cost
+        display.cost_left -= outcome.run.cost
+        finish(_result(outcome), running)
+
     interrupted = False
     old_handlers = {}
 
@@ -438,44 +319,9 @@ def run_sweep(
     with contextlib.suppress(ValueError):  # not in the main thread: keep the defaults
         old_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, stop)
     try:
-        queue = list(pending)
-        while queue or running:
-            while queue and len(running) < workers:
-                run, config = queue.pop(0)
-                fork = isolation == "fork" or _use_fork(config, isolation)
-                try:
-                    running.append(_Child(run, config, threads, fork))
-                except OSError as e:
-                    finish(RunResult(run, "failed", f"cannot start: {e}"), len(running))
-                display.redraw(len(running))
-            time.sleep(0.05)
-            for child in list(running):
-                code = child.poll()
-                if code is None:
-                    continue
-                running.remove(child)
-                seconds = time.perf_counter() - child.started
-                display.cost_done += child.run.cost
-                display.cost_left -= child.run.cost
-                summary = _read_json(child.run.out / "summary.json")
-                if code == 0 and isinstance(summary, dict) and summary.get("completed"):
-                    finish(
-                        RunResult(child.run, "done", seconds=seconds,
-                                  test_acc=summary.get("test_acc"),
-                                  cpu_seconds=child.cpu_seconds),
-                        len(running),
-                    )  # fmt: skip
-                else:
-                    message = _last_error(child.run.out, code)
-                    message += f" (log: {child.run.out / LOG_NAME})"
-                    finish(RunResult(child.run, "failed", message, seconds), len(running))
-            display.redraw(len(running))
+        executor.execute(pending, display.redraw, ended)
     except KeyboardInterrupt:
         interrupted = True
-        for child in running:
-            child.terminate()
-        for child in running:
-            child.wait()
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)

@@ -5,6 +5,9 @@ Without ``--trials`` the sweep is one stage: every planned run, handed to the ex
 (:mod:`samkit.bench.tuning`), then, once their results are read back from their run
 directories and the choice is written to ``DIR/tuning.json``, the final runs of each
 method's chosen trial. Everything is planned and checked before anything is written.
+
+The runs execute in the executor asked for (:mod:`samkit.bench.executors`), one for the
+whole sweep: with ``--executor ray`` both stages run on the same Ray connection.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from samkit.bench.executors import Executor, make_executor
 from samkit.bench.plan import PlannedRun, Sweep
-from samkit.bench.run import RunResult, SweepError, check_workers, run_sweep
+from samkit.bench.run import RunResult, SweepError, run_sweep
 from samkit.bench.tuning import (
     Tuning,
     declared_target,
@@ -30,7 +34,6 @@ from samkit.bench.tuning import (
 )
 from samkit.train.checkpoint import atomic_write_json
 from samkit.train.config import ConfigError
-from samkit.train.env import check_threads
 
 __all__ = ["MANIFEST", "QUICK", "bench", "quick_settings", "read_manifest"]
 
@@ -180,9 +183,14 @@ def bench(
     trials: int = 0,
     time_to_target: bool = False,
     quick: bool = False,
-    workers: int = 1,
+    workers: int | None = None,
     threads: int | None = None,
-    isolation: str = "auto",
+    isolation: str | None = None,
+    executor: str | Executor = "local",
+    ray_address: str | None = None,
+    cpus_per_run: int | None = None,
+    gpus_per_run: float | None = None,
+    max_retries: int | None = None,
     command: str = "",
     stream: TextIO | None = None,
     progress: bool = True,
@@ -194,12 +202,27 @@ def bench(
     ``limit_train``, ``device``, ``data_dir``); ``threads``: torch threads per run (default
     1). ``trials``: K > 0 tunes each method first (:mod:`samkit.bench.tuning`);
     ``time_to_target``: every task must declare a validation target; ``quick``: the
-    defaults of :data:`QUICK` where not given. Returns one result per run, trials first.
+    defaults of :data:`QUICK` where not given. ``executor``: ``local`` (``workers``,
+    ``isolation``) or ``ray`` (``ray_address``, ``cpus_per_run``, ``gpus_per_run``,
+    ``max_retries``), see :func:`samkit.bench.executors.make_executor`, or an
+    :class:`Executor`; the stages of the sweep run in it one after the other. Returns one
+    result per run, trials first.
 
-    Every check (settings, search spaces, workers, threads) happens before anything is
-    written to ``out``."""
+    Every check (settings, search spaces, the executor's options and resources) happens
+    before anything is written to ``out``."""
+    if not isinstance(executor, Executor):
+        executor = make_executor(
+            executor, workers=workers, isolation=isolation, threads=threads,
+            ray_address=ray_address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
+            max_retries=max_retries,
+        )  # fmt: skip
     out = Path(out)
     extra = dict(extra or {})
+    if executor.absolute_paths:  # the runs start elsewhere: paths that mean the same there
+        out = out.absolute()
+        data_dir = None if data_dir is None else os.path.abspath(data_dir)
+        if extra.get("data_dir") is not None:
+            extra["data_dir"] = os.path.abspath(extra["data_dir"])
     if quick:
         seeds, epochs, extra = quick_settings(seeds, epochs, extra, recipes)
     sweep = Sweep.parse(
@@ -212,28 +235,28 @@ def bench(
     runs = [] if tuning else [r for t in sweep.tasks for s in sweep.specs for r in sweep.runs(t, s)]
     if time_to_target:
         _check_targets(tuning.runs if tuning else runs)
-    check_workers(workers)
-    check_threads(threads)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SweepError(f"cannot create --out {out}: {e.strerror or e}") from e
+    executor.check([r.config for r in (tuning.runs if tuning else runs)])
 
     def execute(stage: Sequence[PlannedRun], what: str) -> list[RunResult]:
         if progress and tuning is not None:
             (stream or sys.stdout).write(f"{what}:\n")
-        return run_sweep(
-            stage, workers=workers, threads=threads, isolation=isolation, stream=stream,
-            progress=progress,
-        )  # fmt: skip
+        return run_sweep(stage, executor=executor, stream=stream, progress=progress)
 
-    with _lock(out):
-        atomic_write_json(out / MANIFEST, _manifest(command, sweep, runs, tuning, time_to_target))
-        if tuning is None:
-            return execute(runs, "runs")
-        results = execute(tuning.runs, f"trials ({tuning.k} per method and task)")
-        record = tuning_record(tuning, out)
-        write_tuning(out, record)
-        runs = final_runs(sweep, tuning, record)
-        atomic_write_json(out / MANIFEST, _manifest(command, sweep, runs, tuning, time_to_target))
-        return results + execute(runs, "final runs of the chosen trials")
+    with executor:  # e.g. connected to the Ray cluster, its resources checked; both stages
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SweepError(f"cannot create --out {out}: {e.strerror or e}") from e
+        with _lock(out):
+            executor.check_out(out)  # e.g. every Ray node sees it
+            manifest = _manifest(command, sweep, runs, tuning, time_to_target)
+            atomic_write_json(out / MANIFEST, manifest)
+            if tuning is None:
+                return execute(runs, "runs")
+            results = execute(tuning.runs, f"trials ({tuning.k} per method and task)")
+            record = tuning_record(tuning, out)
+            write_tuning(out, record)
+            runs = final_runs(sweep, tuning, record)
+            manifest = _manifest(command, sweep, runs, tuning, time_to_target)
+            atomic_write_json(out / MANIFEST, manifest)
+            return results + execute(runs, "final runs of the chosen trials")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -269,3 +270,109 @@ def test_no_micro_batch_of_one_sample_under_batchnorm():
     sizes.clear()
     opt.step(samkit.make_closure(m, loss_fn, x, y))
     assert sizes == [2, 2, 1, 1, 1, 1, 1, 1]
+
+
+# ------------------------------------------------------------------ the batch objective (issue 20.1)
+class _TokenNet(nn.Module):
+    """[B, T, 5] -> [B, 3, T] logits: a per-token classifier, classes second."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(5, 3).double()
+
+    def forward(self, x):
+        return self.lin(x).transpose(1, 2)
+
+
+def _padded_batch(n=6, t=5, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, t, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n, t), generator=g)
+    lengths = [5, 1, 4, 2, 5, 1]  # micro-batches of 3: 10 and 8 real tokens
+    for i, length in enumerate(lengths[:n]):
+        y[i, length:] = -100
+    return x, y
+
+
+def _objectives():
+    """(label, model, loss_fn, x, y): losses whose batch objective is not a sample mean."""
+    x, y = _padded_batch()
+    padded = nn.CrossEntropyLoss(reduction="none", ignore_index=-100)
+    g = torch.Generator().manual_seed(4)
+    xc = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    yc = torch.tensor([0, 0, 0, 1, 2, 2])
+    weighted = nn.CrossEntropyLoss(
+        weight=torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64), reduction="none"
+    )
+    return [
+        ("padding", _TokenNet(), padded, x, y),
+        ("class weights", net(), weighted, xc, yc),
+    ]
+
+
+@pytest.mark.parametrize("case", range(2), ids=["padding", "class_weights"])
+def test_micro_batches_are_weighted_by_the_batch_objective(case):
+    # rho = 0: mSAM's update is the gradient of the batch objective, as under accumulation.
+    _, model, loss, x, y = _objectives()[case]
+    ref = copy.deepcopy(model)
+    sgd = torch.optim.SGD(ref.parameters(), lr=LR, momentum=MOM, weight_decay=WD)
+    opt = samkit.MicroBatchSAM(
+        model.parameters(), rho=0.0, micro_batches=2, lr=LR, momentum=MOM, weight_decay=WD
+    )
+    for _ in range(3):
+        expected = sgd.step(samkit.make_closure(ref, loss, x, y))
+        got = opt.step(samkit.make_closure(model, loss, x, y))
+        torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)  # the batch objective
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15)
+
+
+def test_micro_batch_without_counted_targets_adds_nothing():
+    # A micro-batch whose every target is padding has weight 0: the step is the other
+    # micro-batch's, and no NaN (its own mean would be 0/0).
+    x, y = _padded_batch()
+    y[3:] = -100  # the second micro-batch counts for nothing
+    loss = nn.CrossEntropyLoss(reduction="none", ignore_index=-100)
+    m1, m2 = _TokenNet(), _TokenNet()
+    kw = dict(rho=0.1, lr=LR, momentum=MOM)
+    got = samkit.MicroBatchSAM(m1.parameters(), micro_batches=2, **kw).step(
+        samkit.make_closure(m1, loss, x, y)
+    )
+    expected = samkit.SAM(m2.parameters(), **kw).step(samkit.make_closure(m2, loss, x[:3], y[:3]))
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-14, atol=1e-16)
+
+
+# ------------------------------------------------------------------ dropout (issue 20.5)
+class _RecordingDropout(nn.Module):
+    """Dropout that records every mask it draws (as the rows it drew them for)."""
+
+    def __init__(self, p=0.5):
+        super().__init__()
+        self.p, self.masks = p, []
+
+    def forward(self, x):
+        mask = (torch.rand_like(x) >= self.p).to(x.dtype)
+        self.masks.append(mask.detach().clone())
+        return x * mask / (1 - self.p)
+
+
+def test_each_micro_batch_draws_its_own_dropout_masks_shared_by_its_two_passes():
+    torch.manual_seed(0)
+    drop = _RecordingDropout()
+    model = nn.Sequential(nn.Linear(5, 16), drop, nn.Tanh(), nn.Linear(16, 3)).double()
+    ((x, y),) = data(1, size=8)
+    opt = samkit.MicroBatchSAM(model.parameters(), rho=0.1, micro_batches=2, lr=LR)
+    torch.manual_seed(7)
+    opt.step(samkit.make_closure(model, loss_fn, x, y))
+    after = torch.get_rng_state()
+    clean_1, perturbed_1, clean_2, perturbed_2 = drop.masks
+    assert torch.equal(clean_1, perturbed_1) and torch.equal(clean_2, perturbed_2)
+    assert not torch.equal(clean_1, clean_2)  # not a replay of the first micro-batch's state
+    # the draws are those of two plain passes over the micro-batches, one after the other
+    torch.manual_seed(7)
+    expected = [(torch.rand(4, 16, dtype=torch.float64) >= 0.5).double() for _ in range(2)]
+    assert torch.equal(clean_1, expected[0]) and torch.equal(clean_2, expected[1])
+    assert torch.equal(after, torch.get_rng_state())  # and the generator stands after them

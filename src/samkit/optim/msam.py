@@ -139,17 +139,22 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
         if m == 1:
             return super().sharpness_step(closure)  # SAM's two passes on the whole batch
         model = self.model if self.model is not None else closure.model
+        parts = list(torch.arange(n).tensor_split(m))
+        shares = closure.shares(parts)  # c_j / c: micro-batch j's share of the batch objective
+        seen = sum(len(idx) for idx, share in zip(parts, shares) if share != 0.0)
         stats = _RunningStatsAverage(self._bn_layers_of(model))
         acc: dict[Tensor, Tensor] = {}
         loss: Any = None
         try:
-            for j, idx in enumerate(torch.arange(n).tensor_split(m)):
-                weight = len(idx) / n
-                if j:
+            for j, (idx, share) in enumerate(zip(parts, shares)):
+                if share == 0.0:  # nothing in it counts: no term of L_B, no pass
+                    continue
+                if stats.sums:
                     stats.reset()  # every clean pass starts from the step's statistics
+                self.redraw()  # its own dropout masks, shared by its two passes
                 # g_j = ∇L_{B_j}(w)
                 loss_j = self.run_pass(closure, f"clean micro-batch {j + 1}", subset=idx)
-                stats.add(weight)
+                stats.add(len(idx) / seen)  # BatchNorm averages the samples it saw
                 self.perturb()  # ε_j = ρ·g_j/‖g_j‖, from this micro-batch's own gradient
                 self.run_pass(  # g'_j = ∇L_{B_j}(w + ε_j)
                     closure,
@@ -159,8 +164,8 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
                     subset=idx,
                 )
                 self.restore()
-                self._accumulate(acc, weight)  # g' = Σ_j |B_j|/n · g'_j
-                loss = loss_j * weight if loss is None else loss + loss_j * weight
+                self._accumulate(acc, share)  # g' = Σ_j c_j/c · g'_j
+                loss = loss_j * share if loss is None else loss + loss_j * share  # L_B
             stats.finish()
         except BaseException:
             stats.reset()

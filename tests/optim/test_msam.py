@@ -120,13 +120,18 @@ def test_more_micro_batches_than_samples_splits_into_single_samples():
     assert same(m1, m2)
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
 @pytest.mark.parametrize("m", [2, 4, 5])
-def test_cost_is_two_passes_per_step(m):
+def test_cost_is_two_passes_per_step(m, vectorize):
+    # 10 samples: 2 and 5 micro-batches are equal (run at once: 2 passes over all of
+    # them), 4 are not (the loop: 2 passes per micro-batch); two full-batch passes either way.
     model = net()
-    opt = samkit.MicroBatchSAM(model.parameters(), micro_batches=m, lr=0.05)
+    opt = samkit.MicroBatchSAM(model.parameters(), micro_batches=m, lr=0.05, vectorize=vectorize)
     _, closures = run(opt, model, data(3, size=10))
+    at_once = vectorize and 10 % m == 0
+    assert (opt.last_path == "") == at_once
     for c in closures:
-        assert c.passes == 2 * m
+        assert c.passes == (2 if at_once else 2 * m)
         assert c.grad_evals == pytest.approx(2.0) and c.forward_evals == pytest.approx(2.0)
 
 
@@ -376,3 +381,103 @@ def test_each_micro_batch_draws_its_own_dropout_masks_shared_by_its_two_passes()
     expected = [(torch.rand(4, 16, dtype=torch.float64) >= 0.5).double() for _ in range(2)]
     assert torch.equal(clean_1, expected[0]) and torch.equal(clean_2, expected[1])
     assert torch.equal(after, torch.get_rng_state())  # and the generator stands after them
+
+
+# ------------------------------------------------------------------ all micro-batches at once (issue 21)
+def _twin_runs(make_model, lossf, batches_, steps_kw, **kw):
+    """The same steps with vectorize=True and vectorize=False: (losses, models, paths)."""
+    out = []
+    for vectorize in (True, False):
+        model = make_model()
+        opt = samkit.MicroBatchSAM(model.parameters(), vectorize=vectorize, **steps_kw, **kw)
+        losses, paths = [], []
+        for x, y in batches_:
+            losses.append(opt.step(samkit.make_closure(model, lossf, x, y)))
+            paths.append(opt.last_path)
+        out.append((losses, model, paths))
+    return out
+
+
+def _assert_equal_runs(a, b, tol=1e-12):
+    for la, lb in zip(a[0], b[0]):
+        torch.testing.assert_close(la, lb, rtol=tol, atol=tol)
+    for (ka, va), (kb, vb) in zip(a[1].state_dict().items(), b[1].state_dict().items()):
+        assert ka == kb
+        torch.testing.assert_close(va, vb, rtol=tol, atol=tol, msg=ka)
+
+
+_KW = dict(lr=LR, momentum=MOM, weight_decay=WD)
+
+
+@pytest.mark.parametrize(
+    "case", ["plain", "batchnorm", "adaptive", "rho_per_group", "class_weights", "padding"]
+)
+def test_batched_pass_equals_the_loop_float64(case):
+    lossf, batches_, kw = loss_fn, data(3, size=12), dict(rho=0.1, micro_batches=4)
+
+    def make():
+        return net(bn=case == "batchnorm")
+
+    if case == "adaptive":
+        kw["adaptive"] = True
+    if case == "class_weights":
+        lossf = nn.CrossEntropyLoss(
+            weight=torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64), reduction="none"
+        )
+    if case == "padding":
+        make, lossf = _TokenNet, nn.CrossEntropyLoss(reduction="none", ignore_index=-100)
+        batches_, kw["micro_batches"] = [_padded_batch(seed=s) for s in (2, 3, 4)], 2
+    if case == "rho_per_group":
+
+        def step_groups(model):
+            first, *rest = list(model.parameters())
+            return [{"params": [first], "rho": 0.3}, {"params": rest}]
+
+        runs = []
+        for vectorize in (True, False):
+            model = make()
+            opt = samkit.MicroBatchSAM(step_groups(model), vectorize=vectorize, **kw, **_KW)
+            losses = [opt.step(samkit.make_closure(model, lossf, x, y)) for x, y in batches_]
+            assert (opt.last_path == "") == vectorize
+            runs.append((losses, model))
+        _assert_equal_runs(*runs)
+        return
+    (la, ma, pa), (lb, mb, pb) = _twin_runs(make, lossf, batches_, _KW, **kw)
+    assert pa == [""] * len(batches_)  # every step ran all micro-batches at once
+    assert pb == ["vectorize=False"] * len(batches_)
+    _assert_equal_runs((la, ma), (lb, mb))
+
+
+def test_batched_pass_falls_back_to_the_loop_under_dropout_equal_float64():
+    # Dropout under vmap cannot draw the loop's masks (each micro-batch its own, replayed by
+    # its perturbed pass): the step runs the loop, and the result is the loop's exactly.
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Linear(5, 16), nn.Dropout(0.3), nn.Tanh(), nn.Linear(16, 3)
+        ).double()
+
+    runs = []
+    for vectorize in (True, False):
+        torch.manual_seed(11)
+        model = make()
+        opt = samkit.MicroBatchSAM(
+            model.parameters(), rho=0.1, micro_batches=4, vectorize=vectorize, **_KW
+        )
+        losses = [opt.step(samkit.make_closure(model, loss_fn, x, y)) for x, y in data(3, 12)]
+        runs.append((losses, model, opt.last_path))
+    assert "random" in runs[0][2]  # the reason the loop ran
+    _assert_equal_runs(runs[0][:2], runs[1][:2])
+
+
+def test_unequal_micro_batches_run_the_loop():
+    model = net()
+    opt = samkit.MicroBatchSAM(model.parameters(), micro_batches=4, lr=LR)
+    ((x, y),) = data(1, size=10)
+    opt.step(samkit.make_closure(model, loss_fn, x, y))
+    assert "does not split into 4 equal micro-batches" in opt.last_path
+
+
+def test_vectorize_must_be_a_bool():
+    with pytest.raises(ValueError, match="vectorize"):
+        samkit.MicroBatchSAM(net().parameters(), vectorize="yes", lr=LR)

@@ -266,7 +266,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=None,
                     help="registry names, NAME:key=value,... (default: every method, and "
-                    "SSAM-F at num_samples 4 and 128)")  # fmt: skip
+                    "mSAM's loop, SSAM-F at num_samples 4 and 128)")  # fmt: skip
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--width", type=int, default=40, help="channels of the first stage")
     ap.add_argument("--size", type=int, default=16, help="input height/width")
@@ -286,7 +286,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         return 2
     specs = args.methods or [
         n for n in samkit.list_optimizers(sharpness_aware=True) if n != "ssam"
-    ] + ["ssam:num_samples=4", "ssam:num_samples=128"]
+    ] + ["msam:vectorize=false", "ssam:num_samples=4", "ssam:num_samples=128"]
     specs = list(dict.fromkeys(["sgd", *specs]))
     try:
         import pytorch_optimizer  # noqa: F401

@@ -481,3 +481,14 @@ def test_unequal_micro_batches_run_the_loop():
 def test_vectorize_must_be_a_bool():
     with pytest.raises(ValueError, match="vectorize"):
         samkit.MicroBatchSAM(net().parameters(), vectorize="yes", lr=LR)
+
+
+def test_forward_hooks_run_the_loop():
+    # A hook would see all micro-batches at once (and run on a failed attempt): the loop.
+    model = net()
+    seen = []
+    model.register_forward_pre_hook(lambda mod, inputs: seen.append(inputs[0].shape[0]))
+    opt = samkit.MicroBatchSAM(model.parameters(), micro_batches=2, lr=LR)
+    ((x, y),) = data(1, size=8)
+    opt.step(samkit.make_closure(model, loss_fn, x, y))
+    assert "hooks" in opt.last_path and seen == [4, 4, 4, 4]

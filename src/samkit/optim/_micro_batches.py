@@ -22,9 +22,11 @@ accumulator for the loop.
 :func:`unsupported` says why a step cannot run this way (mSAM then runs its loop): micro-batches
 of unequal size, a closure that evaluates passes its own way (a subclass overriding
 ``evaluate``), gradient accumulation or a ``GradScaler`` in the closure, a
-``DistributedDataParallel`` model, sharded parameters, parameters that are not the model's. A
-model that draws random numbers (dropout) or that ``torch.func`` cannot transform raises
-:class:`Unbatchable` at its first pass, and the loop runs instead.
+``DistributedDataParallel`` model, sharded parameters, parameters that are not the model's,
+a dropout layer in train mode, forward hooks (they would see every micro-batch at once). A
+model that draws random numbers otherwise or that ``torch.func`` cannot transform raises
+:class:`Unbatchable` at its first pass (nothing is changed by then), and the loop runs
+instead (that model is remembered: later steps go to the loop directly).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.dropout import _DropoutNd
 from torch.utils._pytree import tree_map
 
 from samkit.optim._tensors import is_sharded
@@ -63,7 +66,20 @@ def unsupported(closure: BatchClosure, model: nn.Module, params: list[Tensor], m
     own = {id(p) for p in model.parameters()}
     if any(id(p) not in own for p in params):
         return "parameters that are not the model's"
+    modules = list(model.modules())
+    if any(isinstance(mod, _DropoutNd) and mod.training and mod.p > 0 for mod in modules):
+        return "dropout in train mode draws random numbers (the loop gives each micro-batch its own masks)"
+    if _has_hooks(modules):
+        return "forward hooks on the model (they would see every micro-batch at once)"
     return ""
+
+
+def _has_hooks(modules: list[nn.Module]) -> bool:
+    from torch.nn.modules import module as _module
+
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return True
+    return any(mod._forward_hooks or mod._forward_pre_hooks for mod in modules)
 
 
 class MicroBatches:

@@ -204,7 +204,13 @@ def main(argv: list[str] | None = None) -> int:
             "backward_passes_per_step": g,
             "forward_passes_per_step": f,
             "pass_equivalents_per_step": f / 3 + 2 * g / 3,
+            "step_s": times[spec],
         }
+    for peer in PEERS:  # samkit's method over pytorch-optimizer's, round by round
+        own = peer.removeprefix("po-")
+        if peer in times and own in times:
+            ratios = [a / b for a, b in zip(times[own], times[peer])]
+            results[own][f"time_ratio_to_{peer}"] = statistics.median(ratios)
     print(
         f"{'method':<28} {'step ms':>8} {'x SGD':>6} {'mean x':>6} "
         f"{'fwd':>5} {'bwd':>5} {'pass-eq':>7}"
@@ -216,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{res['forward_passes_per_step']:5.2f} {res['backward_passes_per_step']:5.2f} "
             f"{res['pass_equivalents_per_step']:7.3f}"
         )
+    for spec, res in results.items():
+        for key, value in res.items():
+            if key.startswith("time_ratio_to_po-"):
+                print(f"{spec} over {key.removeprefix('time_ratio_to_')}: {value:.3f}")
     record = {
         "command": "python benchmarks/method_cost.py " + " ".join(argv or sys.argv[1:]),
         "settings": vars(args),

@@ -167,6 +167,7 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
         n = closure.batch_size  # M micro-batches, of at least 2 samples under BatchNorm
         m = min(self.micro_batches, max(1, n // self.smallest_sub_batch(closure)))
         if m == 1:
+            self.last_path = ""  # one pass each, over the whole batch
             return super().sharpness_step(closure)  # SAM's two passes on the whole batch
         model = self.model if self.model is not None else closure.model
         parts = list(torch.arange(n).tensor_split(m))

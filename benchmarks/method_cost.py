@@ -4,13 +4,15 @@ Usage::
 
     python benchmarks/method_cost.py --methods sgd sam esam looksam:k=5
     python benchmarks/method_cost.py --methods sgd sam gsam msam:micro_batches=4 --rounds 60
+    python benchmarks/method_cost.py --methods sam po-sam fsam po-fsam gsam po-gsam
 
 Every method trains its own copy of the same model (``step_time.py``'s small ResNet) on a
 fixed pool of batches through ``samkit.make_closure`` (with dataset indices), the way
 ``samkit train`` drives it. Rounds are interleaved (one step of every method in turn), so
 machine noise hits all methods alike; the figures are medians of per-round ratios to SGD,
 and ratios of mean step times (``mean x``: the one to read for methods whose steps differ,
-such as LookSAM's refresh every k steps).
+such as LookSAM's refresh every k steps). ``po-sam``, ``po-fsam``, ``po-gsam`` are
+pytorch-optimizer's SAM, FriendlySAM and GSAM, stepped by their own protocols.
 The epoch advances every ``--steps-per-epoch`` steps (``opt.set_epoch``), so work that a
 method does once per epoch (mask or bank refreshes) is amortised as in training.
 
@@ -66,6 +68,60 @@ def _value(text: str) -> Any:
     return text
 
 
+#: pytorch-optimizer's versions (``pip install pytorch-optimizer``), at samkit's defaults.
+PEERS = ("po-sam", "po-fsam", "po-gsam")
+
+
+def build_peer(name: str, model: nn.Module, kw: dict[str, Any]) -> Any:
+    """pytorch-optimizer's SAM, FriendlySAM or GSAM with SGD and samkit's default
+    hyperparameters (SAM: rho 0.05; F-SAM: rho 0.05, sigma 1, lmbda 0.6; GSAM: rho 0.05
+    constant, alpha 0.4)."""
+    import pytorch_optimizer as po
+
+    if name == "po-sam":
+        return po.SAM(model.parameters(), torch.optim.SGD, rho=0.05, **kw)
+    if name == "po-fsam":
+        return po.FriendlySAM(
+            model.parameters(), torch.optim.SGD, rho=0.05, sigma=1.0, lmbda=0.6, **kw
+        )
+    base = torch.optim.SGD(model.parameters(), **kw)
+    constant = torch.optim.lr_scheduler.LambdaLR(base, lambda _: 1.0)
+    rho = po.ProportionScheduler(
+        constant, max_lr=kw["lr"], min_lr=0.0, max_value=0.05, min_value=0.05
+    )
+    return po.GSAM(model.parameters(), base, model, rho, alpha=0.4)
+
+
+class PeerStep:
+    """One step of a pytorch-optimizer method by its own protocol (SAM and F-SAM: the clean
+    backward before ``step(closure)``; GSAM: ``set_closure`` then ``step()``); the passes
+    are counted as ``BatchClosure`` counts them (full-batch units)."""
+
+    def __init__(self, name, opt, model, loss_fn, x, y) -> None:
+        self.name, self.opt, self.grad_evals, self.forward_evals = name, opt, 2.0, 2.0
+
+        def mean_loss(out, target):
+            return loss_fn(out, target).mean()
+
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = mean_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        self.closure = closure
+        if name == "po-gsam":
+            opt.set_closure(mean_loss, x, y)
+
+    def step(self) -> None:
+        if self.name == "po-gsam":
+            self.opt.step()
+            self.opt.update_rho_t()
+        else:
+            self.closure()
+            self.opt.step(self.closure)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=["sgd", "sam"],
@@ -106,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         if name != "adamw":
             kw.setdefault("momentum", 0.9)
         models[spec] = model
-        opts[spec] = samkit.create_optimizer(name, model.parameters(), model=model, **kw)
+        if name in PEERS:
+            opts[spec] = build_peer(name, model, kw)
+        else:
+            opts[spec] = samkit.create_optimizer(name, model.parameters(), model=model, **kw)
 
     times: dict[str, list[float]] = {s: [] for s in specs}
     grad_evals: dict[str, list[float]] = {s: [] for s in specs}
@@ -118,9 +177,11 @@ def main(argv: list[str] | None = None) -> int:
             if hasattr(opt, "set_epoch"):
                 opt.set_epoch(r // args.steps_per_epoch)
             closure = samkit.make_closure(models[spec], loss_fn, x, y, indices=idx)
+            if spec in PEERS:
+                closure = PeerStep(spec, opt, models[spec], loss_fn, x, y)
             sync(device)
             t0 = time.perf_counter()
-            opt.step(closure)
+            closure.step() if spec in PEERS else opt.step(closure)
             sync(device)
             if r >= args.warmup:
                 times[spec].append(time.perf_counter() - t0)
@@ -143,7 +204,13 @@ def main(argv: list[str] | None = None) -> int:
             "backward_passes_per_step": g,
             "forward_passes_per_step": f,
             "pass_equivalents_per_step": f / 3 + 2 * g / 3,
+            "step_s": times[spec],
         }
+    for peer in PEERS:  # samkit's method over pytorch-optimizer's, round by round
+        own = peer.removeprefix("po-")
+        if peer in times and own in times:
+            ratios = [a / b for a, b in zip(times[own], times[peer])]
+            results[own][f"time_ratio_to_{peer}"] = statistics.median(ratios)
     print(
         f"{'method':<28} {'step ms':>8} {'x SGD':>6} {'mean x':>6} "
         f"{'fwd':>5} {'bwd':>5} {'pass-eq':>7}"
@@ -155,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{res['forward_passes_per_step']:5.2f} {res['backward_passes_per_step']:5.2f} "
             f"{res['pass_equivalents_per_step']:7.3f}"
         )
+    for spec, res in results.items():
+        for key, value in res.items():
+            if key.startswith("time_ratio_to_po-"):
+                print(f"{spec} over {key.removeprefix('time_ratio_to_')}: {value:.3f}")
     record = {
         "command": "python benchmarks/method_cost.py " + " ".join(argv or sys.argv[1:]),
         "settings": vars(args),

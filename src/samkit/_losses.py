@@ -143,6 +143,24 @@ class LossReduction:
             return self.element_weights(targets, dtype)[1].sum()
         return rows * elements_per_row
 
+    def shares(self, targets: Any, parts: list[Tensor]) -> list[float]:
+        """Each part's share of the batch objective: its count over the batch's.
+
+        ``parts`` are index tensors into the batch (a partition, as micro-batches are). Since
+        the batch objective is the counted elements' sum over their count, it is
+        ``Σ_S share_S · L_S`` with ``L_S`` part ``S``'s own objective: the weighting of
+        gradient accumulation (each micro-batch's sum over the whole batch's count), for
+        methods that need each part's own mean. Without padding or class weights a share is
+        the part's fraction of the samples; with them, one device synchronisation (``nan``
+        when nothing in the batch counts, as torch's mean).
+        """
+        n = int(targets.shape[0]) if isinstance(targets, Tensor) else 0
+        if not self.counts_by_target(targets):
+            return [len(idx) / n for idx in parts]
+        weight = self.element_weights(targets, torch.float64)[1].reshape(n, -1).sum(1)
+        counts = torch.stack([weight[idx.to(weight.device)].sum() for idx in parts])
+        return (counts / counts.sum()).tolist()
+
     def mean(self, raw: Any, targets: Any, rows: int) -> Tensor:
         """The batch objective: torch's ``reduction="mean"`` of the batch (0-dim)."""
         raw = self.check(raw, rows, targets)

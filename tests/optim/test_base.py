@@ -479,3 +479,29 @@ def test_grad_scaler_overflow_skips_the_step_and_lowers_the_scale():
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert scaler.get_scale() == 2.0**9
     assert opt.skipped_steps == 1 and not opt.is_perturbed
+
+
+@pytest.mark.parametrize(
+    "name, kw", [("sam", {}), ("gsam", {}), ("ssam", {"num_samples": 8}), ("bsam", {})]
+)
+def test_a_model_cast_after_a_step_is_perturbed_and_restored_in_its_new_dtype(name, kw):
+    # model.double() keeps the parameters' identities: nothing cached from the float32 steps
+    # (the weights' saved copy, the (device, dtype) plan) may serve the float64 ones.
+    data = batches(3, dtype=torch.float32)
+    model = tiny_net(dtype=torch.float32)
+    opt = samkit.create_optimizer(name, model.parameters(), model=model, lr=0.1, **kw)
+    opt.set_epoch(0)
+    opt.step(samkit.make_closure(model, loss_fn, *data[0]))
+    assert opt.samkit_state["step"] == 1
+    model.double()
+    fresh_model, fresh = copy.deepcopy((model, opt))  # a copy keeps no per-step scratch state
+    for x, y in data[1:]:
+        with torch.no_grad():  # weights with detail below float32's resolution
+            for p, q in zip(model.parameters(), fresh_model.parameters()):
+                p.add_(1e-12)
+                q.add_(1e-12)
+        opt.step(samkit.make_closure(model, loss_fn, x.double(), y))
+        fresh.step(samkit.make_closure(fresh_model, loss_fn, x.double(), y))
+        for p, q in zip(model.parameters(), fresh_model.parameters()):
+            assert p.dtype == torch.float64
+            assert torch.equal(p, q)

@@ -6,7 +6,8 @@ One launch for the whole file (see ``dist_helpers``). In it:
   without edits) and a test-local method whose last pass runs on a sub-batch, at the class
   defaults with momentum and weight decay, on a model with BatchNorm and dropout, per-process
   random draws, dataset indices and ``set_epoch``, for both ``sync_ascent`` settings: the
-  replicas stay bit-identical. In the ``sync_ascent=False`` run, process 1 makes its loss
+  replicas stay bit-identical; with ``sync_ascent=True`` and the gradients as views into
+  DDP's buckets (``gradient_as_bucket_view=True``) every method gives the same weights. In the ``sync_ascent=False`` run, process 1 makes its loss
   NaN (finite gradients) at one step and inf at another: every process skips both steps
   (``on_nonfinite="skip"``) and leaves its weights unchanged;
 * SAM's ascent is the replica's own by default, synchronised with ``sync_ascent=True``, and
@@ -46,6 +47,9 @@ EXACT = [
     ("bsam-clip", "bsam", {"max_grad_norm": 0.05}, False),
     ("sam-manual-clip", "sam", {"max_grad_norm": 0.05}, True),
 ]
+#: The run with ``gradient_as_bucket_view=True`` (and ``sync_ascent=True``): every pass's
+#: gradients are views into DDP's buckets, which the next synchronised pass overwrites.
+BUCKET_VIEW = "bucket_view"
 HALF = 8  # samples per process: 3 micro-batches of 3, 3, 2 under accumulation
 
 #: One step per epoch from epoch 4 on, and the same samples every 3 epochs: methods that act
@@ -145,9 +149,12 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
 
 
 def _replica_runs(label: str, rank: int, part: slice, entry: dict) -> None:
-    """Both sync_ascent settings; the first with process 1 poisoning two steps."""
-    for sync_ascent in (False, True):
-        model = nn.parallel.DistributedDataParallel(_net(bn=True))
+    """Both sync_ascent settings, the first with process 1 poisoning two steps; then
+    sync_ascent=True again with the gradients as views into DDP's buckets."""
+    for run in (False, True, BUCKET_VIEW):
+        views = run == BUCKET_VIEW
+        sync_ascent = True if views else run
+        model = nn.parallel.DistributedDataParallel(_net(bn=True), gradient_as_bucket_view=views)
         torch.manual_seed(100 + rank)  # per-process random draws (dropout, masks, samples)
         poisoned = not sync_ascent
         opt = _build(
@@ -167,7 +174,7 @@ def _replica_runs(label: str, rank: int, part: slice, entry: dict) -> None:
         # Parameters only: BatchNorm running statistics differ between DDP replicas after a
         # forward pass (each updates rank 0's broadcast values with its own batch), as in
         # plain DDP; samkit's frozen statistics in perturbed passes do not change that.
-        entry[sync_ascent] = [p.detach().clone() for p in model.parameters()]
+        entry[run] = [p.detach().clone() for p in model.parameters()]
         if poisoned:
             entry["skipped"] = opt.skipped_steps
             entry["unchanged"] = [
@@ -189,6 +196,16 @@ def test_every_method_keeps_the_replicas_bit_identical(ddp, label, sync_ascent):
         assert torch.equal(a, b)
     initial = _net(bn=True).parameters()
     assert any(not torch.equal(a, b) for a, b in zip(r0, initial))  # it trained
+
+
+@pytest.mark.parametrize("label", METHODS)
+def test_gradients_as_bucket_views_change_nothing(ddp, label):
+    # A method that keeps a clean gradient by reference past a synchronised pass reads the
+    # next pass's gradient instead (F-SAM's average did, issue 20.6): the runs would differ.
+    for rank in range(WORLD):
+        entry = method_results(ddp[rank], label)
+        for a, b in zip(entry[BUCKET_VIEW], entry[True], strict=True):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("label", METHODS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -119,13 +120,18 @@ def test_more_micro_batches_than_samples_splits_into_single_samples():
     assert same(m1, m2)
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
 @pytest.mark.parametrize("m", [2, 4, 5])
-def test_cost_is_two_passes_per_step(m):
+def test_cost_is_two_passes_per_step(m, vectorize):
+    # 10 samples: 2 and 5 micro-batches are equal (run at once: 2 passes over all of
+    # them), 4 are not (the loop: 2 passes per micro-batch); two full-batch passes either way.
     model = net()
-    opt = samkit.MicroBatchSAM(model.parameters(), micro_batches=m, lr=0.05)
+    opt = samkit.MicroBatchSAM(model.parameters(), micro_batches=m, lr=0.05, vectorize=vectorize)
     _, closures = run(opt, model, data(3, size=10))
+    at_once = vectorize and 10 % m == 0
+    assert (opt.last_path == "") == at_once
     for c in closures:
-        assert c.passes == 2 * m
+        assert c.passes == (2 if at_once else 2 * m)
         assert c.grad_evals == pytest.approx(2.0) and c.forward_evals == pytest.approx(2.0)
 
 
@@ -269,3 +275,220 @@ def test_no_micro_batch_of_one_sample_under_batchnorm():
     sizes.clear()
     opt.step(samkit.make_closure(m, loss_fn, x, y))
     assert sizes == [2, 2, 1, 1, 1, 1, 1, 1]
+
+
+# ------------------------------------------------------------------ the batch objective (issue 20.1)
+class _TokenNet(nn.Module):
+    """[B, T, 5] -> [B, 3, T] logits: a per-token classifier, classes second."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(5, 3).double()
+
+    def forward(self, x):
+        return self.lin(x).transpose(1, 2)
+
+
+def _padded_batch(n=6, t=5, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, t, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n, t), generator=g)
+    lengths = [5, 1, 4, 2, 5, 1]  # micro-batches of 3: 10 and 8 real tokens
+    for i, length in enumerate(lengths[:n]):
+        y[i, length:] = -100
+    return x, y
+
+
+def _objectives():
+    """(label, model, loss_fn, x, y): losses whose batch objective is not a sample mean."""
+    x, y = _padded_batch()
+    padded = nn.CrossEntropyLoss(reduction="none", ignore_index=-100)
+    g = torch.Generator().manual_seed(4)
+    xc = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    yc = torch.tensor([0, 0, 0, 1, 2, 2])
+    weighted = nn.CrossEntropyLoss(
+        weight=torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64), reduction="none"
+    )
+    return [
+        ("padding", _TokenNet(), padded, x, y),
+        ("class weights", net(), weighted, xc, yc),
+    ]
+
+
+@pytest.mark.parametrize("case", range(2), ids=["padding", "class_weights"])
+def test_micro_batches_are_weighted_by_the_batch_objective(case):
+    # rho = 0: mSAM's update is the gradient of the batch objective, as under accumulation.
+    _, model, loss, x, y = _objectives()[case]
+    ref = copy.deepcopy(model)
+    sgd = torch.optim.SGD(ref.parameters(), lr=LR, momentum=MOM, weight_decay=WD)
+    opt = samkit.MicroBatchSAM(
+        model.parameters(), rho=0.0, micro_batches=2, lr=LR, momentum=MOM, weight_decay=WD
+    )
+    for _ in range(3):
+        expected = sgd.step(samkit.make_closure(ref, loss, x, y))
+        got = opt.step(samkit.make_closure(model, loss, x, y))
+        torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)  # the batch objective
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15)
+
+
+def test_micro_batch_without_counted_targets_adds_nothing():
+    # A micro-batch whose every target is padding has weight 0: the step is the other
+    # micro-batch's, and no NaN (its own mean would be 0/0).
+    x, y = _padded_batch()
+    y[3:] = -100  # the second micro-batch counts for nothing
+    loss = nn.CrossEntropyLoss(reduction="none", ignore_index=-100)
+    m1, m2 = _TokenNet(), _TokenNet()
+    kw = dict(rho=0.1, lr=LR, momentum=MOM)
+    got = samkit.MicroBatchSAM(m1.parameters(), micro_batches=2, **kw).step(
+        samkit.make_closure(m1, loss, x, y)
+    )
+    expected = samkit.SAM(m2.parameters(), **kw).step(samkit.make_closure(m2, loss, x[:3], y[:3]))
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-14, atol=1e-16)
+
+
+# ------------------------------------------------------------------ dropout (issue 20.5)
+class _RecordingDropout(nn.Module):
+    """Dropout that records every mask it draws (as the rows it drew them for)."""
+
+    def __init__(self, p=0.5):
+        super().__init__()
+        self.p, self.masks = p, []
+
+    def forward(self, x):
+        mask = (torch.rand_like(x) >= self.p).to(x.dtype)
+        self.masks.append(mask.detach().clone())
+        return x * mask / (1 - self.p)
+
+
+def test_each_micro_batch_draws_its_own_dropout_masks_shared_by_its_two_passes():
+    torch.manual_seed(0)
+    drop = _RecordingDropout()
+    model = nn.Sequential(nn.Linear(5, 16), drop, nn.Tanh(), nn.Linear(16, 3)).double()
+    ((x, y),) = data(1, size=8)
+    opt = samkit.MicroBatchSAM(model.parameters(), rho=0.1, micro_batches=2, lr=LR)
+    torch.manual_seed(7)
+    opt.step(samkit.make_closure(model, loss_fn, x, y))
+    after = torch.get_rng_state()
+    clean_1, perturbed_1, clean_2, perturbed_2 = drop.masks
+    assert torch.equal(clean_1, perturbed_1) and torch.equal(clean_2, perturbed_2)
+    assert not torch.equal(clean_1, clean_2)  # not a replay of the first micro-batch's state
+    # the draws are those of two plain passes over the micro-batches, one after the other
+    torch.manual_seed(7)
+    expected = [(torch.rand(4, 16, dtype=torch.float64) >= 0.5).double() for _ in range(2)]
+    assert torch.equal(clean_1, expected[0]) and torch.equal(clean_2, expected[1])
+    assert torch.equal(after, torch.get_rng_state())  # and the generator stands after them
+
+
+# ------------------------------------------------------------------ all micro-batches at once (issue 21)
+def _twin_runs(make_model, lossf, batches_, steps_kw, **kw):
+    """The same steps with vectorize=True and vectorize=False: (losses, models, paths)."""
+    out = []
+    for vectorize in (True, False):
+        model = make_model()
+        opt = samkit.MicroBatchSAM(model.parameters(), vectorize=vectorize, **steps_kw, **kw)
+        losses, paths = [], []
+        for x, y in batches_:
+            losses.append(opt.step(samkit.make_closure(model, lossf, x, y)))
+            paths.append(opt.last_path)
+        out.append((losses, model, paths))
+    return out
+
+
+def _assert_equal_runs(a, b, tol=1e-12):
+    for la, lb in zip(a[0], b[0]):
+        torch.testing.assert_close(la, lb, rtol=tol, atol=tol)
+    for (ka, va), (kb, vb) in zip(a[1].state_dict().items(), b[1].state_dict().items()):
+        assert ka == kb
+        torch.testing.assert_close(va, vb, rtol=tol, atol=tol, msg=ka)
+
+
+_KW = dict(lr=LR, momentum=MOM, weight_decay=WD)
+
+
+@pytest.mark.parametrize(
+    "case", ["plain", "batchnorm", "adaptive", "rho_per_group", "class_weights", "padding"]
+)
+def test_batched_pass_equals_the_loop_float64(case):
+    lossf, batches_, kw = loss_fn, data(3, size=12), dict(rho=0.1, micro_batches=4)
+
+    def make():
+        return net(bn=case == "batchnorm")
+
+    if case == "adaptive":
+        kw["adaptive"] = True
+    if case == "class_weights":
+        lossf = nn.CrossEntropyLoss(
+            weight=torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64), reduction="none"
+        )
+    if case == "padding":
+        make, lossf = _TokenNet, nn.CrossEntropyLoss(reduction="none", ignore_index=-100)
+        batches_, kw["micro_batches"] = [_padded_batch(seed=s) for s in (2, 3, 4)], 2
+    if case == "rho_per_group":
+
+        def step_groups(model):
+            first, *rest = list(model.parameters())
+            return [{"params": [first], "rho": 0.3}, {"params": rest}]
+
+        runs = []
+        for vectorize in (True, False):
+            model = make()
+            opt = samkit.MicroBatchSAM(step_groups(model), vectorize=vectorize, **kw, **_KW)
+            losses = [opt.step(samkit.make_closure(model, lossf, x, y)) for x, y in batches_]
+            assert (opt.last_path == "") == vectorize
+            runs.append((losses, model))
+        _assert_equal_runs(*runs)
+        return
+    (la, ma, pa), (lb, mb, pb) = _twin_runs(make, lossf, batches_, _KW, **kw)
+    assert pa == [""] * len(batches_)  # every step ran all micro-batches at once
+    assert pb == ["vectorize=False"] * len(batches_)
+    _assert_equal_runs((la, ma), (lb, mb))
+
+
+def test_batched_pass_falls_back_to_the_loop_under_dropout_equal_float64():
+    # Dropout under vmap cannot draw the loop's masks (each micro-batch its own, replayed by
+    # its perturbed pass): the step runs the loop, and the result is the loop's exactly.
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Linear(5, 16), nn.Dropout(0.3), nn.Tanh(), nn.Linear(16, 3)
+        ).double()
+
+    runs = []
+    for vectorize in (True, False):
+        torch.manual_seed(11)
+        model = make()
+        opt = samkit.MicroBatchSAM(
+            model.parameters(), rho=0.1, micro_batches=4, vectorize=vectorize, **_KW
+        )
+        losses = [opt.step(samkit.make_closure(model, loss_fn, x, y)) for x, y in data(3, 12)]
+        runs.append((losses, model, opt.last_path))
+    assert "random" in runs[0][2]  # the reason the loop ran
+    _assert_equal_runs(runs[0][:2], runs[1][:2])
+
+
+def test_unequal_micro_batches_run_the_loop():
+    model = net()
+    opt = samkit.MicroBatchSAM(model.parameters(), micro_batches=4, lr=LR)
+    ((x, y),) = data(1, size=10)
+    opt.step(samkit.make_closure(model, loss_fn, x, y))
+    assert "does not split into 4 equal micro-batches" in opt.last_path
+
+
+def test_vectorize_must_be_a_bool():
+    with pytest.raises(ValueError, match="vectorize"):
+        samkit.MicroBatchSAM(net().parameters(), vectorize="yes", lr=LR)
+
+
+def test_forward_hooks_run_the_loop():
+    # A hook would see all micro-batches at once (and run on a failed attempt): the loop.
+    model = net()
+    seen = []
+    model.register_forward_pre_hook(lambda mod, inputs: seen.append(inputs[0].shape[0]))
+    opt = samkit.MicroBatchSAM(model.parameters(), micro_batches=2, lr=LR)
+    ((x, y),) = data(1, size=8)
+    opt.step(samkit.make_closure(model, loss_fn, x, y))
+    assert "hooks" in opt.last_path and seen == [4, 4, 4, 4]

@@ -24,7 +24,7 @@ __all__ = ["ManualSteps"]
 class ManualSteps:
     """``first_step`` / ``second_step`` (a mixin; see the module docstring)."""
 
-    _perturbed: list[Any]
+    _perturbed: Any  # SavedWeights: true while the weights are perturbed
     _manual_step: bool
     on_nonfinite: str
     samkit_state: dict[str, Any]
@@ -67,13 +67,13 @@ class ManualSteps:
         self._begin_step()
         if self.on_nonfinite != "ignore":
             self._record_finite("clean", loss, check_grads=True)
+        self._manual_step = True  # the loop runs the next pass (see kept())
         try:
             self.perturb()
         except BaseException:
             self.restore()
             self._end_step()
             raise
-        self._manual_step = True
         if zero_grad:
             self.zero_grad(set_to_none=True)
 

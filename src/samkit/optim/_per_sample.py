@@ -22,8 +22,11 @@ from samkit.optim._distributed import Group, through_flat
 
 __all__ = ["fisher_scores", "per_sample_squared_gradients"]
 
-#: Per-sample gradients are computed in chunks whose gradients hold at most this many values.
-_CHUNK_VALUES = 1 << 25
+#: The chunk rule: per-sample gradients are computed for as many samples at once as hold at
+#: most this many values together (2**20: 4 MiB in float32), and at least one sample. A
+#: model of 2**20 parameters or more takes one sample at a time: the Fisher pass then needs
+#: one per-sample gradient beside the accumulator, whatever ``num_samples`` (issue 21).
+_CHUNK_VALUES = 1 << 20
 
 
 def per_sample_squared_gradients(
@@ -68,7 +71,9 @@ def per_sample_squared_gradients(
                 gs = per_sample(wanted, xs, targets[lo:hi])
                 for name, g in gs.items():
                     a = acc[position[name]]
-                    a.add_(g.to(a.dtype).square().sum(0))
+                    for gn in g.to(a.dtype):  # Σ_n g_n², without a chunk-sized temporary
+                        a.addcmul_(gn, gn)
+                del gs
     except (RuntimeError, TypeError, NotImplementedError) as e:
         raise RuntimeError(
             "SSAM (mode='fisher') computes per-sample gradients with torch.func "

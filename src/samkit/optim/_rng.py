@@ -86,6 +86,12 @@ class SharedRandomState:
         self.devices = cuda
         self.first: GlobalState | None = None
 
+    def restart(self) -> None:
+        """The next pass draws afresh, from where the generators stand, and the passes after
+        it replay its state instead: passes over other samples (mSAM's micro-batches) get
+        their own draws."""
+        self.first = None
+
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
         if self.first is None:  # the step's first pass draws freely; remember where it began

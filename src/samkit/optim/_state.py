@@ -24,16 +24,16 @@ from typing import Any
 from torch.optim import Optimizer
 
 from samkit.optim._compat import OPTIONAL_BASE_KEYS
+from samkit.optim._perturbation import SavedWeights
 
 __all__ = ["Checkpointing", "FOREIGN_ATTRIBUTES", "TRANSIENT"]
 
 #: The per-step scratch state of the step protocol (``base.py``, ``_finite.py``,
 #: ``_distributed.py``): attribute -> factory of its empty value. Never pickled or copied.
 TRANSIENT: dict[str, Callable[[], Any]] = {
-    "_backup": dict,  # saved weights, by parameter (buffers reused across steps)
-    "_perturbed": list,  # the parameters perturb() moved; empty at the clean weights
-    "_plan_key": lambda: None,  # the parameter list _plan was built for
-    "_plan": lambda: None,  # its (device, dtype) plan and backup buffers
+    # The clean weights while perturb() has moved them (false at the clean weights), and
+    # the (device, dtype) plan of the parameter list.
+    "_perturbed": SavedWeights,
     "_manual_step": lambda: False,  # between first_step() and second_step()
     "_grad_scaler": lambda: None,  # the closure's GradScaler, during a step
     "_pending_checks": list,  # finiteness flags of this step's passes
@@ -61,7 +61,7 @@ class Checkpointing:
     param_groups: list[dict[str, Any]]
     _method_defaults: dict[str, Any]
     samkit_state: dict[str, Any]
-    _perturbed: list[Any]
+    _perturbed: SavedWeights
     _manual_step: bool
 
     def _reset_transient(self) -> None:

@@ -11,10 +11,11 @@ takes an optional ``buckets``; without one it groups the list it is given.
 
 Sharded tensors. Every helper also takes ``DTensor`` lists (the parameters and gradients of a
 model sharded with FSDP2's ``fully_shard``, or any ``torch.distributed.tensor`` layout whose
-placements are ``Shard`` or ``Replicate``). Elementwise helpers (:func:`add_`, :func:`copy_`,
-:func:`mul_`, :func:`scaled`, :func:`masked`, :func:`lerp_`) act on each rank's local shard (:func:`local`),
-so they never communicate; :func:`scaled` and :func:`masked` return DTensors laid out as
-their inputs (:func:`like_layout`). The reductions
+placements are ``Shard`` or ``Replicate``). Elementwise helpers (:func:`add`, :func:`add_`,
+:func:`add_scaled_`, :func:`copy_`, :func:`mul_`, :func:`scaled`, :func:`masked`,
+:func:`lerp_`) act on each rank's local shard (:func:`local`), so they never communicate;
+:func:`add`, :func:`scaled` and :func:`masked` return DTensors laid out as their inputs
+(:func:`like_layout`). The reductions
 (:func:`global_norm`, :func:`dot`) reduce the local shards and then add the shards' sums with
 one ``all_reduce`` over the mesh dimensions the tensors are sharded on, so every rank gets
 the value of the whole (unsharded) tensors; nothing is ever gathered. Plain tensors in the
@@ -36,13 +37,16 @@ __all__ = [
     "group_by_device_dtype",
     "global_norm",
     "dot",
+    "add",
     "add_",
+    "add_scaled_",
     "copy_",
     "mul_",
     "scaled",
     "masked",
     "lerp_",
     "is_sharded",
+    "in_shared_memory",
     "local",
     "like_layout",
 ]
@@ -97,6 +101,13 @@ def group_by_device_dtype(*lists: Sequence[Tensor]) -> list[tuple[list[Tensor], 
 
 def _plan(tensors: Sequence[Tensor], buckets: Buckets | None) -> Buckets:
     return buckets if buckets is not None else Buckets(tensors)
+
+
+def in_shared_memory(t: Tensor) -> bool:
+    """Whether ``t`` is part of a larger buffer (its storage holds more than its elements),
+    as a gradient that is a view into DDP's buckets (``gradient_as_bucket_view=True``)."""
+    shard = getattr(t, "_local_tensor", t)  # a DTensor's local shard
+    return shard.untyped_storage().nbytes() != shard.numel() * shard.element_size()
 
 
 def local(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -296,6 +307,27 @@ def _scaled(
     return out
 
 
+def add(
+    tensors: Sequence[Tensor],
+    others: Sequence[Tensor],
+    alpha: float = 1.0,
+    foreach: bool = True,
+    buckets: Buckets | None = None,
+) -> list[Tensor]:
+    """New tensors ``tensors[i] + alpha * others[i]`` (one kernel per bucket; DTensors give
+    DTensors with the same layout, computed shard by shard)."""
+    plan = _plan(tensors, buckets)
+    if plan.sharded:
+        return like_layout(add(local(tensors), local(others), alpha, foreach), tensors)
+    if not foreach:
+        return [t.add(o, alpha=alpha) for t, o in zip(tensors, others)]
+    out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    for idx, t_bucket, o_bucket in zip(plan.index, plan.split(tensors), plan.split(others)):
+        for i, r in zip(idx, torch._foreach_add(t_bucket, o_bucket, alpha=alpha)):
+            out[i] = r
+    return out
+
+
 def add_(
     targets: Sequence[Tensor],
     others: Sequence[Tensor],
@@ -313,6 +345,34 @@ def add_(
         return
     for t_bucket, o_bucket in zip(plan.split(targets), plan.split(others)):
         torch._foreach_add_(t_bucket, o_bucket, alpha=alpha)
+
+
+def add_scaled_(
+    targets: Sequence[Tensor],
+    others: Sequence[Tensor],
+    scale: Tensor | float,
+    foreach: bool = True,
+    buckets: Buckets | None = None,
+) -> None:
+    """In place ``targets[i] += scale * others[i]``, with no temporary the size of ``others``.
+
+    ``scale`` is a python float or a 0-dim tensor (no host synchronisation): the product is
+    formed inside the addition (``addcmul_``), never stored, so adding a scaled direction to
+    the weights costs no buffer. DTensors: shard by shard.
+    """
+    plan = _plan(targets, buckets)
+    scale = _scalar(scale)
+    if not isinstance(scale, Tensor):
+        add_(targets, others, alpha=scale, foreach=foreach, buckets=plan)
+        return
+    if plan.sharded:
+        targets, others = local(targets), local(others)
+    if not foreach:
+        for t, o in zip(targets, others):
+            t.addcmul_(o, _like(scale, t))
+        return
+    for t_bucket, o_bucket in zip(plan.split(targets), plan.split(others)):
+        torch._foreach_addcmul_(t_bucket, o_bucket, [_like(scale, t_bucket[0])] * len(t_bucket))
 
 
 def mul_(

@@ -40,9 +40,10 @@ from samkit.optim._compat import without_global_step_hooks
 from samkit.optim._distributed import ProcessGroups, replica_group
 from samkit.optim._finite import FiniteChecks, NonFiniteError, SkipStep
 from samkit.optim._manual import ManualSteps
+from samkit.optim._perturbation import Perturbation
 from samkit.optim._rng import SharedRandomState, cuda_devices
 from samkit.optim._state import Checkpointing
-from samkit.optim._tensors import Buckets, add_, copy_, global_norm, is_sharded, mul_, scaled
+from samkit.optim._tensors import global_norm, in_shared_memory, is_sharded, mul_
 from samkit.optim._validation import (
     BASE_OPTIMIZERS,
     check_keywords,
@@ -361,7 +362,8 @@ class SharpnessAwareOptimizer(ManualSteps, ProcessGroups, FiniteChecks, Checkpoi
         a :class:`~samkit.BatchClosure`.
 
         Inside :meth:`step` (with ``share_rng``), every pass after the step's first one runs
-        with the random state the first one started from. A backward pass that leaves no
+        with the random state the first one started from (after :meth:`redraw`, the next
+        pass's). A backward pass that leaves no
         parameter with a gradient (a closure without ``loss.backward()``) and a standard
         closure that returns ``None`` raise a clear error.
         """
@@ -424,6 +426,12 @@ class SharpnessAwareOptimizer(ManualSteps, ProcessGroups, FiniteChecks, Checkpoi
         model = self.model if self.model is not None else getattr(closure, "model", None)
         return smallest_sub_batch(self._bn_layers_of(model))
 
+    def redraw(self) -> None:
+        """The next pass draws new random numbers and the later passes of the step replay
+        those (with ``share_rng``): for passes over other samples (mSAM's micro-batches)."""
+        if self._rng is not None:
+            self._rng.restart()
+
     def _bn_layers_of(self, model: nn.Module | None) -> list[Any]:
         """BatchNorm layers of ``model``, cached per model object."""
         if model is None:
@@ -483,6 +491,18 @@ class SharpnessAwareOptimizer(ManualSteps, ProcessGroups, FiniteChecks, Checkpoi
                 out.append(p.grad.detach())
         return out
 
+    def kept(self, grads: list[Tensor]) -> list[Tensor]:
+        """Gradients of the last pass (from :meth:`collect`) to read after the next passes.
+
+        Every pass of :meth:`step` starts from ``.grad = None``, so autograd gives it new
+        tensors and these keep their values: kept by reference, not copied. Copied are a
+        gradient in a shared buffer (a view into DDP's buckets, ``gradient_as_bucket_view``,
+        which the next synchronised pass overwrites) and, between :meth:`first_step` and
+        :meth:`second_step`, every gradient (the loop runs that pass). Once the next pass has
+        run, the method owns them and may change them in place.
+        """
+        return [g.clone() if self._manual_step or in_shared_memory(g) else g for g in grads]
+
     def ascent_direction(self, groups: list[GroupParams]) -> list[list[Tensor]]:
         """The direction to normalise into the perturbation, per group. Default: ``g``."""
         return [gp.grads for gp in groups]
@@ -514,64 +534,16 @@ class SharpnessAwareOptimizer(ManualSteps, ProcessGroups, FiniteChecks, Checkpoi
         from_grads = directions is None
         if from_grads:
             directions = self.ascent_direction(groups)
-        # Flatten over groups: td = T ⊙ d (T = 1 outside adaptive weight tensors).
-        params: list[Tensor] = []
-        t_dirs: list[Tensor] = []
-        t_norms: list[Tensor] = []  # the tensors whose norm normalises (T ⊙ norm_of)
-        t_scales: list[Tensor | None] = []
-        radii: list[float] = []
-        norm_src = directions if norm_of is None else norm_of
-        for gp, d, n in zip(groups, directions, norm_src):
-            if not gp.params:
-                continue
-            r = float(radius(gp.group) if callable(radius) else gp.group[radius])
-            if gp.group.get("adaptive", False):
-                t = self._asam_scales(gp)
-                t_dirs.extend(di if ti is None else ti * di for ti, di in zip(t, d))
-                if norm_of is not None:
-                    t_norms.extend(ni if ti is None else ti * ni for ti, ni in zip(t, n))
-                t_scales.extend(t)
-            else:
-                t_dirs.extend(d)
-                if norm_of is not None:
-                    t_norms.extend(n)
-                t_scales.extend([None] * len(d))
-            params.extend(gp.params)
-            radii.extend([sign * r] * len(gp.params))
-        plan, buffers = self._plan_for(params)
-        norm = global_norm(t_dirs if norm_of is None else t_norms, self.foreach, plan)
+        move = Perturbation(groups, directions, norm_of, radius, sign, self._asam_scales)
+        del groups, directions  # the gradients are the passes' to free
+        plan = self._perturbed.plan(move.params)
+        norm = global_norm(move.norm_tensors, self.foreach, plan)
         if from_grads:  # d is derived from the gradients: a NaN/inf there shows in ‖d‖
             self._check_unchecked_grads(norm)
-        if not params:
-            return norm
-        denom = norm + self.perturb_eps
-        if all(r == radii[0] for r in radii):
-            eps = scaled(t_dirs, radii[0] / denom, self.foreach, plan)
-        else:  # per-group radii: one global normalisation, then each tensor's radius
-            eps = scaled(t_dirs, 1.0 / denom, self.foreach, plan)
-            for e, r in zip(eps, radii):
-                e.mul_(r)
-        for e, t in zip(eps, t_scales):
-            if t is not None:
-                e.mul_(t)
-        copy_(buffers, params, self.foreach, plan)
-        self._perturbed = params
-        add_(params, eps, foreach=self.foreach, buckets=plan)
+        if move.params:
+            self._perturbed.save(move.params, self.foreach, plan)
+            move.apply(norm + self.perturb_eps, self.foreach, plan)
         return norm
-
-    def _plan_for(self, params: list[Tensor]) -> tuple[Buckets, list[Tensor]]:
-        """The (device, dtype) plan and the backup buffers of a parameter list (cached)."""
-        key = tuple(map(id, params))
-        if key != self._plan_key:
-            buffers = []
-            for p in params:
-                buf = self._backup.get(p)
-                if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
-                    buf = torch.empty_like(p, memory_format=torch.preserve_format)
-                    self._backup[p] = buf
-                buffers.append(buf)
-            self._plan_key, self._plan = key, (Buckets(params), buffers)
-        return self._plan
 
     def _asam_scales(self, gp: GroupParams) -> list[Tensor | None]:
         """ASAM's ``T = |w| + eta`` for the group's weight tensors, ``None`` (T = 1) elsewhere."""
@@ -584,12 +556,7 @@ class SharpnessAwareOptimizer(ManualSteps, ProcessGroups, FiniteChecks, Checkpoi
         Also abandons a manual step begun with :meth:`first_step`.
         """
         self._manual_step = False
-        if not self._perturbed:
-            return
-        params = self._perturbed
-        self._perturbed = []
-        plan, buffers = self._plan_for(params)
-        copy_(params, buffers, self.foreach, plan)
+        self._perturbed.restore(self.foreach)
 
     @property
     def is_perturbed(self) -> bool:

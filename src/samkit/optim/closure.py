@@ -329,6 +329,16 @@ class BatchClosure:
             return torch.cat(losses)
         return total
 
+    def shares(self, parts: list[Tensor]) -> list[float]:
+        """Each part of the batch (index tensors, a partition)'s share of the batch objective.
+
+        ``Σ share_S · L_S = L_B`` with ``L_S`` the part's own objective (torch's mean over its
+        counted elements): the count of the part's counted elements over the batch's, the
+        weighting of gradient accumulation (so padding and class weights count as in the
+        batch objective); each part's fraction of the samples when every element counts.
+        """
+        return self.reduction.shares(self.targets, parts)
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast context of this closure's forward passes (``autocast_dtype`` on the
         inputs' device; a null context without one)."""

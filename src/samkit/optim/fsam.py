@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samkit.optim._tensors import add_, mul_
+from samkit.optim._tensors import add, add_, mul_
 from samkit.optim.base import (
     ASAM_ETA,
     GroupParams,
@@ -130,31 +130,27 @@ class FriendlySAM(SharpnessAwareOptimizer):
             sigma = float(gp.group["sigma"])
             lmbda = float(gp.group["lmbda"])
             d: list[Tensor] = list(gp.grads)
+            # g_t, read again once the step is accepted (after the perturbed pass)
+            g = self.kept(gp.grads)
             # t > 1 (the parameter has an average m_{t-1}): d_t = g_t - sigma·m_{t-1}.
             idx = [i for i, p in enumerate(gp.params) if "ema" in self.state[p]]
             if idx:
-                grads = [gp.grads[i] for i in idx]
                 emas = [self.state[gp.params[i]]["ema"] for i in idx]
-                new_d = [g.clone() for g in grads]
-                add_(new_d, emas, alpha=-sigma, foreach=self.foreach)
-                for i, di in zip(idx, new_d):
+                grads = [gp.grads[i] for i in idx]
+                for i, di in zip(idx, add(grads, emas, alpha=-sigma, foreach=self.foreach)):
                     d[i] = di
-                updates.append((lmbda, emas, grads))
+                updates.append((lmbda, emas, [g[i] for i in idx]))
             # t = 1: d_1 = g_1 (plain SAM), and the average starts at m_1 = g_1.
-            first_seen.extend(
-                (p, g) for p, g in zip(gp.params, gp.grads) if "ema" not in self.state[p]
-            )
+            first_seen.extend((p, gi) for p, gi in zip(gp.params, g) if "ema" not in self.state[p])
             directions.append(d)
 
         def update_emas() -> None:
-            # m_t = lmbda·m_{t-1} + (1 - lmbda)·g_t, with the raw g_t (never d_t). The
-            # gradients of this pass are still the tensors captured here: every later pass
-            # starts from .grad = None (set_to_none), so none was overwritten in place.
+            # m_t = lmbda·m_{t-1} + (1 - lmbda)·g_t, with the raw g_t (never d_t).
             for lmbda, emas, grads in updates:
                 mul_(emas, lmbda, self.foreach)
                 add_(emas, grads, alpha=1.0 - lmbda, foreach=self.foreach)
-            for p, g in first_seen:
-                self.state[p]["ema"] = g.detach().clone(memory_format=torch.preserve_format)
+            for p, g in first_seen:  # g_1, no longer any parameter's .grad: it becomes m_1
+                self.state[p]["ema"] = g
 
         self.on_accept(update_emas)
         return directions

@@ -178,15 +178,15 @@ class GSAM(SharpnessAwareOptimizer):
         loss = self.run_pass(closure, "clean")  # g = ∇L_B(w)
         groups = self.collect()
         params = [p for gp in groups for p in gp.params]
-        # A copy: the next pass may reuse the gradient buffers (DDP bucket views).
-        g = [t.detach().clone() for gp in groups for t in gp.grads]
+        alphas = [(float(gp.group["alpha"]), len(gp.params)) for gp in groups]
+        g = self.kept([t for gp in groups for t in gp.grads])  # read after the next pass
+        del groups  # the clean gradients are held once, as g
         self.perturb(radius=self.rho_t)  # ε = ρ_t·g/‖g‖, from this replica's own g
         # g enters the update through g_perp: the replicas' mean (no-op without DDP).
         self.all_reduce_mean_(g)
         self.run_pass(closure, "perturbed", perturbed=True)  # g_p = ∇L_B(w + ε)
         self.restore()
-        alphas = [float(gp.group["alpha"]) for gp in groups]
-        if any(a != 0.0 for a in alphas):
+        if any(a != 0.0 for a, _ in alphas):
             with torch.no_grad():
                 g_p = self.gradients(params, fill=True)  # the update is written into .grad
                 norm_p = global_norm(g_p, self.foreach)
@@ -194,11 +194,13 @@ class GSAM(SharpnessAwareOptimizer):
                 # d = g_p - alpha·(g - (g·ĝ_p)·ĝ_p) = (1 + alpha·c)·g_p - alpha·g, in place in
                 # .grad, with c = g·g_p / (‖g_p‖ + eps)²: no temporary the size of the model.
                 c = dot(g, g_p) / (norm_p + self.perturb_eps) ** 2
+                if all(a == alphas[0][0] for a, _ in alphas):  # one alpha: one call
+                    alphas = [(alphas[0][0], len(params))]
                 offset = 0
-                for gp, alpha in zip(groups, alphas):
-                    sl = slice(offset, offset + len(gp.params))
-                    offset += len(gp.params)
-                    if alpha != 0.0 and gp.params:
+                for alpha, n in alphas:
+                    sl = slice(offset, offset + n)
+                    offset += n
+                    if alpha != 0.0 and n:
                         mul_(g_p[sl], 1.0 + alpha * c, self.foreach)
                         add_(g_p[sl], g[sl], alpha=-alpha, foreach=self.foreach)
         self.base_step()  # w ← base_step(w, d)

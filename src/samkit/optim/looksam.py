@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samkit.optim._tensors import add_, dot, global_norm, scaled
+from samkit.optim._tensors import add_, add_scaled_, dot, global_norm, mul_
 from samkit.optim._validation import is_count
 from samkit.optim.base import SharpnessAwareOptimizer, invalid_value, is_finite_nonnegative
 
@@ -156,8 +156,8 @@ class LookSAM(SharpnessAwareOptimizer):
         loss = self.run_pass(closure, "clean")  # g = ∇L_B(w)
         groups = self.collect()
         params = [p for gp in groups for p in gp.params]
-        # A copy: the next pass may reuse the gradient buffers (DDP bucket views).
-        g = [t.detach().clone() for gp in groups for t in gp.grads]
+        g = self.kept([t for gp in groups for t in gp.grads])  # read after the next pass
+        del groups  # the clean gradients are held once, as g
         self.perturb()  # ε = ρ·ĝ, from this replica's own g (SAM's m-sharpness under DDP)
         # g builds g_v, which enters later updates: the replicas' mean (no-op without DDP).
         self.all_reduce_mean_(g)
@@ -166,9 +166,11 @@ class LookSAM(SharpnessAwareOptimizer):
         with torch.no_grad():
             g_s = self.gradients(params)
             norm_g = global_norm(g, self.foreach)
-            unit = scaled(g, 1.0 / (norm_g + self.perturb_eps), self.foreach)
-            g_v = scaled(unit, -dot(g_s, unit), self.foreach)
-            add_(g_v, g_s, foreach=self.foreach)  # g_v = g_s - (g_s·ĝ) ĝ
+            # g_v = g_s - (g_s·ĝ) ĝ = g_s - (g_s·g)/(‖g‖ + eps)²·g, written into g (no
+            # parameter's .grad since the perturbed pass): no temporary the size of the model
+            mul_(g, -dot(g_s, g) / (norm_g + self.perturb_eps) ** 2, self.foreach)
+            add_(g, g_s, foreach=self.foreach)
+            g_v = g
 
         def store() -> None:
             for p, v in zip(params, g_v):
@@ -202,6 +204,6 @@ class LookSAM(SharpnessAwareOptimizer):
                 for alpha, grads, g_vs in per_group:  # u = g + alpha·‖g‖/‖g_v‖·g_v, in .grad
                     if alpha == 0.0 or not grads:
                         continue
-                    add_(grads, scaled(g_vs, alpha * ratio, self.foreach), foreach=self.foreach)
+                    add_scaled_(grads, g_vs, alpha * ratio, self.foreach)
         self.base_step()  # w ← base_step(w, u)
         return loss

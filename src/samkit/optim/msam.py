@@ -8,9 +8,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from samkit.optim._micro_batches import MicroBatches, Unbatchable, unsupported
 from samkit.optim._tensors import add_
 from samkit.optim._validation import is_count
-from samkit.optim.base import ASAM_ETA, SharpnessAwareOptimizer, asam_defaults, invalid_value
+from samkit.optim.base import (
+    ASAM_ETA,
+    GroupParams,
+    SharpnessAwareOptimizer,
+    asam_defaults,
+    invalid_value,
+)
 from samkit.optim.closure import BatchClosure
 
 __all__ = ["MicroBatchSAM"]
@@ -41,10 +48,21 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
     samples while a BatchNorm layer is in train mode (:math:`\lfloor n/2\rfloor` of them). With ``adaptive=True`` each
     :math:`\varepsilon_j` uses ASAM's scaling (see :class:`~samkit.ASAM`).
 
-    Cost: :math:`2M` passes on :math:`1/M` of the batch each, i.e. two full-batch passes per
-    step, as SAM (a pass counts forward as 1/3 and backward as 2/3); small micro-batches use
-    the hardware less efficiently than one large batch, and the perturbation, restore and
-    accumulation run :math:`M` times. Memory: one accumulator per parameter. Needs a
+    How a step runs: with ``vectorize=True`` (the default) and micro-batches of equal size,
+    both passes run once over all micro-batches, micro-batch first (``torch.func.vmap`` over a
+    ``functional_call`` of the model): two full-batch passes per step, as SAM, each
+    micro-batch at its own weights :math:`w + \varepsilon_j`. Memory: about :math:`2M`
+    parameter-sized buffers during the step (the per-micro-batch weights and gradients),
+    none held after it. Otherwise the micro-batches run one after another (the *loop*):
+    :math:`2M` passes on :math:`1/M` of the batch each, one accumulator per parameter. The
+    loop runs when the batch does not split into equal micro-batches, when the model draws
+    random numbers (dropout: under ``vmap`` a micro-batch cannot draw the masks that its own
+    passes would, so the loop gives each micro-batch its own masks, shared by its two
+    passes), when ``torch.func`` cannot transform the model, under
+    ``DistributedDataParallel``, sharded parameters, gradient accumulation or a
+    ``GradScaler`` in the closure, or with ``vectorize=False``; :attr:`last_path` says why.
+    Both give the same result (equal to 1e-12 in float64). A pass counts forward as 1/3 and
+    backward as 2/3 either way. Needs a
     :class:`~samkit.BatchClosure` (``samkit.make_closure``), which can evaluate part of the
     batch; a plain closure raises ``TypeError``.
 
@@ -71,6 +89,8 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
         micro_batches: :math:`M`, the number of micro-batches per batch (default 4).
         adaptive: ASAM-style scale-invariant perturbations.
         eta: ASAM's offset (only used when ``adaptive``).
+        vectorize: run all micro-batches at once where the model allows (default ``True``);
+            ``False`` always runs the loop.
         **kwargs: samkit's options of :class:`~samkit.SharpnessAwareOptimizer` (``model``,
             ``foreach``, ``on_nonfinite``, ``sync_ascent``, ...) and the base optimizer's
             arguments.
@@ -83,9 +103,10 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
             loss = opt.step(samkit.make_closure(model, loss_fn, x, y))
 
     Differences from the paper:
-        * The micro-batches are processed one after another on each replica; the paper's
-          implementation evaluates them in parallel (one per accelerator or vectorised). The
-          result is the same; the wall time is not.
+        * The paper's implementation evaluates the micro-batches in parallel (one per
+          accelerator or vectorised); samkit vectorises them where the model allows and
+          otherwise runs them one after another (above). The result is the same; the wall
+          time is not.
         * The paper does not say how BatchNorm running statistics are kept; samkit's rule is
           above. ``closure.outputs`` (the training accuracy of ``samkit train``) is not
           recorded, because no pass covers the whole batch.
@@ -112,10 +133,19 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
         micro_batches: int = 4,
         adaptive: bool = False,
         eta: float = ASAM_ETA,
+        vectorize: bool = True,
         **kwargs: Any,
     ) -> None:
         defaults = dict(rho=rho, micro_batches=micro_batches, **asam_defaults(adaptive, eta))
         super().__init__(params, base_optimizer, defaults, **kwargs)
+        if not isinstance(vectorize, bool):
+            raise invalid_value("vectorize", vectorize, "True or False")
+        #: Run every micro-batch at once where the model allows (``torch.func``).
+        self.vectorize = vectorize
+        #: How the last step ran: ``""`` all micro-batches at once, else why one by one.
+        self.last_path = ""
+        #: Models that torch.func could not run micro-batch first (by id), and why.
+        self._loop_models: dict[int, str] = {}
 
     def validate_group(self, group: dict[str, Any]) -> None:
         super().validate_group(group)
@@ -137,19 +167,46 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
         n = closure.batch_size  # M micro-batches, of at least 2 samples under BatchNorm
         m = min(self.micro_batches, max(1, n // self.smallest_sub_batch(closure)))
         if m == 1:
+            self.last_path = ""  # one pass each, over the whole batch
             return super().sharpness_step(closure)  # SAM's two passes on the whole batch
         model = self.model if self.model is not None else closure.model
+        parts = list(torch.arange(n).tensor_split(m))
+        shares = closure.shares(parts)  # c_j / c: micro-batch j's share of the batch objective
+        self.last_path = self._why_loop(closure, model, m, shares)
+        if not self.last_path:
+            try:
+                return self._batched_step(closure, model, m, shares)
+            except Unbatchable as e:  # nothing changed yet: the loop runs the step
+                self._loop_models[id(model)] = self.last_path = str(e)
+        return self._loop_step(closure, model, parts, shares)
+
+    def _why_loop(self, closure: BatchClosure, model: Any, m: int, shares: list[float]) -> str:
+        """Why this step runs micro-batch after micro-batch (``""``: all at once)."""
+        if not self.vectorize:
+            return "vectorize=False"
+        if any(share == 0.0 for share in shares):
+            return "a micro-batch in which nothing counts"
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        return self._loop_models.get(id(model), "") or unsupported(closure, model, params, m)
+
+    def _loop_step(
+        self, closure: BatchClosure, model: Any, parts: list[Tensor], shares: list[float]
+    ) -> Any:
+        """The micro-batches one after another: two passes each through the closure."""
+        seen = sum(len(idx) for idx, share in zip(parts, shares) if share != 0.0)
         stats = _RunningStatsAverage(self._bn_layers_of(model))
         acc: dict[Tensor, Tensor] = {}
         loss: Any = None
         try:
-            for j, idx in enumerate(torch.arange(n).tensor_split(m)):
-                weight = len(idx) / n
-                if j:
+            for j, (idx, share) in enumerate(zip(parts, shares)):
+                if share == 0.0:  # nothing in it counts: no term of L_B, no pass
+                    continue
+                if stats.sums:
                     stats.reset()  # every clean pass starts from the step's statistics
+                self.redraw()  # its own dropout masks, shared by its two passes
                 # g_j = ∇L_{B_j}(w)
                 loss_j = self.run_pass(closure, f"clean micro-batch {j + 1}", subset=idx)
-                stats.add(weight)
+                stats.add(len(idx) / seen)  # BatchNorm averages the samples it saw
                 self.perturb()  # ε_j = ρ·g_j/‖g_j‖, from this micro-batch's own gradient
                 self.run_pass(  # g'_j = ∇L_{B_j}(w + ε_j)
                     closure,
@@ -159,8 +216,8 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
                     subset=idx,
                 )
                 self.restore()
-                self._accumulate(acc, weight)  # g' = Σ_j |B_j|/n · g'_j
-                loss = loss_j * weight if loss is None else loss + loss_j * weight
+                self._accumulate(acc, share)  # g' = Σ_j c_j/c · g'_j
+                loss = loss_j * share if loss is None else loss + loss_j * share  # L_B
             stats.finish()
         except BaseException:
             stats.reset()
@@ -171,6 +228,63 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
         self.all_reduce_mean_(list(acc.values()))
         self.base_step()
         return loss
+
+    def _batched_step(self, closure: BatchClosure, model: Any, m: int, shares: list[float]) -> Any:
+        """Every micro-batch at once: one clean and one perturbed pass over all of them."""
+        groups = [
+            GroupParams(g, [p for p in g["params"] if p.requires_grad], [])
+            for g in self.param_groups
+        ]
+        params = [p for gp in groups for p in gp.params]
+        batches = MicroBatches(closure, model, params, m)
+        self.zero_grad(set_to_none=True)
+        losses, grads = batches.clean()  # g_j = ∇L_{B_j}(w), for every j
+        self._record_finite("clean micro-batches", losses, check_grads=True)
+        weights, norms = self._perturbed_weights(groups, grads)  # w + ε_j, ε_j = ρ·g_j/‖g_j‖
+        self._check_unchecked_grads(norms.sum())
+        share = torch.tensor(shares, dtype=losses.dtype, device=losses.device)
+        losses_p, g_p = batches.perturbed(weights, share)  # g' = Σ_j c_j/c · ∇L_{B_j}(w + ε_j)
+        batches.write_running_stats()
+        for p, g, used in zip(params, g_p, grads):
+            p.grad = g if used is not None else None
+        self._record_finite("perturbed micro-batches", (losses_p * share).sum(), check_grads=True)
+        self.base_step()
+        return (losses * share).sum()  # L_B
+
+    @torch.no_grad()
+    def _perturbed_weights(
+        self, groups: list[GroupParams], grads: list[Tensor | None]
+    ) -> tuple[list[Tensor], Tensor]:
+        """``w + ε_j`` for every micro-batch ``j`` (``[M, ...]`` per parameter, written into
+        the gradients) and ``‖g_j‖`` (``[M]``), as :meth:`perturb` on each micro-batch:
+        ``ε_j = r·g_j/(‖g_j‖ + eps)``, ``r·T²g_j/(‖T g_j‖ + eps)`` in adaptive groups, the
+        norm over every parameter with a gradient; a parameter without one stays at ``w``."""
+        m = next(g.shape[0] for g in grads if g is not None)
+        moves: list[tuple[Tensor, Tensor | None, Tensor | None, float]] = []
+        norms: list[Tensor] = []  # per parameter: ‖T g_j‖ for every j
+        k = 0
+        for gp in groups:
+            scales = self._asam_scales(gp) if gp.group.get("adaptive", False) else None
+            for i, p in enumerate(gp.params):
+                g, k = grads[k], k + 1
+                t = None if scales is None else scales[i]
+                moves.append((p, g, t, float(gp.group["rho"])))
+                if g is not None:
+                    td = (g if t is None else g * t).reshape(m, -1)
+                    dtype = torch.promote_types(td.dtype, torch.float32)
+                    norms.append(torch.linalg.vector_norm(td, dim=1, dtype=dtype))
+        dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+        norm = torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]), dim=0)
+        weights = []
+        for p, g, t, r in moves:
+            if g is None:
+                weights.append(p.detach().unsqueeze(0).repeat(m, *([1] * p.dim())))
+                continue
+            if t is not None:
+                g.mul_(t * t)  # T²·g_j
+            scale = (r / (norm + self.perturb_eps)).to(g.dtype).view(m, *([1] * p.dim()))
+            weights.append(g.mul_(scale).add_(p.detach()))  # w + ε_j
+        return weights, norm
 
     @torch.no_grad()
     def _accumulate(self, acc: dict[Tensor, Tensor], weight: float) -> None:

@@ -295,6 +295,16 @@ def test_time_to_target_asked_of_runs_without_a_target_is_one_line(tmp_path, cap
     )
 
 
+def test_a_sweep_with_no_finished_run_yet_is_reported_without_a_target_error(tmp_path):
+    # A sweep still running (a tuned one lists its final runs only after its trials): no
+    # run to check a target on is not "its runs declare no target".
+    _fake_sweep(tmp_path)
+    for summary in tmp_path.rglob("summary.json"):
+        summary.unlink()
+    assert main(["report", str(tmp_path), "--time-to-target"]) == 0
+    assert "| sgd | 0/" in (tmp_path / "report.md").read_text()
+
+
 def test_cost_labels_do_not_overlap_with_fourteen_methods(tmp_path):
     from samkit.bench.report import _colors, cost_plot
     from samkit.optim import list_optimizers

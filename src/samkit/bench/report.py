@@ -314,7 +314,9 @@ def _targets(view: TaskView, required: bool) -> None:
         raise ReportError(f"task {view.task['name']}: {e}") from e
     with_runs = [r for r in view.rows if r.runs]
     declared = [r.ttt for r in with_runs if r.ttt is not None]
-    if required and (not declared or len(declared) < len(with_runs)):
+    # No finished run yet (a sweep still running: a tuned one plans its final runs only
+    # after its trials) leaves nothing to check; a finished run without a target is an error.
+    if required and len(declared) < len(with_runs):
         raise ReportError(
             f"task {view.task['name']}: its runs declare no validation target, so there is "
             "no time-to-target (a target is set in the task's recipe)"

@@ -295,6 +295,28 @@ def test_time_to_target_asked_of_runs_without_a_target_is_one_line(tmp_path, cap
     )
 
 
+def test_the_task_base_optimizer_is_the_reference_when_the_sweep_ran_it(tmp_path):
+    # modular-add's methods wrap AdamW: their differences are to AdamW, not to the first
+    # optimizer given (SGD); a task whose base is not in the sweep keeps the given order.
+    acc = {"sgd": {s: 0.1 for s in range(3)},
+           "adamw": {s: 0.9 + 0.01 * s for s in range(3)},
+           "sam": {s: 0.92 + 0.01 * s for s in range(3)}}  # fmt: skip
+    _fake_sweep(tmp_path, {"t": acc}, seeds=3)
+    for config in tmp_path.rglob("config.json"):
+        record = json.loads(config.read_text())
+        record["config"]["base"] = "adamw"
+        config.write_text(json.dumps(record))
+    _, views = collect(tmp_path)
+    assert [r.optimizer for r in views[0].rows] == ["adamw", "sgd", "sam"]
+    assert views[0].rows[2].diff.mean == pytest.approx(0.02 * 100)
+    for config in tmp_path.rglob("config.json"):
+        record = json.loads(config.read_text())
+        record["config"]["base"] = "lion"
+        config.write_text(json.dumps(record))
+    _, views = collect(tmp_path)
+    assert [r.optimizer for r in views[0].rows] == ["sgd", "adamw", "sam"]
+
+
 def test_a_sweep_with_no_finished_run_yet_is_reported_without_a_target_error(tmp_path):
     # A sweep still running (a tuned one lists its final runs only after its trials): no
     # run to check a target on is not "its runs declare no target".

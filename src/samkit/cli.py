@@ -696,14 +696,28 @@ def _add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-to-target", action="store_true",
                    help="require a validation target on every task (default: when the "
                         "sweep was run with --time-to-target)")  # fmt: skip
+    p.add_argument("--target", action="append", default=[], metavar="TASK=ACC",
+                   help="the validation target of TASK (an accuracy in (0, 1]) instead of "
+                        "the one its runs declared, e.g. set from the tuned reference "
+                        "after the sweep; repeatable")  # fmt: skip
 
 
 def _run_report(args: argparse.Namespace) -> int:
     from samkit.bench import SweepError, write_report
 
+    targets = {}
+    for item in args.target:
+        task, sep, value = item.partition("=")
+        try:
+            targets[task] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not task:
+            raise UsageError(f"invalid --target {item!r} (expected TASK=ACC, e.g. mnist1d=0.92)")
     try:
         res = write_report(args.dir, docs=args.docs, time_measure=args.time_measure,
-                           time_to_target=args.time_to_target or None)  # fmt: skip
+                           time_to_target=args.time_to_target or None,
+                           targets=targets)  # fmt: skip
     except (SweepError, ValueError) as e:
         raise UsageError(str(e)) from e
     line = f"wrote {res['markdown']}, {res['html']} and {len(res['figures'])} figures"

@@ -317,6 +317,30 @@ def test_the_task_base_optimizer_is_the_reference_when_the_sweep_ran_it(tmp_path
     assert [r.optimizer for r in views[0].rows] == ["sgd", "adamw", "sam"]
 
 
+def test_a_target_set_after_the_sweep_recomputes_time_to_target_from_the_metrics(tmp_path, capsys):
+    # The fake runs' val_acc at epoch e is acc - 0.1 * (3 - e) + 0.01; their summaries
+    # declare a target none of them reached; --target t=... is computed from metrics.jsonl.
+    never = {"target": 0.999, "epoch": None, "grad_evals": None, "wall_s": None}
+    acc = {"sgd": {s: 0.80 for s in range(3)}, "sam": {s: 0.90 for s in range(3)}}
+    ttt = {"t": {opt: dict.fromkeys(range(3), never) for opt in acc}}
+    _fake_sweep(tmp_path, {"t": acc}, seeds=3, ttt=ttt)
+    _, views = collect(tmp_path, time_to_target=True)
+    assert views[0].rows[1].ttt.reached == 0
+    _, views = collect(tmp_path, time_to_target=True, targets={"t": 0.8})
+    sgd, sam = views[0].rows
+    # sgd: 0.61, 0.71, 0.81 -> epoch 3; sam: 0.71, 0.81, 0.91 -> epoch 2 (grad evals 10*e*2)
+    assert (sgd.ttt.target, sgd.ttt.reached, sgd.ttt.median["epoch"]) == (0.8, 3, 3)
+    assert (sam.ttt.reached, sam.ttt.median["epoch"], sam.ttt.median["grad_evals"]) == (3, 2, 40)
+    assert main(["report", str(tmp_path), "--target", "t=0.8"]) == 0
+    assert "Time to reach validation accuracy 80 %" in (tmp_path / "report.md").read_text()
+    capsys.readouterr()
+    for bad, says in [("u=0.8", "the sweep has no task 'u'"), ("t=1.5", "--target t=1.5"),
+                      ("t", "invalid --target 't'"), ("t=x", "invalid --target 't=x'")]:  # fmt: skip
+        assert main(["report", str(tmp_path), "--target", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("samkit: error: ") and says in err and err.count("\n") == 1
+
+
 def test_a_sweep_with_no_finished_run_yet_is_reported_without_a_target_error(tmp_path):
     # A sweep still running (a tuned one lists its final runs only after its trials): no
     # run to check a target on is not "its runs declare no target".

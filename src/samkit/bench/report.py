@@ -229,7 +229,10 @@ def _time_to_target(runs: Sequence[RunData]) -> TimeToTarget | None:
 
 
 def collect(
-    out: str | Path, *, time_to_target: bool | None = None
+    out: str | Path,
+    *,
+    time_to_target: bool | None = None,
+    targets: dict[str, float] | None = None,
 ) -> tuple[dict[str, Any], list[TaskView]]:
     """The manifest and one :class:`TaskView` per task and budget, from the run folders.
     ``time_to_target``: require every task's runs to declare a validation target
@@ -237,6 +240,7 @@ def collect(
     (``samkit bench --time-to-target``)."""
     out = Path(out)
     manifest = read_manifest(out)
+    targets = _check_targets(targets or {}, manifest)
     if time_to_target is None:
         time_to_target = bool(manifest.get("time_to_target"))
     tuning = read_tuning(out) if (out / TUNING).is_file() else None
@@ -245,6 +249,8 @@ def collect(
         for budget in manifest["budgets"]:
             rows = [_row(out, manifest, task["name"], spec, budget)
                     for spec in manifest["optimizers"]]  # fmt: skip
+            if task["name"] in targets:
+                _retarget(rows, targets[task["name"]])
             rows = base_first(rows)
             view = TaskView(task, budget, rows, settings=_settings(out, manifest, task))
             _compare(view)
@@ -287,6 +293,36 @@ def _row(out: Path, manifest: dict[str, Any], task: str, spec: str, budget: str)
         epochs=planned[0]["epochs"] if planned else None,
         inactive=reasons.pop() if len(reasons) == 1 and None not in reasons else None,
     )
+
+
+def _check_targets(targets: dict[str, float], manifest: dict[str, Any]) -> dict[str, float]:
+    """``--target TASK=ACC`` values: known tasks, accuracies in (0, 1]."""
+    from samkit.train.validation import check_target
+
+    names = [t["name"] for t in manifest["tasks"]]
+    checked = {}
+    for task, value in targets.items():
+        if task not in names:
+            raise ReportError(
+                f"--target {task}=...: the sweep has no task {task!r} (its tasks: "
+                f"{', '.join(names)})"
+            )
+        try:
+            checked[task] = check_target(value)
+        except (TypeError, ValueError) as e:
+            raise ReportError(f"--target {task}={value}: {e}") from e
+    return checked
+
+
+def _retarget(rows: Sequence[Row], target: float) -> None:
+    """Each run's time-to-target recomputed from its metrics for ``target`` (a target set
+    after the sweep, e.g. from the tuned reference's runs, as AlgoPerf sets its targets):
+    the same function the runs use for their ``summary.json``."""
+    from samkit.train.validation import time_to_target
+
+    for row in rows:
+        for run in row.runs:
+            run.summary = {**run.summary, "time_to_target": time_to_target(run.metrics, target)}
 
 
 def base_first(rows: list[Row]) -> list[Row]:
@@ -1108,15 +1144,17 @@ def write_report(
     *,
     time_measure: str = "grad_evals",
     time_to_target: bool | None = None,
+    targets: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Write ``DIR/report.md``, ``DIR/report.html`` and ``DIR/figures/*.png``; with ``docs``,
     also replace the generated part of that Markdown file (between :data:`DOCS_BEGIN` and
     :data:`DOCS_END`) and copy the figures next to it. ``time_measure``: the time of the
     performance profile (one of :data:`TIME_MEASURES`); ``time_to_target``: require a
-    validation target on every task (default: what the sweep asked). Returns the paths and
-    the views."""
+    validation target on every task (default: what the sweep asked); ``targets``: task ->
+    validation accuracy, the target of that task instead of the one its runs declared.
+    Returns the paths and the views."""
     out = Path(out)
-    manifest, views = collect(out, time_to_target=time_to_target)
+    manifest, views = collect(out, time_to_target=time_to_target, targets=targets)
     profile_views = profiles(views, time_measure)
     for view in views:
         view.figures = make_figures(view, out / FIGURES)

@@ -247,6 +247,7 @@ class SSAM(SharpnessAwareOptimizer):
         ]
         # ε = ρ·(g ⊙ m)/‖g‖: normalised by the whole gradient's norm
         self.perturb(directions, norm_of=[gp.grads for gp in groups])
+        del groups, directions  # g and g ⊙ m: released before the perturbed pass
         self.run_pass(closure, "perturbed", perturbed=True)  # g' = ∇L_B(w + ε)
         self.restore()
         self.base_step()  # w ← base_step(w, g')
@@ -280,7 +281,7 @@ class SSAM(SharpnessAwareOptimizer):
     ) -> dict[Tensor, Tensor] | None:
         """Score this batch's samples; the new masks once ``num_samples`` are scored."""
         if all(g["sparsity"] in (0.0, 1.0) for g in self.param_groups):  # no scores needed
-            masks = self._top_k(lambda gi, c: c.flat([torch.zeros_like(p) for p in c.params]))
+            masks = self._top_k(lambda gi, c: [torch.zeros_like(p) for p in c.params])
             self._commit_masks(masks, epoch)
             return masks
         if not isinstance(closure, BatchClosure):
@@ -300,7 +301,7 @@ class SSAM(SharpnessAwareOptimizer):
         if self.on_nonfinite != "ignore":
             self._record_finite("fisher", torch.stack([s.sum() for s in scores]).sum(), False)
         old = [self.state[p].get("fisher") for p in params]
-        sums = [s if f is None else f + s for f, s in zip(old, scores)]
+        sums = [s if f is None else s.add_(f) for f, s in zip(old, scores)]  # new: the scores'
         if count + scored < needed:
 
             def keep_accumulating() -> None:
@@ -311,7 +312,7 @@ class SSAM(SharpnessAwareOptimizer):
             self.on_accept(keep_accumulating)
             return None
         fisher = dict(zip(params, sums))
-        masks = self._top_k(lambda gi, c: c.flat([fisher[p] for p in c.params]).float(), replicas)
+        masks = self._top_k(lambda gi, c: [fisher[p] for p in c.params], replicas)  # no copy
 
         def finish() -> None:
             for p in params:
@@ -324,7 +325,7 @@ class SSAM(SharpnessAwareOptimizer):
 
     def _top_k(
         self,
-        scores: Callable[[int, Coordinates], Tensor],
+        scores: Callable[[int, Coordinates], Tensor | list[Tensor]],
         replicas: Group | None = None,
         among: set[Tensor] | None = None,
     ) -> dict[Tensor, Tensor]:

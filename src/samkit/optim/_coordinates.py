@@ -25,12 +25,33 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samkit.optim._tensors import is_sharded, like_layout, local
+from samkit.optim._tensors import dot, is_sharded, like_layout, local
 
-__all__ = ["Coordinates", "ShardedCoordinates", "coordinates", "select_top"]
+__all__ = [
+    "Coordinates",
+    "ShardedCoordinates",
+    "coordinates",
+    "kept_count",
+    "live_fraction",
+    "select_top",
+]
 
 #: Draws of other processes' coordinates are discarded in chunks of at most this many.
 _DISCARD_CHUNK = 1 << 25
+
+
+def kept_count(d: int, sparsity: float) -> int:
+    """The ``k = d - round(d·s)`` coordinates of ``d`` that a mask of sparsity ``s`` keeps
+    (Sparse SAM's rule)."""
+    return d - min(d, int(round(d * sparsity)))
+
+
+def live_fraction(masks: list[Tensor]) -> float:
+    """The fraction of ``True`` entries of ``masks`` (``bool`` tensors or FSDP2 shards of
+    them: the count is over every shard); ``nan`` without any entry."""
+    flags = [m.double() for m in masks]
+    total = sum(m.numel() for m in flags)
+    return float(dot(flags, flags)) / total if total else float("nan")
 
 
 def coordinates(params: list[Tensor]) -> Coordinates:

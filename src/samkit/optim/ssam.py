@@ -14,7 +14,6 @@ from samkit.optim._coordinates import Coordinates, coordinates, kept_count, live
 from samkit.optim._distributed import Group, first_replica_flags, replicas_of
 from samkit.optim._per_sample import fisher_scores, per_sample_squared_gradients
 from samkit.optim._rng import check_seed, draw_seed
-from samkit.optim._tensors import masked
 from samkit.optim._validation import is_count
 from samkit.optim.base import SharpnessAwareOptimizer, invalid_value, is_finite_nonnegative
 from samkit.optim.closure import BatchClosure
@@ -237,15 +236,13 @@ class SSAM(SharpnessAwareOptimizer):
             self._commit_masks(masks, epoch)
         elif initial_draw:
             self._commit_masks(masks, None)
-        directions = [  # g ⊙ m (all coordinates live: g ⊙ 1 = g)
-            gp.grads
-            if gp.group["sparsity"] == 0.0
-            else masked(gp.grads, [masks.get(p) for p in gp.params], self.foreach)
-            for gp in groups
+        # ε = ρ·(g ⊙ m)/‖g‖: normalised by the whole gradient's norm; g ⊙ m written into g
+        grads = [gp.grads for gp in groups]
+        live = [
+            [masks.get(p) for p in gp.params] if gp.group["sparsity"] else None for gp in groups
         ]
-        # ε = ρ·(g ⊙ m)/‖g‖: normalised by the whole gradient's norm
-        self.perturb(directions, norm_of=[gp.grads for gp in groups])
-        del groups, directions  # g and g ⊙ m: released before the perturbed pass
+        self.perturb(grads, norm_of=grads, mask=live)
+        del groups, grads  # released before the perturbed pass
         self.run_pass(closure, "perturbed", perturbed=True)  # g' = ∇L_B(w + ε)
         self.restore()
         self.base_step()  # w ← base_step(w, g')

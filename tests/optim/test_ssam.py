@@ -512,6 +512,24 @@ def test_radix_selection_takes_tied_scores_in_order():
     assert chosen.tolist() == [True, True, True, False, False, True, False]
 
 
+def test_radix_selection_over_parts_in_chunks_takes_the_k_largest_ties_in_order(monkeypatch):
+    # The unsharded masks: scores given per parameter (never concatenated), keyed in chunks
+    # smaller than the parts; the oracle is a stable descending sort (ties in flat order).
+    from samkit.optim import _coordinates
+
+    monkeypatch.setattr(_coordinates, "_KEY_CHUNK", 7)
+    g = torch.Generator().manual_seed(1)
+    flat = torch.randint(0, 40, (1000,), generator=g).float() * 0.25  # many ties
+    flat[::89] = -math.inf
+    sizes = [3, 500, 1, 496]
+    parts = [t.reshape(-1, 1) if i == 1 else t for i, t in enumerate(flat.split(sizes))]
+    order = torch.sort(flat, descending=True, stable=True).indices
+    for k in (0, 1, 6, 250, 500, 999, 1000):
+        expected = torch.zeros(1000, dtype=torch.bool)
+        expected[order[:k]] = True
+        assert torch.equal(_coordinates.select_top(parts, k, None), expected), k
+
+
 def test_ssam_fisher_refuses_shards_and_dynamic_does_not():
     params = tiny_net().parameters()
     assert "torch.func" in samkit.SSAM(params, lr=0.1).fsdp_unsupported

@@ -5,8 +5,9 @@ if its parameters were one vector (the concatenation of the flattened parameters
 order). :func:`coordinates` gives that vector's operations, with one interface whether the
 parameters are whole tensors or FSDP2 shards:
 
-* :class:`Coordinates` (whole tensors): ``flat`` concatenates, ``count`` sums, ``top`` is
-  ``torch.topk``, ``masks`` cuts a flat selection back into tensors shaped like the
+* :class:`Coordinates` (whole tensors): ``flat`` concatenates, ``count`` sums, ``top``
+  selects the ``k`` largest scores, given per parameter, without concatenating them
+  (:func:`select_top`), ``masks`` cuts a flat selection back into tensors shaped like the
   parameters, ``random`` draws one uniform score per coordinate from a seed;
 * :class:`ShardedCoordinates` (``DTensor`` parameters laid out by FSDP2): the same, on each
   process's part of the vector, with nothing gathered: ``count`` all-reduces, ``top`` is a
@@ -18,18 +19,39 @@ parameters are whole tensors or FSDP2 shards:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from samkit.optim._tensors import is_sharded, like_layout, local
+from samkit.optim._tensors import dot, is_sharded, like_layout, local
 
-__all__ = ["Coordinates", "ShardedCoordinates", "coordinates", "select_top"]
+__all__ = [
+    "Coordinates",
+    "ShardedCoordinates",
+    "coordinates",
+    "kept_count",
+    "live_fraction",
+    "select_top",
+]
 
 #: Draws of other processes' coordinates are discarded in chunks of at most this many.
 _DISCARD_CHUNK = 1 << 25
+
+
+def kept_count(d: int, sparsity: float) -> int:
+    """The ``k = d - round(d·s)`` coordinates of ``d`` that a mask of sparsity ``s`` keeps
+    (Sparse SAM's rule)."""
+    return d - min(d, int(round(d * sparsity)))
+
+
+def live_fraction(masks: list[Tensor]) -> float:
+    """The fraction of ``True`` entries of ``masks`` (``bool`` tensors or FSDP2 shards of
+    them: the count is over every shard); ``nan`` without any entry."""
+    flags = [m.double() for m in masks]
+    total = sum(m.numel() for m in flags)
+    return float(dot(flags, flags)) / total if total else float("nan")
 
 
 def coordinates(params: list[Tensor]) -> Coordinates:
@@ -53,14 +75,14 @@ class Coordinates:
         """How many of the whole vector's ``flags`` (this process's part) are true."""
         return int(flags.sum())
 
-    def top(self, scores: Tensor, k: int) -> Tensor:
-        """Which entries are among the ``k`` largest ``scores`` (a ``bool`` flat vector)."""
-        chosen = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-        if k >= scores.numel():
-            chosen.fill_(True)
-        elif k > 0:
-            chosen[torch.topk(scores, k, sorted=False).indices] = True
-        return chosen
+    def top(self, scores: Tensor | Sequence[Tensor], k: int) -> Tensor:
+        """Which entries are among the ``k`` largest ``scores`` (a ``bool`` flat vector).
+
+        ``scores``: the flat vector, or its parts in order (tensors shaped like the
+        parameters: nothing is concatenated). The rule is :func:`select_top`'s."""
+        if k >= self.numel:
+            return torch.ones(self.numel, dtype=torch.bool, device=self.device)
+        return select_top(scores, k, None)
 
     def masks(self, chosen: Tensor) -> list[Tensor]:
         """A flat ``bool`` selection as one mask per parameter, shaped and placed like it."""
@@ -137,8 +159,8 @@ class ShardedCoordinates(Coordinates):
             dist.all_reduce(n, group=self.group)
         return int(n)
 
-    def top(self, scores: Tensor, k: int) -> Tensor:
-        return select_top(scores, k, self.group)
+    def top(self, scores: Tensor | Sequence[Tensor], k: int) -> Tensor:
+        return select_top(scores if isinstance(scores, Tensor) else local(scores), k, self.group)
 
     def masks(self, chosen: Tensor) -> list[Tensor]:
         out, i = [], 0
@@ -163,28 +185,36 @@ class ShardedCoordinates(Coordinates):
         return out.to(self.device)
 
 
-def select_top(scores: Tensor, k: int, group: Any) -> Tensor:
+def select_top(scores: Tensor | Sequence[Tensor], k: int, group: Any) -> Tensor:
     """Which local entries are among the ``k`` largest of every process's ``scores``.
 
-    ``scores`` (float32) are this process's part of a vector split over the processes of
-    ``group`` (``None``: not split). A radix selection on the scores' order-preserving
-    32-bit keys, one byte at a time: four all-reduces of a 256-bin histogram find the
-    ``k``-th largest key; nothing is gathered. Entries tied with it are taken by process
-    rank, then in local order (one all-gather of one count). Without ties at the ``k``-th
-    value the selection equals ``torch.topk``'s.
+    ``scores`` (compared as float32) are this process's part of a vector split over the
+    processes of ``group`` (``None``: not split), given whole or as its parts in order
+    (nothing is concatenated). The rule: the ``k``-th largest score is found by a radix
+    selection on the scores' order-preserving 32-bit keys, one byte at a time (four
+    all-reduces of a 256-bin histogram; nothing is gathered); every entry above it is taken,
+    and entries tied with it are taken by process rank, then in local order (one all-gather
+    of one count), until ``k`` are taken. Without ties at the ``k``-th value the selection
+    equals ``torch.topk``'s. The keys are computed in chunks of at most
+    ``_KEY_CHUNK`` entries, again in each pass, so the memory beyond the selection itself
+    (one ``bool`` per entry) does not grow with the vector.
     """
     import torch.distributed as dist
 
-    chosen = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    parts = [scores] if isinstance(scores, Tensor) else list(scores)
+    numel = sum(p.numel() for p in parts)
+    device = parts[0].device if parts else torch.device("cpu")
+    chosen = torch.zeros(numel, dtype=torch.bool, device=device)
     if k <= 0:
         return chosen
-    bits = scores.float().view(torch.int32).to(torch.int64)
-    key = torch.where(bits >= 0, bits + (1 << 31), -1 - bits)  # float order, in [0, 2^32)
-    candidates = torch.ones_like(chosen)
-    remaining = k
+    prefix, remaining = 0, k  # the k-th largest key's bytes found so far; left to take
     for shift in (24, 16, 8, 0):
-        byte = (key >> shift) & 255
-        hist = torch.bincount(byte[candidates], minlength=256).to(torch.int64)
+        hist = torch.zeros(256, dtype=torch.int64, device=device)
+        for _, key in _keyed_chunks(parts):
+            if shift < 24:  # the candidates: keys that start with the bytes found so far
+                key = key[(key >> (shift + 8)) == prefix]
+            hist += torch.bincount((key >> shift) & 255, minlength=256)
+        local_ties = hist.clone() if group is not None and shift == 0 else hist
         if group is not None:
             dist.all_reduce(hist, group=group)
         counts = hist.tolist()
@@ -193,17 +223,39 @@ def select_top(scores: Tensor, k: int, group: Any) -> Tensor:
             if above + counts[b] >= remaining:
                 break
             above += counts[b]
-        chosen |= candidates & (byte > b)
-        candidates &= byte == b
+        prefix = (prefix << 8) | b
         remaining -= above
-    ties = candidates.nonzero().reshape(-1)
+    ties = int(local_ties[b])  # local entries whose key is the k-th largest
     before = 0
     if group is not None:
-        count = torch.tensor([ties.numel()], dtype=torch.int64, device=scores.device)
+        count = torch.tensor([ties], dtype=torch.int64, device=device)
         counts_all = [torch.empty_like(count) for _ in range(dist.get_world_size(group))]
         dist.all_gather(counts_all, count, group=group)
         rank = dist.get_rank(group)
         before = sum(int(c) for c in counts_all[:rank])
-    take = max(0, min(ties.numel(), remaining - before))
-    chosen[ties[:take]] = True
+    take = max(0, min(ties, remaining - before))
+    for begin, key in _keyed_chunks(parts):
+        part = chosen[begin : begin + key.numel()]
+        part |= key > prefix
+        if take > 0:
+            tied = (key == prefix).nonzero().reshape(-1)[:take]
+            part[tied] = True
+            take -= tied.numel()
     return chosen
+
+
+#: :func:`select_top` keys its scores in chunks of at most this many entries (a few
+#: megabytes of temporaries, whatever the vector's length).
+_KEY_CHUNK = 1 << 16
+
+
+def _keyed_chunks(parts: list[Tensor]) -> Iterator[tuple[int, Tensor]]:
+    """``(offset in the flat vector, keys)`` of consecutive chunks of ``parts``: each score's
+    float32 bits as an int64 in ``[0, 2^32)`` ordered as the floats (``-0.0 < +0.0``)."""
+    offset = 0
+    for part in parts:
+        flat = part.reshape(-1)
+        for i in range(0, flat.numel(), _KEY_CHUNK):
+            bits = flat[i : i + _KEY_CHUNK].float().view(torch.int32).to(torch.int64)
+            yield offset + i, torch.where(bits >= 0, bits + (1 << 31), -1 - bits)
+        offset += flat.numel()

@@ -257,6 +257,15 @@ class ProcessGroups:
         if replicas.world > 1:
             replicas.mean_(tensors)
 
+    def replicas_mean(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The replicas' mean of ``tensors`` as new tensors when the last backward pass was
+        local (:attr:`local_gradients`), else ``tensors`` themselves (already the mean)."""
+        if not self.local_gradients:
+            return tensors
+        mean = [t.clone() for t in tensors]
+        self.all_reduce_mean_(mean)
+        return mean
+
     def _agreement_groups(self, models: tuple[Any, ...] | None = None) -> list[Group]:
         """The process groups whose members must take this step's decisions together.
 

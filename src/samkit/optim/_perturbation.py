@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samkit.optim._tensors import Buckets, add_scaled_, copy_
+from samkit.optim._tensors import Buckets, add_scaled_, copy_, masked_
 
 __all__ = ["Perturbation", "SavedWeights"]
 
@@ -38,7 +38,7 @@ class Perturbation:
     ``radii`` the signed radius of each tensor's group.
     """
 
-    __slots__ = ("params", "directions", "norm_tensors", "scales", "radii")
+    __slots__ = ("params", "directions", "norm_tensors", "scales", "radii", "masks")
 
     def __init__(
         self,
@@ -48,16 +48,20 @@ class Perturbation:
         radius: str | Callable[[dict[str, Any]], float],
         sign: float,
         scales_of: Callable[[Any], list[Tensor | None]],
+        masks: list[list[Tensor | None]] | None = None,
     ) -> None:
         self.params: list[Tensor] = []
         self.directions: list[Tensor] = []
         self.norm_tensors: list[Tensor] = []
         self.scales: list[Tensor | None] = []
         self.radii: list[float] = []
+        self.masks: list[Tensor | None] = []
         norm_src = directions if norm_of is None else norm_of
-        for gp, d, n in zip(groups, directions, norm_src):
+        mask_src = masks if masks is not None else [None] * len(groups)
+        for gp, d, n, m in zip(groups, directions, norm_src, mask_src):
             if not gp.params:
                 continue
+            self.masks.extend([None] * len(gp.params) if m is None else m)
             r = float(radius(gp.group) if callable(radius) else gp.group[radius])
             if gp.group.get("adaptive", False):
                 t = scales_of(gp)
@@ -80,8 +84,10 @@ class Perturbation:
         """``w += r·d/denom`` (``r·T²d/denom`` where ASAM scales), no temporary per tensor.
 
         Only the adaptive directions (``T ⊙ d``, this object's own) are changed, into
-        ``T² ⊙ d``; a direction that is a gradient or a method's buffer is read only.
+        ``T² ⊙ d``, and masked ones, into ``d ⊙ m`` (the caller's to change); any other
+        direction that is a gradient or a method's buffer is read only.
         """
+        masked_(self.directions, self.masks, foreach)
         for i, t in enumerate(self.scales):
             if t is not None:
                 self.directions[i].mul_(t)

@@ -21,6 +21,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+from torch import Tensor
 from torch.optim import Optimizer
 
 from samkit.optim._compat import OPTIONAL_BASE_KEYS
@@ -138,12 +139,25 @@ class Checkpointing:
         self._check_base_state(base_sd)
         shared = self.param_groups
         Optimizer.load_state_dict(self, sd)  # type: ignore[arg-type]  # buffers; new groups
+        self._keep_saved_dtypes(sd)
         loaded, self.param_groups = self.param_groups, shared
         for group, new in zip(shared, loaded):
             group.update(new)
         self.base_optimizer.load_state_dict(base_sd)
         self.samkit_state.update(counters)
         self._reset_transient()
+
+    def _keep_saved_dtypes(self, sd: dict[str, Any]) -> None:
+        """Give a loaded ``bool`` or integer buffer (SSAM's masks) its saved dtype back: torch
+        casts every saved state tensor to its parameter's dtype."""
+        saved = sd.get("state", {})
+        ids = [i for g in sd["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            for key, value in saved.get(i, {}).items():
+                exact = isinstance(value, Tensor) and not value.is_floating_point()
+                if exact and key != "step" and not value.is_complex():
+                    self.state[p][key] = self.state[p][key].to(value.dtype)
 
     def _check_layout(self, groups: Any, what: str) -> None:
         """Refuse param groups that differ in number or size from this optimizer's."""

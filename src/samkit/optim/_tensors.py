@@ -44,6 +44,7 @@ __all__ = [
     "mul_",
     "scaled",
     "masked",
+    "masked_",
     "lerp_",
     "is_sharded",
     "in_shared_memory",
@@ -456,6 +457,25 @@ def masked(
     for i, r in zip(idx, products):
         out[i] = r
     return out
+
+
+def masked_(
+    tensors: Sequence[Tensor], masks: Sequence[Tensor | None], foreach: bool = True
+) -> None:
+    """In place ``t ⊙ m`` (the same values as :func:`masked`; ``None``: ``t`` unchanged)."""
+    pairs = [(t, m) for t, m in zip(tensors, masks) if m is not None]
+    if not pairs:
+        return
+    ts, ms = [t for t, _ in pairs], [m for _, m in pairs]
+    if is_sharded(ts):  # shard by shard (the masks share the layout)
+        ts, ms = local(ts), local(ms)
+    if not foreach:
+        for t, m in zip(ts, ms):
+            t.mul_(m)
+        return
+    plan = Buckets(ts)
+    for t_bucket, m_bucket in zip(plan.split(ts), plan.split(ms)):
+        torch._foreach_mul_(t_bucket, m_bucket)
 
 
 def _like(scale: Tensor | float, ref: Tensor) -> Tensor | float:

@@ -515,6 +515,7 @@ class SharpnessAwareOptimizer(ManualSteps, ProcessGroups, FiniteChecks, Checkpoi
         radius: str | Callable[[dict[str, Any]], float] = "rho",
         sign: float = 1.0,
         norm_of: list[list[Tensor]] | None = None,
+        mask: list[list[Tensor | None]] | None = None,
     ) -> Tensor:
         """Save the weights and move them to ``w + sign·ε``.
 
@@ -527,6 +528,11 @@ class SharpnessAwareOptimizer(ManualSteps, ProcessGroups, FiniteChecks, Checkpoi
         ``norm_of`` (per group, parallel to ``directions``) normalises by the norm of other
         tensors than the directions: ``ε = r_g · d / (‖n‖ + eps)``. Sparse SAM uses it to
         perturb along the masked gradient scaled by the norm of the whole gradient.
+
+        ``mask`` (per group, parallel to ``directions``; ``None``: no mask) perturbs along
+        ``d ⊙ m``, written into ``d`` in place once the norm is taken, with no buffer for the
+        product: ``d`` must be the method's to change (Sparse SAM's clean gradients, which the
+        next pass replaces).
         """
         if self._perturbed:
             raise RuntimeError("the weights are already perturbed: call restore() first")
@@ -534,7 +540,7 @@ class SharpnessAwareOptimizer(ManualSteps, ProcessGroups, FiniteChecks, Checkpoi
         from_grads = directions is None
         if from_grads:
             directions = self.ascent_direction(groups)
-        move = Perturbation(groups, directions, norm_of, radius, sign, self._asam_scales)
+        move = Perturbation(groups, directions, norm_of, radius, sign, self._asam_scales, mask)
         del groups, directions  # the gradients are the passes' to free
         plan = self._perturbed.plan(move.params)
         norm = global_norm(move.norm_tensors, self.foreach, plan)

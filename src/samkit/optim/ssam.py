@@ -10,11 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samkit.optim._coordinates import Coordinates, coordinates
+from samkit.optim._coordinates import Coordinates, coordinates, kept_count, live_fraction
 from samkit.optim._distributed import Group, first_replica_flags, replicas_of
 from samkit.optim._per_sample import fisher_scores, per_sample_squared_gradients
 from samkit.optim._rng import check_seed, draw_seed
-from samkit.optim._tensors import dot, masked
 from samkit.optim._validation import is_count
 from samkit.optim.base import SharpnessAwareOptimizer, invalid_value, is_finite_nonnegative
 from samkit.optim.closure import BatchClosure
@@ -203,9 +202,7 @@ class SSAM(SharpnessAwareOptimizer):
 
     def density(self) -> float:
         """Fraction of the covered coordinates that are perturbed (``1 - sparsity``)."""
-        ms = [m.double() for m in self.masks.values()]
-        total = sum(m.numel() for m in ms)
-        return float(dot(ms, ms)) / total if total else float("nan")  # live count, all shards
+        return live_fraction(list(self.masks.values()))
 
     # ------------------------------------------------------------------ the step
     def sharpness_step(self, closure: Callable[[], Any]) -> Any:
@@ -239,14 +236,13 @@ class SSAM(SharpnessAwareOptimizer):
             self._commit_masks(masks, epoch)
         elif initial_draw:
             self._commit_masks(masks, None)
-        directions = [  # g ⊙ m (all coordinates live: g ⊙ 1 = g)
-            gp.grads
-            if gp.group["sparsity"] == 0.0
-            else masked(gp.grads, [masks.get(p) for p in gp.params], self.foreach)
-            for gp in groups
+        # ε = ρ·(g ⊙ m)/‖g‖: normalised by the whole gradient's norm; g ⊙ m written into g
+        grads = [gp.grads for gp in groups]
+        live = [
+            [masks.get(p) for p in gp.params] if gp.group["sparsity"] else None for gp in groups
         ]
-        # ε = ρ·(g ⊙ m)/‖g‖: normalised by the whole gradient's norm
-        self.perturb(directions, norm_of=[gp.grads for gp in groups])
+        self.perturb(grads, norm_of=grads, mask=live)
+        del groups, grads  # released before the perturbed pass
         self.run_pass(closure, "perturbed", perturbed=True)  # g' = ∇L_B(w + ε)
         self.restore()
         self.base_step()  # w ← base_step(w, g')
@@ -280,7 +276,7 @@ class SSAM(SharpnessAwareOptimizer):
     ) -> dict[Tensor, Tensor] | None:
         """Score this batch's samples; the new masks once ``num_samples`` are scored."""
         if all(g["sparsity"] in (0.0, 1.0) for g in self.param_groups):  # no scores needed
-            masks = self._top_k(lambda gi, c: c.flat([torch.zeros_like(p) for p in c.params]))
+            masks = self._top_k(lambda gi, c: [torch.zeros_like(p) for p in c.params])
             self._commit_masks(masks, epoch)
             return masks
         if not isinstance(closure, BatchClosure):
@@ -300,7 +296,7 @@ class SSAM(SharpnessAwareOptimizer):
         if self.on_nonfinite != "ignore":
             self._record_finite("fisher", torch.stack([s.sum() for s in scores]).sum(), False)
         old = [self.state[p].get("fisher") for p in params]
-        sums = [s if f is None else f + s for f, s in zip(old, scores)]
+        sums = [s if f is None else s.add_(f) for f, s in zip(old, scores)]  # new: the scores'
         if count + scored < needed:
 
             def keep_accumulating() -> None:
@@ -311,7 +307,7 @@ class SSAM(SharpnessAwareOptimizer):
             self.on_accept(keep_accumulating)
             return None
         fisher = dict(zip(params, sums))
-        masks = self._top_k(lambda gi, c: c.flat([fisher[p] for p in c.params]).float(), replicas)
+        masks = self._top_k(lambda gi, c: [fisher[p] for p in c.params], replicas)  # no copy
 
         def finish() -> None:
             for p in params:
@@ -324,7 +320,7 @@ class SSAM(SharpnessAwareOptimizer):
 
     def _top_k(
         self,
-        scores: Callable[[int, Coordinates], Tensor],
+        scores: Callable[[int, Coordinates], Tensor | list[Tensor]],
         replicas: Group | None = None,
         among: set[Tensor] | None = None,
     ) -> dict[Tensor, Tensor]:
@@ -336,7 +332,7 @@ class SSAM(SharpnessAwareOptimizer):
             params = params if among is None else [p for p in params if p in among]
             if params:
                 coords = coordinates(params)
-                keep = _kept(coords.numel, group["sparsity"])
+                keep = kept_count(coords.numel, group["sparsity"])
                 masks.update(zip(params, coords.masks(coords.top(scores(gi, coords), keep))))
         return first_replica_flags(masks, replicas)
 
@@ -356,10 +352,8 @@ class SSAM(SharpnessAwareOptimizer):
         (a changed sparsity: fewer kept or more regrown)."""
         grads = {p: g for gp in groups for p, g in zip(gp.params, gp.grads)}
         needs_grad = "gradient" in (self.step_global("drop_score"), self.step_global("grow_score"))
-        if needs_grad and self.local_gradients:  # score with the replicas' mean gradient
-            mean = [g.clone() for g in grads.values()]
-            self.all_reduce_mean_(mean)
-            grads = dict(zip(grads, mean))
+        if needs_grad:  # score with the replicas' mean gradient
+            grads = dict(zip(grads, self.replicas_mean(list(grads.values()))))
         total = int(self.step_global("epochs"))  # r_e = drop_rate·(1 + cos(π e/E))/2
         rate = float(self.step_global("drop_rate"))
         rate *= (1.0 + math.cos(math.pi * min(epoch, total) / total)) / 2.0
@@ -370,7 +364,7 @@ class SSAM(SharpnessAwareOptimizer):
             coords = coordinates(params)
             live = coords.flat([masks[p] for p in params])
             n_live = coords.count(live)
-            k = _kept(coords.numel, group["sparsity"])  # the group's sparsity now (it may change)
+            k = kept_count(coords.numel, group["sparsity"])  # the sparsity now (it may change)
             # keep n_live - ⌊n_live·r_e⌋ live ones, at most k; regrow dead ones up to k in all
             n_grow = min(k - min(n_live - int(n_live * rate), k), coords.numel - n_live)
             n_keep = k - n_grow
@@ -400,15 +394,3 @@ class SSAM(SharpnessAwareOptimizer):
 
     def _seed(self, epoch: int, group: int, draw: _Draw) -> int:
         return draw_seed(int(self.samkit_state["ssam_seed"]), epoch, group, draw)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        # torch casts every saved tensor to its parameter's dtype: masks come back as bool.
-        for st in self.state.values():
-            if "mask" in st:
-                st["mask"] = st["mask"].to(torch.bool)
-
-
-def _kept(d: int, sparsity: float) -> int:
-    """The paper's ``k = d - round(d·s)`` live coordinates."""
-    return d - min(d, int(round(d * sparsity)))

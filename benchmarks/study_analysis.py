@@ -172,11 +172,21 @@ def flatness(out: Path, record: dict[str, Any], args: argparse.Namespace) -> dic
     for task, specs in record["tasks"].items():
         ref = reference_of(out, task, record)
         values: dict[str, dict[str, dict[int, float]]] = {}
+        excluded: dict[str, list[int]] = {}
+        known = args.known.get(task, {})
         for spec, entry in specs.items():
             if entry["chosen"] is None:
                 continue
             for seed, run in final_runs(out, task, spec, entry["chosen"]).items():
-                m = measure(run, args.batches, args.batch_size, args.iters, args.probes)
+                summary = _summary(run)
+                trained = summary.get("final_train_acc")  # None where not counted (AUSAM)
+                if (trained if trained is not None else summary["val_acc"]) < MIN_TRAIN_ACC:
+                    excluded.setdefault(spec, []).append(seed)
+                    continue
+                m = {key: known[spec][key][str(seed)] for key in ("lambda_max", "trace")
+                     if str(seed) in known.get(spec, {}).get(key, {})}  # fmt: skip
+                if len(m) < 2:
+                    m = measure(run, args.batches, args.batch_size, args.iters, args.probes)
                 for key, v in m.items():
                     values.setdefault(spec, {}).setdefault(key, {})[seed] = v
                 print(f"  {task} {spec} seed {seed}: λ1 {m['lambda_max']:.4g}, "
@@ -207,8 +217,54 @@ def flatness(out: Path, record: dict[str, Any], args: argparse.Namespace) -> dic
                 rows[spec][key]["verdict"] = (
                     ("flatter" if ratio < 1 else "sharper") if rejected else "no difference"
                 )
-        result[task] = {"reference": ref, "values": values, "vs_reference": rows}
+        claims: dict[str, Any] = {}
+        for key in ("lambda_max", "trace"):
+            pvals = {}
+            for method, against, says in CLAIMS:
+                against = ref if against == "base" else against
+                if method not in values or against not in values:
+                    continue
+                d = _log_ratio(values[method][key], values[against][key])
+                if d is None:
+                    continue
+                name = f"{method} vs {against}"
+                claims.setdefault(name, {"claim": says})[key] = d
+                if d["judged"]:
+                    pvals[name] = d["p"]
+            for name, rejected in holm(pvals, ALPHA).items():
+                d = claims[name][key]
+                d["verdict"] = (("flatter" if d["ratio"] < 1 else "sharper") if rejected
+                                else "no difference shown")  # fmt: skip
+        result[task] = {"reference": ref, "values": values, "vs_reference": rows,
+                        "claims": claims, "excluded": excluded}  # fmt: skip
     return result
+
+
+#: A run whose final training accuracy (validation accuracy where a method does not count
+#: training accuracy: AUSAM) is below this did not train (it diverged): its curvature is that
+#: of a point it was thrown to, not of a minimum, and it is left out.
+MIN_TRAIN_ACC = 0.5
+
+#: The seed papers' flatness claims: (method, against, what the paper says). "base": the
+#: task's base optimizer (SGD, or AdamW on modular-add).
+CLAIMS = (
+    ("sam", "base", "SAM (Foret et al. 2021) finds flatter minima than its base optimizer"),
+    ("bsam", "sam", "Bilateral SAM (Deng et al.) finds flatter minima than SAM"),
+    ("fsam", "sam", "F-SAM (Li et al. 2024) finds flatter minima than SAM"),
+    ("esam", "sam", "ESAM (Du et al. 2022) reaches minima as flat as SAM's"),
+)
+
+
+def _log_ratio(a: dict[int, float], b: dict[int, float]) -> dict[str, Any] | None:
+    """The geometric mean of ``a/b`` paired by seed with its 95 % interval (t on the logs)."""
+    if not all(v > 0 for v in [*a.values(), *b.values()]):
+        return None
+    d = paired_difference({s: math.log(v) for s, v in a.items()},
+                          {s: math.log(v) for s, v in b.items()})  # fmt: skip
+    if d is None:
+        return None
+    return {"ratio": math.exp(d.mean), "ci": [math.exp(d.mean - d.ci), math.exp(d.mean + d.ci)],
+            "p": d.p, "n": d.n, "judged": d.n >= MIN_SEEDS}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,9 +276,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=30, help="Lanczos iterations at most")
     p.add_argument("--probes", type=int, default=30, help="Hutch++ HVPs")
     p.add_argument("--skip-flatness", action="store_true")
+    p.add_argument("--tasks", nargs="+", help="only these tasks (default: all the sweep's)")
+    p.add_argument("--reuse", nargs="+", type=Path, default=[],
+                   help="earlier outputs of this script: their measurements (same settings) "
+                        "are reused instead of measured again")  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    args.known = {}
+    for path in args.reuse:
+        for task, f in json.loads(path.read_text()).get("flatness", {}).items():
+            args.known.setdefault(task, {}).update(f["values"])
     record = read_tuning(args.dir)
+    if args.tasks:
+        record["tasks"] = {t: v for t, v in record["tasks"].items() if t in args.tasks}
     started = time.perf_counter()
     result: dict[str, Any] = {
         "command": "python benchmarks/study_analysis.py " + " ".join(sys.argv[1:]),
@@ -267,6 +333,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {spec} | " + " | ".join(cells) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for task, f in result.get("flatness", {}).items():
+        if f["excluded"]:
+            print(f"\n{task}: left out (final training accuracy < {MIN_TRAIN_ACC}): "
+                  + "; ".join(f"{m} seeds {v}" for m, v in f["excluded"].items()))  # fmt: skip
+        print(f"\nThe papers' claims, {task}: ratio (95 % CI), Holm over the claims")
+        print("| claim | λ1 ratio | verdict | trace ratio | verdict |")
+        print("|---|---|---|---|---|")
+        for name, row in f["claims"].items():
+            cells = []
+            for key in ("lambda_max", "trace"):
+                c = row.get(key)
+                if c is None:
+                    cells += ["n/a", ""]
+                else:
+                    cells += [f"{c['ratio']:.2f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]",
+                              c.get("verdict", "not judged")]  # fmt: skip
+            print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"\nsaved {args.out} ({result['seconds']:.0f} s)")
     return 0
 

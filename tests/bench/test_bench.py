@@ -12,12 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from samkit.bench import bench, parse_spec, plan_sweep
 from samkit.bench.run import LOG_NAME, run_state
 from samkit.cli import build_parser, main
 from samkit.train import ConfigError
+
+RECIPES = Path(__file__).resolve().parents[2] / "src" / "samkit" / "recipes"
 
 # 128 samples in batches of 64: a run of 2 epochs takes well under a second. The sweeps use
 # the digits task: MNIST-1D takes seconds to generate in each process that needs it.
@@ -112,7 +115,11 @@ def test_each_run_is_the_samkit_train_command_it_records(tmp_path):
         args = build_parser().parse_args(["train", *run.argv])
         assert _train_config_from_args(args) == run.config
     fsam = runs[0].config
-    assert fsam.rho == 0.2 and fsam.opt_args == {"lmbda": 0.3} and fsam.label_noise == 0.25
+    # The spec's values win over the recipe's tuned [methods.fsam] table; its other keys stay.
+    tuned = tomllib.loads((RECIPES / "mnist1d-noisy.toml").read_text())["methods"]["fsam"]
+    kept = {k: v for k, v in tuned.items() if k not in ("rho", "lr", "lmbda")}
+    assert fsam.rho == 0.2 and fsam.opt_args == {**kept, "lmbda": 0.3}
+    assert fsam.label_noise == 0.25
     assert fsam.batch_size == 64 and runs[1].config.lr != fsam.lr  # the adamw table applies
 
 

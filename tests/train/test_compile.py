@@ -106,7 +106,7 @@ def _backward(net, loss_fn, x, y, opt):
 def test_samkit_train_compile_saves_the_plain_model_and_matches_eager(tmp_path, capsys):
     args = ["train", "--dataset", "digits", "--model", "mlp", "--model-arg", "width=8"]
     args += ["--model-arg", "depth=1", "--limit-train", "64", "--limit-test", "16"]
-    args += ["--batch-size", "16", "--epochs", "1", "--rho", "0.1", "--quiet"]
+    args += ["--batch-size", "16", "--epochs", "1", "--rho", "0.1", "--lr", "0.05", "--quiet"]
     assert main([*args, "--compile", "--out", str(tmp_path / "c")]) == 0
     assert "test accuracy" in capsys.readouterr().out
     record = json.loads((tmp_path / "c" / "config.json").read_text())

@@ -119,7 +119,7 @@ def test_two_processes_with_synchronised_ascent_equal_one_process(tmp_path):
     gradient averaged too (sync_ascent), the run is one process's run up to float rounding
     (an MLP: no BatchNorm, which would see each process's half)."""
     settings = ["--model", "mlp", "--limit-train", "200", "--epochs", "2"]
-    settings += ["--rho", "0.1", "--opt-arg", "sync_ascent=true"]
+    settings += ["--rho", "0.1", "--lr", "0.05", "--opt-arg", "sync_ascent=true"]
     script = tmp_path / "samkit_main.py"
     script.write_text(_MAIN_THEN_THREADS)
     res = _ok(_launch(str(script), "train", *TINY, *settings, "--out", str(tmp_path / "two")))

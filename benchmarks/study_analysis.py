@@ -197,21 +197,12 @@ def flatness(out: Path, record: dict[str, Any], args: argparse.Namespace) -> dic
             for spec in values:
                 if spec == ref or ref not in values:
                     continue
-                a, b = values[spec][key], values[ref][key]
-                if not all(v > 0 for v in [*a.values(), *b.values()]):
-                    continue  # a non-positive estimate: no ratio
-                la = {s: math.log(v) for s, v in a.items()}
-                lb = {s: math.log(v) for s, v in b.items()}
-                d = paired_difference(la, lb)
+                d = _log_ratio(values[spec][key], values[ref][key])
                 if d is None:
-                    continue
-                rows.setdefault(spec, {})[key] = {
-                    "ratio": math.exp(d.mean),
-                    "ci": [math.exp(d.mean - d.ci), math.exp(d.mean + d.ci)],
-                    "p": d.p, "n": d.n, "judged": d.n >= MIN_SEEDS,
-                }  # fmt: skip
-                if d.n >= MIN_SEEDS:
-                    pvals[spec] = d.p
+                    continue  # a non-positive estimate, or no common seed: no ratio
+                rows.setdefault(spec, {})[key] = d
+                if d["judged"]:
+                    pvals[spec] = d["p"]
             for spec, rejected in holm(pvals, ALPHA).items():
                 ratio = rows[spec][key]["ratio"]
                 rows[spec][key]["verdict"] = (
@@ -265,6 +256,19 @@ def _log_ratio(a: dict[int, float], b: dict[int, float]) -> dict[str, Any] | Non
         return None
     return {"ratio": math.exp(d.mean), "ci": [math.exp(d.mean - d.ci), math.exp(d.mean + d.ci)],
             "p": d.p, "n": d.n, "judged": d.n >= MIN_SEEDS}  # fmt: skip
+
+
+def _ratio_cells(row: dict[str, Any]) -> list[str]:
+    """A table row's λ1 and trace cells: ratio [95 % CI] and verdict."""
+    cells = []
+    for key in ("lambda_max", "trace"):
+        c = row.get(key)
+        if c is None:
+            cells += ["n/a", ""]
+        else:
+            cells += [f"{c['ratio']:.2f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]",
+                      c.get("verdict", "not judged")]  # fmt: skip
+    return cells
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,15 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| method | λ1 ratio | verdict | trace ratio | verdict |")
         print("|---|---|---|---|---|")
         for spec, row in f["vs_reference"].items():
-            cells = []
-            for key in ("lambda_max", "trace"):
-                c = row.get(key)
-                if c is None:
-                    cells += ["n/a", ""]
-                else:
-                    cells += [f"{c['ratio']:.2f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]",
-                              c.get("verdict", "not judged")]  # fmt: skip
-            print(f"| {spec} | " + " | ".join(cells) + " |")
+            print(f"| {spec} | " + " | ".join(_ratio_cells(row)) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for task, f in result.get("flatness", {}).items():
@@ -341,15 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| claim | λ1 ratio | verdict | trace ratio | verdict |")
         print("|---|---|---|---|---|")
         for name, row in f["claims"].items():
-            cells = []
-            for key in ("lambda_max", "trace"):
-                c = row.get(key)
-                if c is None:
-                    cells += ["n/a", ""]
-                else:
-                    cells += [f"{c['ratio']:.2f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]",
-                              c.get("verdict", "not judged")]  # fmt: skip
-            print(f"| {name} | " + " | ".join(cells) + " |")
+            print(f"| {name} | " + " | ".join(_ratio_cells(row)) + " |")
     print(f"\nsaved {args.out} ({result['seconds']:.0f} s)")
     return 0
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from samkit.bench.executors import Ended, Executor
-from samkit.bench.plan import PlannedRun
+from samkit.bench.plan import PlannedRun, plural
 from samkit.bench.run import LOG_NAME, SweepError
 from samkit.train.config import TrainConfig
 
@@ -338,7 +338,7 @@ class RayExecutor(Executor):
         nodes = self._nodes()
         cpus = sum(n["Resources"].get("CPU", 0) for n in nodes)
         gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
-        size = f"{len(nodes)} node{'s' * (len(nodes) != 1)}, {cpus:g} CPUs, {gpus:g} GPUs"
+        size = f"{plural(len(nodes), 'node')}, {cpus:g} CPUs, {gpus:g} GPUs"
         at_once = min(max(1, self._slots()), max(1, pending))
         return f"{at_once} at a time on {self.where} ({size})"
 
@@ -388,7 +388,7 @@ class RayExecutor(Executor):
             answer = ray.get(ref)
         except (WorkerCrashedError, NodeDiedError) as e:
             times = self.max_retries + 1
-            why = f"its Ray worker or node died {times} time{'s' * (times > 1)}"
+            why = f"its Ray worker or node died {plural(times, 'time')}"
             return Ended(run, None, error=f"{why} ({_first_line(e)}) (log: {run.out / LOG_NAME})")
         except Exception as e:  # noqa: BLE001 - e.g. samkit missing on the node
             return Ended(run, None, error=f"Ray task failed: {_first_line(e)}")

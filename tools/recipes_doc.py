@@ -33,9 +33,21 @@ from samkit.train.recipes import (
     resolve_settings,
 )
 
+#: Constructor switches that choose how or where a method is computed, not what it computes:
+#: mSAM's ``vectorize`` (its micro-batches in one batched pass or in a loop, the same update)
+#: and SAF's logit bank storage (``bank_dtype``, ``bank_device``, ``bank_rows``). They are not
+#: hyperparameters of the method, so the defaults table leaves them out; each method's page
+#: lists them with its arguments.
+IMPLEMENTATION_SWITCHES = frozenset({"vectorize", "bank_dtype", "bank_device", "bank_rows"})
+
+
+def _hyperparameters(values: dict) -> dict:
+    return {k: v for k, v in values.items() if k not in IMPLEMENTATION_SWITCHES}
+
 
 def defaults_markdown(recipe: str | Path = DEFAULT_RECIPE) -> str:
-    """The defaults table: class defaults (the paper's) and the recipe's values, per optimizer."""
+    """The defaults table: class defaults (the paper's) and the recipe's values, per optimizer
+    (hyperparameters only: :data:`IMPLEMENTATION_SWITCHES` are left out)."""
     r = load_recipe(recipe)
     common = {
         k: r.settings[k] for k in ("base", "lr", "momentum", "weight_decay") if k in r.settings
@@ -46,10 +58,11 @@ def defaults_markdown(recipe: str | Path = DEFAULT_RECIPE) -> str:
         "|---|---|---|---|",
     ]
     for row in defaults_rows(recipe):
-        cls = format_values(row.class_defaults) if row.sharpness_aware else "torch's"
+        defaults = _hyperparameters(row.class_defaults)
+        cls = format_values(defaults) if row.sharpness_aware else "torch's"
+        values = format_values(_hyperparameters(row.recipe_values), defaults)
         lines.append(
-            f"| `{row.name}` | {row.passes:.3g} | {cls} | "
-            f"{format_values(row.recipe_values, row.class_defaults).replace('*', ' (tuned)')} |"
+            f"| `{row.name}` | {row.passes:.3g} | {cls} | {values.replace('*', ' (tuned)')} |"
         )
     lines.append("")
     lines.append(

@@ -16,14 +16,18 @@ SAF's logit records happens in each; LookSAM's refresh step falls among them at 
 * **held**: the bytes of every tensor reachable from the optimizer after a step (its
   ``state``, the base optimizer's, caches outside ``state_dict``, any attribute), except the
   model's parameters, their gradients and the model's buffers: what the optimizer keeps
-  allocated between steps. The largest over the measured steps.
+  allocated between steps, here as the step begins (after the step before it).
 * **peak**: the most memory in use during a step above what was in use when it began. On CPU
   from the allocator's own events: ``torch.profiler`` with ``profile_memory=True`` records
   every allocation and free, in order, and their running sum is the memory in use after
   each one; on CUDA, ``torch.cuda.max_memory_allocated`` over the memory allocated at the
-  step's start. The largest over the measured steps.
-* **total** = held + peak, and its excess **over SGD**'s total, in units of P (the bytes of
-  the model's parameters). SGD's total counts its momentum buffer (held) and what a
+  step's start.
+* **total** = held + peak *of the same step*: the most memory the optimizer needs at once.
+  The step with the largest total is reported (its held and its peak); for a method whose
+  state grows and shrinks across steps (SSAM-F's Fisher sum) the largest held and the
+  largest peak can fall in different steps, and adding those would count memory that is
+  never in use at once. ``max_held`` (JSON) is the largest held over the steps. The excess
+  **over SGD**'s total is in units of P (the bytes of the model's parameters). SGD's total counts its momentum buffer (held) and what a
   forward/backward pass needs above the step's start (peak), so the excess is what the
   method adds.
 
@@ -239,7 +243,8 @@ def measure(
     model.load_state_dict(template.state_dict())
     opt = build(spec, model, dict(lr=0.05, momentum=0.9, weight_decay=5e-4))
     loss_fn = nn.CrossEntropyLoss(reduction="none")
-    held = undeclared = 0
+    undeclared = 0
+    helds: list[int] = []  # before each measured step (after the step before it)
     peaks: list[int] = []
     cpu = CpuSteps() if device.type == "cpu" else None
     with cpu if cpu is not None else contextlib.nullcontext():
@@ -247,19 +252,25 @@ def measure(
             if hasattr(opt, "set_epoch"):
                 opt.set_epoch(args.first_epoch + s)
             step = step_fn(spec, opt, model, batches[s % len(batches)], loss_fn)
+            if s >= args.warmup:
+                helds.append(held_bytes(opt, model))
             if s < args.warmup:
                 step()
             elif cpu is not None:
                 cpu.step(f"measured step {s}", step)
             else:
                 peaks.append(cuda_peak(step, device))
-            if s >= args.warmup:
-                held = max(held, held_bytes(opt, model))
-                if spec != PEER:
-                    undeclared = max(undeclared, sum(undeclared_storages(opt, model).values()))
+            if s >= args.warmup and spec != PEER:
+                undeclared = max(undeclared, sum(undeclared_storages(opt, model).values()))
     if cpu is not None:
         peaks = list(cpu.peaks().values())
-    return {"held_bytes": held, "peak_bytes": max(peaks), "undeclared_bytes": undeclared}
+    worst = max(range(len(peaks)), key=lambda i: helds[i] + peaks[i])  # one step's held + peak
+    return {
+        "held_bytes": helds[worst],
+        "peak_bytes": peaks[worst],
+        "max_held_bytes": max([*helds, held_bytes(opt, model)]),  # after the last step too
+        "undeclared_bytes": undeclared,
+    }
 
 
 def main(argv: Iterable[str] | None = None) -> int:

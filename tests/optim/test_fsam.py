@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
 import torch
 
 import samkit
-from optim_helpers import batches, flat_grad, plain_closure, tiny_net
+from optim_helpers import FaultyBatchClosure, batches, flat_grad, plain_closure, tiny_net
 
 LR, MOM, WD = 0.1, 0.9, 5e-3
 
@@ -173,3 +174,47 @@ def test_registry_entry():
     group = opt.param_groups[0]
     assert group["rho"] == 0.05
     assert group["sigma"] == 1.0 and group["lmbda"] == 0.6
+
+
+@pytest.mark.parametrize("fault", ["nan", "nan_loss", "inf_grad"])
+@pytest.mark.parametrize("at", [1, 2])
+def test_a_failed_step_keeps_the_average_of_a_finite_clean_pass_only(at, fault):
+    """The average is updated before the perturbed pass (two buffers through it, not
+    three): a step skipped in its perturbed pass keeps exactly the update the completed
+    step makes; one skipped in its clean pass leaves the average as it was."""
+    model = net().double()
+    opt = samkit.FriendlySAM(model.parameters(), lr=0.05, momentum=0.9, on_nonfinite="skip")
+    (x, y), (x2, y2) = data(2)
+    for _ in range(2):
+        opt.step(samkit.make_closure(model, torch.nn.functional.cross_entropy, x, y))
+    twin_model, twin = copy.deepcopy((model, opt))
+    before = {p: opt.state[p]["ema"].clone() for p in model.parameters()}
+    weights = [p.detach().clone() for p in model.parameters()]
+    opt.step(FaultyBatchClosure(model, x2, y2, at=at, fault=fault))
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    twin.step(samkit.make_closure(twin_model, torch.nn.functional.cross_entropy, x2, y2))
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        expected = before[p] if at == 1 else twin.state[q]["ema"]
+        assert torch.equal(opt.state[p]["ema"], expected)
+    if at == 2:  # the update did happen: the average is not the one before the step
+        assert not all(torch.equal(opt.state[p]["ema"], before[p]) for p in model.parameters())
+
+
+def test_under_a_grad_scaler_the_average_holds_unscaled_gradients():
+    """With a GradScaler whose scale changes at every step, F-SAM follows the run without
+    scaling (float64: only rounding differs), so ``g - sigma*m`` never mixes scales."""
+    torch.manual_seed(0)
+    model = net().double()
+    plain_model = copy.deepcopy(model)
+    opt = samkit.FriendlySAM(model.parameters(), lr=0.1, rho=0.1, momentum=0.9)
+    plain = samkit.FriendlySAM(plain_model.parameters(), lr=0.1, rho=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=10_000)
+    loss = torch.nn.functional.cross_entropy
+    for t, (x, y) in enumerate(data(6)):
+        opt.step(samkit.make_closure(model, loss, x, y, grad_scaler=scaler))
+        scaler.update(new_scale=2.0 ** (10 + 3 * t))
+        plain.step(samkit.make_closure(plain_model, loss, x, y))
+    for p, q in zip(model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+        torch.testing.assert_close(opt.state[p]["ema"], plain.state[q]["ema"], rtol=0, atol=1e-12)

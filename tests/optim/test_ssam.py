@@ -399,12 +399,20 @@ def test_nan_in_any_pass_of_a_refresh_step_leaves_masks_and_weights_untouched(mo
     weights = [p.detach().clone() for p in m.parameters()]
     x, y = data(1, seed=8)[0]
     opt.set_epoch(1)  # a refresh is due
+    twin_m, twin = copy.deepcopy((m, opt))
     opt.step(FailingAt(m, x, y, at, "nan"))
     assert opt.skipped_steps == 1
     assert all(torch.equal(p, w) for p, w in zip(m.parameters(), weights))
-    for p, q in zip(m.parameters(), state["state"].values()):
+    # SSAM-F's finite Fisher scores are committed at once (clean_pass_state): a failure
+    # after the Fisher pass keeps the mask the completed step commits; SSAM-D's and a
+    # failed Fisher pass's leave the old one.
+    kept = mode == "fisher" and at > 0
+    if kept:
+        twin.step(samkit.make_closure(twin_m, loss_fn, x, y))
+    expected = twin.state_dict() if kept else state
+    for p, q in zip(m.parameters(), expected["state"].values()):
         assert torch.equal(opt.state[p]["mask"], q["mask"].bool())
-    assert opt.samkit_state["ssam_mask_epoch"] == 0
+    assert opt.samkit_state["ssam_mask_epoch"] == (1 if kept else 0)
     # with on_nonfinite="raise" the failing pass is named
     opt.on_nonfinite = "raise"
     name = {0: "fisher", 1: "clean", 2: "perturbed"}[at]

@@ -85,3 +85,30 @@ def test_half_precision_norms_are_taken_in_float32(foreach, dtype):
     assert mixed.dtype == torch.float64
     value = float(big[0][0])  # 40000 in float16, 39936 in bfloat16
     assert float(mixed) == pytest.approx((4 * value**2 + 2) ** 0.5, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "sizes,limit", [([3, 4, 5, 100, 2, 2], 8), ([1] * 10, 3), ([50], 8), ([], 4)]
+)
+def test_slices_cover_the_list_in_order_within_the_limit(sizes, limit):
+    from samkit.optim._tensors import slices
+
+    tensors = [torch.zeros(n) for n in sizes]
+    runs = slices(tensors, limit)
+    assert [i for run in runs for i in run] == list(range(len(sizes)))
+    for run in runs:
+        assert len(run) == 1 or sum(sizes[i] for i in run) <= limit
+    # as few runs as the greedy cut allows: a run ends only when the next tensor overflows
+    for a, b in zip(runs, runs[1:]):
+        assert sum(sizes[i] for i in a) + sizes[b[0]] > limit
+
+
+def test_where_keeps_targets_when_false_even_against_nan():
+    from samkit.optim._tensors import where_
+
+    t = [torch.ones(3), torch.zeros(2)]
+    bad = [torch.full((3,), float("nan")), torch.full((2,), float("inf"))]
+    where_(t, torch.tensor(False), bad)
+    assert torch.equal(t[0], torch.ones(3)) and torch.equal(t[1], torch.zeros(2))
+    where_(t, torch.tensor(True), [torch.full((3,), 2.0), torch.full((2,), 3.0)])
+    assert torch.equal(t[0], torch.full((3,), 2.0)) and torch.equal(t[1], torch.full((2,), 3.0))

@@ -78,6 +78,20 @@ class FiniteChecks:
             norm = global_norm(grads, self.foreach)
         self._pending_checks.append((name, loss, [torch.isfinite(norm)]))
 
+    def finite_so_far(self, device: torch.device) -> Tensor:
+        """On ``device``, whether every pass of this step so far was finite (0-dim bool).
+
+        No synchronisation: for state a method updates in place before its last pass with
+        ``torch.where`` on this flag, so a non-finite pass never reaches it. The last pass's
+        gradients are checked here if they were not yet (their norm is queued once).
+        ``on_nonfinite="ignore"`` queues no check: the flag is then true.
+        """
+        self._check_unchecked_grads()
+        flags = [f.to(device) for _, _, fs in self._pending_checks for f in fs]
+        if not flags:
+            return torch.ones((), dtype=torch.bool, device=device)
+        return torch.stack(flags).all()
+
     def verify_finite(self) -> None:
         """Raise (or skip the step) if any pass so far in this step was not finite.
 

@@ -20,13 +20,21 @@ from torch.utils._pytree import tree_map
 from samkit.optim._compat import compiler_disabled
 from samkit.optim._distributed import Group, through_flat
 
-__all__ = ["fisher_scores", "per_sample_squared_gradients"]
+__all__ = ["NonFiniteSamples", "fisher_scores", "per_sample_squared_gradients"]
 
 #: The chunk rule: per-sample gradients are computed for as many samples at once as hold at
 #: most this many values together (2**20: 4 MiB in float32), and at least one sample. A
 #: model of 2**20 parameters or more takes one sample at a time: the Fisher pass then needs
 #: one per-sample gradient beside the accumulator, whatever ``num_samples`` (issue 21).
 _CHUNK_VALUES = 1 << 20
+
+
+class NonFiniteSamples(Exception):
+    """A chunk of per-sample gradients was not finite; ``samples`` were added before it."""
+
+    def __init__(self, samples: int) -> None:
+        super().__init__(f"non-finite per-sample gradients after {samples} samples")
+        self.samples = samples
 
 
 def per_sample_squared_gradients(
@@ -36,19 +44,29 @@ def per_sample_squared_gradients(
     targets: Tensor,
     params: list[Tensor],
     k: int,
+    into: list[Tensor] | None = None,
+    finite_only: bool = False,
 ) -> list[Tensor]:
     r""":math:`\sum_{n<k} (\nabla_p \ell(x_n, y_n))^2` for each of ``params``.
 
     ``ℓ(x_n, y_n) = loss_fn(module(x_n[None]), y_n[None]).sum()`` on the first ``k`` samples,
     computed with ``torch.func`` (``vmap`` over ``grad`` of a ``functional_call``) in chunks,
     with ``module`` in eval mode (restored afterwards). Parameters that are not ``module``'s
-    get zeros. Returns float tensors shaped like ``params`` (float64 stays float64).
+    get zeros. Returns float tensors shaped like ``params`` (float64 stays float64): new
+    ones, or ``into`` with the squares added in place. ``finite_only``: each chunk's
+    gradients are checked before they are added (one synchronisation per chunk), and
+    :class:`NonFiniteSamples` is raised at the first chunk that is not finite, with the
+    number of samples already added.
     """
     from torch.func import functional_call, grad, vmap
 
     names = {p: n for n, p in module.named_parameters()}
     wanted = {names[p]: p.detach() for p in params if p in names}
-    acc = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
+    acc = into
+    if acc is None:
+        acc = [
+            torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params
+        ]
     if not wanted or k <= 0:
         return acc
 
@@ -69,6 +87,8 @@ def per_sample_squared_gradients(
                 hi = min(k, lo + chunk)
                 xs = tree_map(lambda t, a=lo, b=hi: t[a:b] if isinstance(t, Tensor) else t, inputs)
                 gs = per_sample(wanted, xs, targets[lo:hi])
+                if finite_only and not _finite(list(gs.values())):
+                    raise NonFiniteSamples(lo)
                 for name, g in gs.items():
                     a = acc[position[name]]
                     for gn in g.to(a.dtype):  # Σ_n g_n², without a chunk-sized temporary
@@ -86,8 +106,21 @@ def per_sample_squared_gradients(
     return acc
 
 
+def _finite(tensors: list[Tensor]) -> bool:
+    norms = torch.stack(
+        [torch.linalg.vector_norm(t.float() if t.dtype != torch.float64 else t) for t in tensors]
+    )
+    return bool(torch.isfinite(norms).all())
+
+
 def fisher_scores(
-    model: nn.Module, closure: Any, params: list[Tensor], k: int, replicas: Group | None
+    model: nn.Module,
+    closure: Any,
+    params: list[Tensor],
+    k: int,
+    replicas: Group | None,
+    into: list[Tensor] | None = None,
+    finite_only: bool = False,
 ) -> tuple[list[Tensor], int]:
     """The Fisher scores of ``params`` over the first ``k`` samples of a batch, and how many
     samples they hold.
@@ -95,15 +128,20 @@ def fisher_scores(
     ``closure`` (a :class:`~samkit.BatchClosure`) gives the batch and ``loss_fn``, and counts
     the ``k`` samples' forward and backward passes in its ``forward_evals``/``grad_evals``.
     Under DDP (``replicas``) the scores and the counts are summed over the replicas, each of
-    which scored its own samples.
+    which scored its own samples. In one process the scores may be added into ``into`` in
+    place, chunk by chunk, each checked first (``finite_only``: see
+    :func:`per_sample_squared_gradients`).
     """
     module = model.module if hasattr(model, "no_sync") else model
-    scores = per_sample_squared_gradients(
-        module, closure.loss_fn, closure.inputs, closure.targets, params, k
-    )
     closure.forward_evals += k / closure.batch_size
     closure.grad_evals += k / closure.batch_size
     if replicas is None:
+        scores = per_sample_squared_gradients(
+            module, closure.loss_fn, closure.inputs, closure.targets, params, k, into, finite_only
+        )
         return scores, k
+    scores = per_sample_squared_gradients(
+        module, closure.loss_fn, closure.inputs, closure.targets, params, k
+    )
     *scores, n = through_flat(scores + [scores[0].new_tensor([k])], replicas.all_reduce_)
     return scores, int(n)

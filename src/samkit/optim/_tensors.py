@@ -43,6 +43,8 @@ __all__ = [
     "copy_",
     "mul_",
     "scaled",
+    "slices",
+    "where_",
     "masked",
     "masked_",
     "lerp_",
@@ -393,6 +395,37 @@ def mul_(
         return
     for bucket in plan.split(tensors):
         torch._foreach_mul_(bucket, _like(factor, bucket[0]))
+
+
+#: The temporaries of an update made in place (``slices``) hold at most this many values
+#: at a time, and at least one tensor: 2**20 values, 4 MiB in float32.
+SLICE_VALUES = 1 << 20
+
+
+def slices(tensors: Sequence[Tensor], max_values: int = SLICE_VALUES) -> list[list[int]]:
+    """Consecutive runs of indices into ``tensors``, each run holding at most ``max_values``
+    values (a larger tensor is a run of its own; a DTensor counts its local shard).
+
+    An update that needs temporaries (a value computed from the old state before it is
+    overwritten) runs slice by slice, so its extra memory is one slice, not one model."""
+    runs: list[list[int]] = []
+    size = max_values + 1
+    for i, t in enumerate(local(tensors)):
+        n = t.numel()
+        if size + n > max_values:
+            runs.append([])
+            size = 0
+        runs[-1].append(i)
+        size += n
+    return runs
+
+
+def where_(targets: Sequence[Tensor], condition: Tensor, sources: Sequence[Tensor]) -> None:
+    """In place ``targets[i] = sources[i] if condition else targets[i]``, with ``condition``
+    a 0-dim bool tensor on the targets' device (no host synchronisation; NaN-safe, unlike a
+    product with 0 or 1). DTensors: shard by shard."""
+    for t, s in zip(local(targets), local(sources)):
+        t.copy_(torch.where(condition, s, t))
 
 
 def copy_(

@@ -126,6 +126,15 @@ class SharpnessAwareOptimizer(ManualSteps, ProcessGroups, FiniteChecks, Checkpoi
     #: which is checked when a group is built or added. Read them with :meth:`step_global`.
     step_globals: tuple[str, ...] = ()
 
+    #: State that a step changes before its last pass, to stay at the memory floor
+    #: (per-parameter ``state`` keys and ``samkit_state`` keys): F-SAM's gradient average
+    #: (updated from a finite clean pass only), LookSAM's cached direction (dropped when a
+    #: refresh begins; the retried refresh does not read it), SSAM-F's Fisher sum and the
+    #: masks it completes. A step that fails or is skipped after its first pass may leave
+    #: these changed, as each method's docstring says; all other state, the weights and the
+    #: base optimizer are left exactly as before the step.
+    clean_pass_state: tuple[str, ...] = ()
+
     #: Whether ``first_step``/``second_step`` implement the method. ``None``: only when the
     #: class keeps SAM's sequence of passes (it does not override :meth:`sharpness_step`).
     supports_manual_steps: bool | None = None

@@ -8,7 +8,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samkit.optim._tensors import add, add_, mul_
+from samkit.optim._tensors import (
+    add,
+    add_,
+    add_scaled_,
+    copy_,
+    is_sharded,
+    like_layout,
+    local,
+    scaled,
+    slices,
+    where_,
+)
 from samkit.optim.base import (
     ASAM_ETA,
     GroupParams,
@@ -48,8 +59,8 @@ class FriendlySAM(SharpnessAwareOptimizer):
     tensors (see :class:`~samkit.ASAM`).
 
     Two passes per step; one extra buffer per parameter (``state[p]["ema"]``, separate from
-    the base optimizer's momentum). The average is part of ``state_dict()``, so a resumed run
-    continues exactly.
+    the base optimizer's momentum), and the weights' copy during the step. The average is
+    part of ``state_dict()``, so a resumed run continues exactly.
 
     Args:
         params: parameters, named parameters or param groups; groups may set their own
@@ -82,15 +93,24 @@ class FriendlySAM(SharpnessAwareOptimizer):
         * ``adaptive=True`` uses samkit's ASAM rule (``T = |w| + eta`` on weight tensors only,
           ``T = 1`` on biases); the official F-SAM applies ``|w|`` to every tensor with no
           ``eta``.
-        * The average is updated only once the step is accepted: a step that raises or is
-          skipped because a pass is non-finite (``on_nonfinite="skip"``) leaves it as it
-          was (the official code has no such check).
+        * The average is updated before the perturbed pass, as in the official code, so the
+          step holds two parameter-sized buffers (the average and the weights' copy), not
+          three. It takes the clean gradient only if the clean pass was finite (a NaN never
+          reaches it); a step that then fails in its perturbed pass, or is skipped there
+          (``on_nonfinite="skip"``, a ``GradScaler`` overflow), keeps that update, while the
+          weights and the base optimizer are left as before the step
+          (:attr:`~samkit.SharpnessAwareOptimizer.clean_pass_state`). The official code has
+          no such check.
+        * Under a ``GradScaler`` the average holds unscaled gradients, so a change of scale
+          does not mix scales in ``g - sigma*m``.
 
     References:
         T. Li, P. Zhou, Z. He, X. Cheng, X. Huang. Friendly Sharpness-Aware Minimization.
         CVPR 2024. https://arxiv.org/abs/2403.12350 ; official code:
         https://github.com/nblt/F-SAM
     """
+
+    clean_pass_state = ("ema",)  # m_t is made before the perturbed pass (the official order)
 
     def __init__(
         self,
@@ -117,40 +137,91 @@ class FriendlySAM(SharpnessAwareOptimizer):
 
     @torch.no_grad()
     def ascent_direction(self, groups: list[GroupParams]) -> list[list[Tensor]]:
-        """``d = g - sigma * m`` (``g`` on a parameter's first step).
+        """``d = g - sigma * m`` (``g`` on a parameter's first step), and the average's update.
 
-        The EMA update ``m = lmbda*m + (1-lmbda)*g`` (with the raw ``g``) is applied once
-        the step is accepted (:meth:`on_accept`), so a step that fails or is skipped
-        because of a NaN leaves the average untouched.
+        ``m_t = lmbda*m_{t-1} + (1-lmbda)*g_t`` (with the raw ``g_t``) is made here, before
+        the perturbed pass, as in the official code: ``d`` is written over ``g`` and ``m`` is
+        updated in place, slice by slice (:func:`~samkit.optim._tensors.slices`), so the step
+        holds the average and the weights' copy and no third parameter-sized buffer. The
+        update takes effect only if the clean pass was finite (an on-device flag, no
+        synchronisation): a NaN never reaches the average. A parameter's first average
+        (``m_1 = g_1``) is stored once the step is accepted. Under a ``GradScaler`` the
+        average holds unscaled gradients.
         """
         directions: list[list[Tensor]] = []
-        updates: list[tuple[float, list[Tensor], list[Tensor]]] = []
         first_seen: list[tuple[Tensor, Tensor]] = []  # parameters without an average yet
+        folds: list[tuple[GroupParams, list[int], list[Tensor]]] = []
         for gp in groups:
-            sigma = float(gp.group["sigma"])
-            lmbda = float(gp.group["lmbda"])
-            d: list[Tensor] = list(gp.grads)
-            # g_t, read again once the step is accepted (after the perturbed pass)
-            g = self.kept(gp.grads)
-            # t > 1 (the parameter has an average m_{t-1}): d_t = g_t - sigma·m_{t-1}.
+            directions.append(list(gp.grads))
             idx = [i for i, p in enumerate(gp.params) if "ema" in self.state[p]]
             if idx:
-                emas = [self.state[gp.params[i]]["ema"] for i in idx]
-                grads = [gp.grads[i] for i in idx]
-                for i, di in zip(idx, add(grads, emas, alpha=-sigma, foreach=self.foreach)):
-                    d[i] = di
-                updates.append((lmbda, emas, [g[i] for i in idx]))
+                folds.append((gp, idx, directions[-1]))
             # t = 1: d_1 = g_1 (plain SAM), and the average starts at m_1 = g_1.
-            first_seen.extend((p, gi) for p, gi in zip(gp.params, g) if "ema" not in self.state[p])
-            directions.append(d)
+            first = [i for i, p in enumerate(gp.params) if "ema" not in self.state[p]]
+            kept = self.kept([gp.grads[i] for i in first])  # read once the step is accepted
+            first_seen.extend((gp.params[i], g) for i, g in zip(first, kept))
+        scale = self._grad_scale()
+        if folds:
+            ok = self.finite_so_far(folds[0][0].grads[folds[0][1][0]].device)
+            for gp, idx, d in folds:
+                grads = [gp.grads[i] for i in idx]
+                emas = [self.state[gp.params[i]]["ema"] for i in idx]
+                sigma, lmbda = float(gp.group["sigma"]), float(gp.group["lmbda"])
+                for i, di in zip(idx, self._fold(grads, emas, sigma, lmbda, ok, scale)):
+                    d[i] = di
 
-        def update_emas() -> None:
-            # m_t = lmbda·m_{t-1} + (1 - lmbda)·g_t, with the raw g_t (never d_t).
-            for lmbda, emas, grads in updates:
-                mul_(emas, lmbda, self.foreach)
-                add_(emas, grads, alpha=1.0 - lmbda, foreach=self.foreach)
-            for p, g in first_seen:  # g_1, no longer any parameter's .grad: it becomes m_1
-                self.state[p]["ema"] = g
+        def store_first() -> None:  # m_1 = g_1 (unscaled)
+            for p, g in first_seen:
+                self.state[p]["ema"] = g if scale is None else g.div_(scale)
 
-        self.on_accept(update_emas)
+        if first_seen:
+            self.on_accept(store_first)
         return directions
+
+    def _fold(
+        self,
+        grads: list[Tensor],
+        emas: list[Tensor],
+        sigma: float,
+        lmbda: float,
+        ok: Tensor,
+        scale: Tensor | None,
+    ) -> list[Tensor]:
+        """The directions ``d_t = g_t - sigma·m_{t-1}``, and ``m_t`` into ``emas`` where ``ok``.
+
+        ``d`` is written over ``g`` when the step owns the gradients (they are new tensors
+        of this step's clean pass, which the perturbed pass replaces); otherwise (between
+        ``first_step`` and ``second_step``, or a gradient in DDP's buckets) ``d`` is new.
+        """
+        own = not self._manual_step
+        out: list[Tensor] = []
+        g_local, m_local = local(grads), local(emas)
+        for run in slices(g_local):
+            g = [g_local[i] for i in run]
+            m = [m_local[i] for i in run]
+            if scale is None:
+                d = add(g, m, alpha=-sigma, foreach=self.foreach)  # d_t = g_t - σ·m_{t-1}
+                new_m = scaled(m, lmbda, self.foreach)  # m_t = λ·m_{t-1} + (1-λ)·g_t
+                add_(new_m, g, alpha=1.0 - lmbda, foreach=self.foreach)
+            else:  # g is S·∇L: d = g - σS·m ∝ g/S - σ·m (its scale does not matter), m takes g/S
+                s = scale.to(torch.promote_types(g[0].dtype, torch.float32))
+                d = scaled(m, -sigma * s, self.foreach)
+                add_(d, g, foreach=self.foreach)
+                new_m = scaled(m, lmbda, self.foreach)
+                add_scaled_(new_m, g, (1.0 - lmbda) / s, self.foreach)
+            where_(m, ok, new_m)  # a non-finite clean pass leaves m_{t-1}
+            if own:
+                copy_(g, d, self.foreach)
+                d = g
+            out.extend(d)
+        if own:
+            return list(grads)
+        return like_layout(out, grads) if is_sharded(grads) else out
+
+    def _grad_scale(self) -> Tensor | None:
+        """The scale ``S`` of this step's backward passes (the closure's ``GradScaler``, a
+        0-dim tensor on its device: no synchronisation), ``None`` without scaling."""
+        scaler = self._grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return getattr(scaler, "_scale", None)  # set by the passes' scaler.scale(loss)

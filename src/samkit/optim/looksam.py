@@ -43,14 +43,17 @@ class LookSAM(SharpnessAwareOptimizer):
 
     Cost: refresh steps run two passes (forward + backward each), reuse steps one, so
     ``1 + 1/k`` passes per step on average (1.2 for ``k=5``; a pass counts forward as 1/3 and
-    backward as 2/3). Memory: one buffer per parameter (``state[p]["g_v"]``), plus, during a
-    refresh step, a copy of the clean gradient.
+    backward as 2/3). Memory: one buffer per parameter (``state[p]["g_v"]``) between steps;
+    during a refresh step, the clean gradient and the weights' copy instead (the old
+    :math:`g_v` is dropped once the clean pass has run).
 
     The cached :math:`g_v` is part of ``state_dict()`` (a resumed run continues exactly, and
-    the refresh schedule follows the optimizer's step counter, also saved). It is replaced
-    only when a refresh step is *accepted*: if a refresh step fails or is skipped
-    (``on_nonfinite="skip"``), the old :math:`g_v` stays and, since the step counter did not
-    advance, the next step is a refresh step again. Parameters without a cached
+    the refresh schedule follows the optimizer's step counter, also saved). A refresh step
+    drops the old :math:`g_v` after its clean pass and caches the new one once the step is
+    *accepted*: if a refresh step fails or is skipped (``on_nonfinite="skip"``), no
+    :math:`g_v` is cached, and since the step counter did not advance, the next step is a
+    refresh step again, exactly as it would have been with the old :math:`g_v` kept
+    (:attr:`~samkit.SharpnessAwareOptimizer.clean_pass_state`). Parameters without a cached
     :math:`g_v` (added after the last refresh, or without a gradient then) are updated with
     their plain gradient on reuse steps.
 
@@ -104,6 +107,7 @@ class LookSAM(SharpnessAwareOptimizer):
     """
 
     step_globals = ("k",)  # one pass serves the whole model
+    clean_pass_state = ("g_v",)  # dropped when a refresh begins
     own_passes = "whether a step takes a second pass is its own decision"
 
     def __init__(
@@ -156,6 +160,13 @@ class LookSAM(SharpnessAwareOptimizer):
         loss = self.run_pass(closure, "clean")  # g = ∇L_B(w)
         groups = self.collect()
         params = [p for gp in groups for p in gp.params]
+        # The old g_v is not needed any more: a refresh that fails leaves none, and the next
+        # step refreshes (the step count did not advance), so two buffers, not three, live
+        # through the perturbed pass (g and the weights' copy).
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self.state:
+                    self.state[p].pop("g_v", None)
         g = self.kept([t for gp in groups for t in gp.grads])  # read after the next pass
         del groups  # the clean gradients are held once, as g
         self.perturb()  # ε = ρ·ĝ, from this replica's own g (SAM's m-sharpness under DDP)

@@ -12,7 +12,11 @@ from torch import Tensor
 
 from samkit.optim._coordinates import Coordinates, coordinates, kept_count, live_fraction
 from samkit.optim._distributed import Group, first_replica_flags, replicas_of
-from samkit.optim._per_sample import fisher_scores, per_sample_squared_gradients
+from samkit.optim._per_sample import (
+    NonFiniteSamples,
+    fisher_scores,
+    per_sample_squared_gradients,
+)
 from samkit.optim._rng import check_seed, draw_seed
 from samkit.optim._validation import is_count
 from samkit.optim.base import SharpnessAwareOptimizer, invalid_value, is_finite_nonnegative
@@ -75,8 +79,11 @@ class SSAM(SharpnessAwareOptimizer):
     :math:`k` of its coordinates at random, SSAM-F perturbs none until its next refresh.
 
     **State, cost, processes** (``docs/methods/ssam.md``): the masks (``state[p]["mask"]``)
-    and a Fisher sum in progress are saved and change on accepted steps only; the perturbed
-    pass stays dense; the mask is the same on every DDP replica; SSAM-F refuses FSDP2.
+    and a Fisher sum in progress are saved. SSAM-D's masks change on accepted steps only;
+    SSAM-F's scores are checked at once (one synchronisation, on Fisher steps only), added
+    into the sum in place, and the mask they complete is committed at once, so a step that
+    fails after its Fisher pass keeps them (:attr:`clean_pass_state`). The perturbed pass
+    stays dense; the mask is the same on every DDP replica; SSAM-F refuses FSDP2.
 
     Args:
         params: parameters, named parameters or param groups; groups may set their own
@@ -130,6 +137,7 @@ class SSAM(SharpnessAwareOptimizer):
         "mode", "num_samples", "update_freq", "drop_rate", "drop_score", "grow_score", "epochs"
     )  # fmt: skip
     own_passes = "its mask is refreshed inside step()"
+    clean_pass_state = ("fisher", "mask", "ssam_fisher_count", "ssam_mask_epoch")  # SSAM-F
 
     def __init__(
         self,
@@ -292,31 +300,41 @@ class SSAM(SharpnessAwareOptimizer):
         model = self.model if self.model is not None else closure.model
         # F_j = Σ_n (∂_j ℓ_n)² over the first samples of this batch (and of every replica's)
         k = min(needed - count, closure.batch_size)
-        scores, scored = fisher_scores(model, closure, params, k, replicas)
-        if self.on_nonfinite != "ignore":
-            self._record_finite("fisher", torch.stack([s.sum() for s in scores]).sum(), False)
-        old = [self.state[p].get("fisher") for p in params]
-        sums = [s if f is None else s.add_(f) for f, s in zip(old, scores)]  # new: the scores'
+        check = self.on_nonfinite != "ignore"  # checked now, on Fisher steps only
+        if replicas is None:  # F += Σ g_n² in place, chunk by chunk, each checked first
+            sums = [self._fisher_sum(p) for p in params]
+            try:
+                _, scored = fisher_scores(model, closure, params, k, None, sums, check)
+            except NonFiniteSamples as e:  # F holds the finite samples before it
+                self.samkit_state["ssam_fisher_count"] = count + e.samples
+                self._record_finite("fisher", float("nan"), False)
+                self.verify_finite()  # raises, or skips the step
+        else:  # the replicas' scores, summed, then checked together and added
+            scores, scored = fisher_scores(model, closure, params, k, replicas)
+            if check:
+                self._record_finite("fisher", torch.stack([s.sum() for s in scores]).sum(), False)
+                self.verify_finite()
+            for p, s in zip(params, scores):
+                self._fisher_sum(p).add_(s)
+            del scores
+        self.samkit_state["ssam_fisher_count"] = count + scored  # finite samples count at once
         if count + scored < needed:
-
-            def keep_accumulating() -> None:
-                for p, s in zip(params, sums):
-                    self.state[p]["fisher"] = s
-                self.samkit_state["ssam_fisher_count"] = count + scored
-
-            self.on_accept(keep_accumulating)
             return None
-        fisher = dict(zip(params, sums))
+        fisher = {p: self.state[p].pop("fisher") for p in params}  # released once selected
         masks = self._top_k(lambda gi, c: [fisher[p] for p in c.params], replicas)  # no copy
-
-        def finish() -> None:
-            for p in params:
-                self.state[p].pop("fisher", None)
-            self.samkit_state["ssam_fisher_count"] = 0
-
-        self.on_accept(finish)
-        self._commit_masks(masks, epoch)
+        self.samkit_state["ssam_fisher_count"] = 0
+        for p, m in masks.items():  # committed at once: the scores were finite
+            self.state[p]["mask"] = m
+        self.samkit_state["ssam_mask_epoch"] = epoch
         return masks
+
+    def _fisher_sum(self, p: Tensor) -> Tensor:
+        """The Fisher sum in progress of ``p`` (zeros when it starts), in its state."""
+        if "fisher" not in self.state[p]:
+            self.state[p]["fisher"] = torch.zeros_like(
+                p, dtype=torch.promote_types(p.dtype, torch.float32)
+            )
+        return self.state[p]["fisher"]
 
     def _top_k(
         self,

@@ -56,12 +56,21 @@ def naive_fsam(model, batches, rho, sigma, lmbda, eps=1e-12):
     return ema
 
 
+@pytest.fixture(params=["host", "device"])
+def flag_on(request, monkeypatch):
+    """F-SAM reads the finiteness flag on the host on a CPU; ``device`` runs the
+    accelerator's path (``torch.where`` on the device) here too."""
+    if request.param == "device":
+        monkeypatch.setattr("samkit.optim.fsam._host_flag", lambda ok: None)
+    return request.param
+
+
 def run(opt, model, batches):
     return [opt.step(closure_for(opt, model, x, y)) for x, y in batches]
 
 
 @pytest.mark.parametrize("foreach", [True, False])
-def test_fsam_equals_naive_reference_float64(foreach):
+def test_fsam_equals_naive_reference_float64(foreach, flag_on):
     batches = data(6)
     m_ref, m = net(), net()
     ema_ref = naive_fsam(m_ref, batches, rho=0.2, sigma=1.0, lmbda=0.6)
@@ -178,7 +187,7 @@ def test_registry_entry():
 
 @pytest.mark.parametrize("fault", ["nan", "nan_loss", "inf_grad"])
 @pytest.mark.parametrize("at", [1, 2])
-def test_a_failed_step_keeps_the_average_of_a_finite_clean_pass_only(at, fault):
+def test_a_failed_step_keeps_the_average_of_a_finite_clean_pass_only(at, fault, flag_on):
     """The average is updated before the perturbed pass (two buffers through it, not
     three): a step skipped in its perturbed pass keeps exactly the update the completed
     step makes; one skipped in its clean pass leaves the average as it was."""

@@ -16,6 +16,7 @@ from samkit.optim._tensors import (
     is_sharded,
     like_layout,
     local,
+    mul_,
     scaled,
     slices,
     where_,
@@ -192,24 +193,35 @@ class FriendlySAM(SharpnessAwareOptimizer):
         ``d`` is written over ``g`` when the step owns the gradients (they are new tensors
         of this step's clean pass, which the perturbed pass replaces); otherwise (between
         ``first_step`` and ``second_step``, or a gradient in DDP's buckets) ``d`` is new.
+        On a CPU the flag is read at once (there is no device to wait for) and ``m`` is
+        updated in place; on an accelerator ``m_t`` is formed beside ``m_{t-1}`` per slice
+        and selected with ``torch.where`` on the device.
         """
         own = not self._manual_step
+        take = _host_flag(ok)  # None: decided on the device
         out: list[Tensor] = []
         g_local, m_local = local(grads), local(emas)
         for run in slices(g_local):
             g = [g_local[i] for i in run]
             m = [m_local[i] for i in run]
-            if scale is None:
+            s = None if scale is None else scale.to(torch.promote_types(g[0].dtype, torch.float32))
+            if s is None:
                 d = add(g, m, alpha=-sigma, foreach=self.foreach)  # d_t = g_t - σ·m_{t-1}
-                new_m = scaled(m, lmbda, self.foreach)  # m_t = λ·m_{t-1} + (1-λ)·g_t
-                add_(new_m, g, alpha=1.0 - lmbda, foreach=self.foreach)
             else:  # g is S·∇L: d = g - σS·m ∝ g/S - σ·m (its scale does not matter), m takes g/S
-                s = scale.to(torch.promote_types(g[0].dtype, torch.float32))
                 d = scaled(m, -sigma * s, self.foreach)
                 add_(d, g, foreach=self.foreach)
-                new_m = scaled(m, lmbda, self.foreach)
-                add_scaled_(new_m, g, (1.0 - lmbda) / s, self.foreach)
-            where_(m, ok, new_m)  # a non-finite clean pass leaves m_{t-1}
+            if take is not False:  # m_t = λ·m_{t-1} + (1-λ)·g_t (a NaN never reaches it)
+                if take:
+                    new_m = m
+                    mul_(m, lmbda, self.foreach)
+                else:
+                    new_m = scaled(m, lmbda, self.foreach)
+                if s is None:
+                    add_(new_m, g, alpha=1.0 - lmbda, foreach=self.foreach)
+                else:
+                    add_scaled_(new_m, g, (1.0 - lmbda) / s, self.foreach)
+                if take is None:
+                    where_(m, ok, new_m)
             if own:
                 copy_(g, d, self.foreach)
                 d = g
@@ -225,3 +237,8 @@ class FriendlySAM(SharpnessAwareOptimizer):
         if scaler is None or not scaler.is_enabled():
             return None
         return getattr(scaler, "_scale", None)  # set by the passes' scaler.scale(loss)
+
+
+def _host_flag(ok: Tensor) -> bool | None:
+    """``ok`` read on the host where that costs no wait (a CPU tensor), else ``None``."""
+    return bool(ok) if ok.device.type == "cpu" else None

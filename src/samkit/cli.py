@@ -653,8 +653,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except SweepError as e:
         raise UsageError(str(e)) from e
-    except KeyboardInterrupt:
-        _fail(f"interrupted: run the same command again to continue ({args.out})", code=130)
+    except KeyboardInterrupt as e:  # Stopped (SIGTERM, SIGINT), or Ctrl-C before the sweep
+        import signal
+
+        signum = getattr(e, "signum", signal.SIGINT)
+        _fail(f"stopped by {signal.Signals(signum).name}: the runs that finished are kept; run "
+              f"the same command again to resume the others ({args.out})", code=128 + signum)  # fmt: skip
     failed = [r for r in results if r.status == "failed"]
     skipped = sum(r.status == "skipped" for r in results)
     line = f"{plural(len(results), 'run')}: {len(results) - len(failed)} finished"

@@ -270,6 +270,15 @@ def _on_every_process(run: Callable[[argparse.Namespace, Any], int], args: Any) 
         signal.signal(signal.SIGTERM, previous)
 
 
+def _on_rank_zero(run: Callable[[argparse.Namespace], int], args: Any) -> int:
+    """``run(args)`` on rank 0 alone, for a command whose work is not split between
+    processes: under torchrun (every process runs the same command) the others do nothing,
+    write and print nothing, and end with 0; rank 0 reports its errors as one process."""
+    from samkit.train.distributed import launch_from_env
+
+    return run(args) if launch_from_env().is_main else 0
+
+
 class _Stopped(BaseException):  # like KeyboardInterrupt: not caught by `except Exception`
     """This process was sent SIGTERM (by torchrun, after another process failed)."""
 
@@ -546,6 +555,12 @@ def _add_landscape_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_landscape(args: argparse.Namespace) -> int:
+    """``samkit landscape``; under torchrun rank 0 alone measures and writes (the landscapes
+    of :mod:`samkit.sharpness` evaluate on one process: the others would only repeat it)."""
+    return _on_rank_zero(_landscape, args)
+
+
+def _landscape(args: argparse.Namespace) -> int:
     from samkit.train.measure import landscape
 
     try:

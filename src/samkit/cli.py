@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -813,11 +812,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _release_process_group() -> None:
-    """Under torchrun, leave the process group ``samkit train`` or ``samkit sharpness``
-    joined if an error left it joined, now that the error (which holds the run, whose DDP
+    """Leave the process group ``samkit train`` or ``samkit sharpness`` joined (under
+    torchrun) if an error left it joined, now that the error (which holds the run, whose DDP
     model holds the group) is dropped: its threads are joined while Python is alive, not
-    during the interpreter's shutdown (:func:`samkit.train.distributed.processes` says why that aborts)."""
-    if os.environ.get("WORLD_SIZE", "1") in ("", "1") or "torch.distributed" not in sys.modules:
+    during the interpreter's shutdown (:func:`samkit.train.distributed.processes` says why
+    that aborts). A group the caller joined before calling :func:`main` stays joined."""
+    if "samkit.train.distributed" not in sys.modules:  # nothing can have joined one
         return
     from samkit.train.distributed import leave_process_group
 

@@ -1,4 +1,5 @@
-"""Imports point one way: optim and sharpness know nothing of train, bench or the CLI."""
+"""Imports point one way: optim and sharpness know nothing of train, bench or the CLI, nor of
+each other; what both need lives in top-level modules that import nothing of samkit."""
 
 from __future__ import annotations
 
@@ -35,6 +36,19 @@ def test_package_imports_point_one_way(package):
         for name in _imports(path):
             if name.startswith(FORBIDDEN[package]):
                 offenders.append(f"{path.relative_to(SRC)} imports {name}")
+    assert not offenders, offenders
+
+
+def test_the_modules_optim_and_sharpness_share_import_nothing_of_samkit():
+    # samkit/_losses.py, samkit/_dtensor.py: what optim and sharpness both need, in one place.
+    shared = sorted(p for p in SRC.glob("_*.py") if not p.name.startswith("__"))
+    assert {p.name for p in shared} >= {"_losses.py", "_dtensor.py"}
+    offenders = [
+        f"{path.name} imports {name}"
+        for path in shared
+        for name in _imports(path)
+        if name.split(".")[0] == "samkit"
+    ]
     assert not offenders, offenders
 
 

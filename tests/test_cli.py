@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from samkit.cli import SUBCOMMANDS, main
 
@@ -453,3 +454,46 @@ def test_train_and_bench_share_one_declaration_of_the_run_scope_flags(tmp_path, 
         "track_sharpness": 2,
     }  # fmt: skip
     assert {a.dest for a in bench._actions if a.dest in scope} == set(seen["extra"]) | {"threads"}  # noqa: SLF001
+
+
+# ----------------------------------------------------------------------------- process groups
+
+
+@pytest.fixture
+def torchrun_rank0(monkeypatch):
+    """The variables torchrun sets in rank 0 of 2; any group left joined is destroyed after."""
+    for var, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(var, value)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+_INIT = dist.init_process_group
+
+
+def _join(tmp_path: Path) -> None:
+    _INIT("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+
+
+def test_main_leaves_the_process_group_of_its_caller_joined(tmp_path, torchrun_rank0, capsys):
+    # A script under torchrun that joined its group, then calls samkit's main.
+    _join(tmp_path)
+    group = dist.group.WORLD
+    assert main(["list", "recipes"]) == 0 and "mnist1d" in capsys.readouterr().out
+    assert dist.is_initialized() and dist.group.WORLD is group
+
+
+def test_main_leaves_a_process_group_samkit_joined(tmp_path, torchrun_rank0, monkeypatch):
+    from samkit.train.distributed import launch_from_env, processes
+
+    # processes() joins the group torchrun's variables describe (here through a file: one
+    # process), and leaves it joined after an error, until the error is reported.
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: _join(tmp_path))
+    joined = processes(launch_from_env(), torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="failed"), joined:
+        assert dist.is_initialized()
+        raise RuntimeError("failed while joined")
+    assert dist.is_initialized()
+    assert main(["list", "recipes"]) == 0
+    assert not dist.is_initialized()

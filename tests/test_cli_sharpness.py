@@ -260,3 +260,21 @@ def test_an_interrupt_is_one_line_with_exit_code_130(run_dir, tmp_path, capsys, 
         err = capsys.readouterr().err
         assert err.startswith("samkit: error: interrupted") and err.count("\n") == 1, err
     assert not (tmp_path / "s.json").exists() and not (out / "landscape_1d.png").exists()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_landscape_under_torchrun_is_measured_and_written_by_rank_0_alone(
+    run_dir, tmp_path, capsys, monkeypatch, rank
+):
+    # What torchrun sets in each of its processes (no process group: the landscape
+    # functions evaluate on one process, so the others have nothing to do).
+    for var, value in (("WORLD_SIZE", "2"), ("RANK", str(rank)), ("LOCAL_RANK", str(rank))):
+        monkeypatch.setenv(var, value)
+    out = tmp_path / "o"
+    assert main(["landscape", str(run_dir), "--steps", "3", "--out", str(out), *SUBSET]) == 0
+    printed = capsys.readouterr()
+    if rank == 0:
+        assert sorted(p.name for p in out.iterdir()) == ["landscape_1d.json", "landscape_1d.png"]
+        assert printed.out.count("landscape_1d: 3 points") == 1 and not printed.err
+    else:
+        assert not out.exists() and printed.out == printed.err == ""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -268,6 +267,15 @@ def _on_every_process(run: Callable[[argparse.Namespace, Any], int], args: Any) 
         _exit_one_of_many(e, launch)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _on_rank_zero(run: Callable[[argparse.Namespace], int], args: Any) -> int:
+    """``run(args)`` on rank 0 alone, for a command whose work is not split between
+    processes: under torchrun (every process runs the same command) the others do nothing,
+    write and print nothing, and end with 0; rank 0 reports its errors as one process."""
+    from samkit.train.distributed import launch_from_env
+
+    return run(args) if launch_from_env().is_main else 0
 
 
 class _Stopped(BaseException):  # like KeyboardInterrupt: not caught by `except Exception`
@@ -546,6 +554,12 @@ def _add_landscape_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_landscape(args: argparse.Namespace) -> int:
+    """``samkit landscape``; under torchrun rank 0 alone measures and writes (the landscapes
+    of :mod:`samkit.sharpness` evaluate on one process: the others would only repeat it)."""
+    return _on_rank_zero(_landscape, args)
+
+
+def _landscape(args: argparse.Namespace) -> int:
     from samkit.train.measure import landscape
 
     try:
@@ -653,8 +667,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except SweepError as e:
         raise UsageError(str(e)) from e
-    except KeyboardInterrupt:
-        _fail(f"interrupted: run the same command again to continue ({args.out})", code=130)
+    except KeyboardInterrupt as e:  # Stopped (SIGTERM, SIGINT), or Ctrl-C before the sweep
+        import signal
+
+        signum = getattr(e, "signum", signal.SIGINT)
+        _fail(f"stopped by {signal.Signals(signum).name}: the runs that finished are kept; run "
+              f"the same command again to resume the others ({args.out})", code=128 + signum)  # fmt: skip
     failed = [r for r in results if r.status == "failed"]
     skipped = sum(r.status == "skipped" for r in results)
     line = f"{plural(len(results), 'run')}: {len(results) - len(failed)} finished"
@@ -794,11 +812,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _release_process_group() -> None:
-    """Under torchrun, leave the process group ``samkit train`` or ``samkit sharpness``
-    joined if an error left it joined, now that the error (which holds the run, whose DDP
+    """Leave the process group ``samkit train`` or ``samkit sharpness`` joined (under
+    torchrun) if an error left it joined, now that the error (which holds the run, whose DDP
     model holds the group) is dropped: its threads are joined while Python is alive, not
-    during the interpreter's shutdown (:func:`samkit.train.distributed.processes` says why that aborts)."""
-    if os.environ.get("WORLD_SIZE", "1") in ("", "1") or "torch.distributed" not in sys.modules:
+    during the interpreter's shutdown (:func:`samkit.train.distributed.processes` says why
+    that aborts). A group the caller joined before calling :func:`main` stays joined."""
+    if "samkit.train.distributed" not in sys.modules:  # nothing can have joined one
         return
     from samkit.train.distributed import leave_process_group
 

@@ -3,6 +3,7 @@ resume after a real SIGKILL, a failing run among good ones, the equivalent comma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,7 +17,16 @@ import tomllib
 import torch
 
 from samkit.bench import bench, parse_spec, plan_sweep
-from samkit.bench.run import LOG_NAME, run_state
+from samkit.bench.executors import Executor
+from samkit.bench.executors.local import RunProcess
+from samkit.bench.run import (
+    LOG_NAME,
+    Stopped,
+    deferred_stop,
+    run_state,
+    run_sweep,
+    stop_on_signals,
+)
 from samkit.cli import build_parser, main
 from samkit.train import ConfigError
 
@@ -294,3 +304,110 @@ def test_subprocess_isolation_runs_python_dash_m_samkit_train(tmp_path):
     assert [r.status for r in results] == ["done"]
     log = (out / "digits" / "sgd" / "seed0-1ep" / LOG_NAME).read_text()
     assert log.startswith("samkit train | sgd") and "test accuracy" in log
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:  # gone
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SIGTERM and /proc: Linux")
+def test_sigterm_stops_a_background_sweep_and_the_same_command_resumes(tmp_path, capsys):
+    # As a shell's `&` starts it: SIGINT ignored (inherited), so SIGTERM is how it is stopped.
+    out = tmp_path / "b"
+    argv = ["bench", "--tasks", "digits", "--optimizers", "sgd", "--seeds", "2", "--epochs",
+            "20", "--out", str(out), *TINY_FLAGS]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "samkit", *argv], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=env, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # noqa: PLW1509
+    )  # fmt: skip
+    children: set[int] = set()
+    try:
+        for line in proc.stdout:  # one line per ended run (not a terminal)
+            if line.startswith("done"):
+                break
+        else:
+            pytest.fail(f"no run finished: {proc.wait()} {proc.stderr.read()}")
+        children.update(_children(proc.pid))
+        proc.send_signal(signal.SIGTERM)  # at once: the next run is starting or just started
+        deadline = time.monotonic() + 15  # a hang, not a benchmark: it takes ~2 s here
+        while proc.poll() is None and time.monotonic() < deadline:
+            children.update(_children(proc.pid))  # a run started as the signal came
+            time.sleep(0.01)
+        assert proc.poll() is not None, "samkit bench still running 15 s after SIGTERM"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.splitlines() == [
+        f"samkit: error: stopped by SIGTERM: the runs that finished are kept; run the same "
+        f"command again to resume the others ({out})"
+    ]
+    assert not [pid for pid in children if _alive(pid)], "a run outlived the stopped sweep"
+    finished = [p.parent.name for p in out.rglob("summary.json")]
+    assert finished == ["seed0-20ep"]  # the second run was stopped
+
+    assert main([*argv, "--isolation", "fork"]) == 0  # the same command, in this process
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("2 runs: 2 finished (1 before this command)"), last
+
+
+class _SwallowingExecutor(Executor):
+    """Runs nothing; sends this process SIGTERM where the KeyboardInterrupt a signal handler
+    raises is lost (as in an at-fork hook or a __del__ method), then goes on for a while."""
+
+    name = "swallowing"
+
+    def describe(self, pending: int) -> str:
+        return "none"
+
+    def execute(self, pending, started, ended) -> None:
+        self.sigint = signal.getsignal(signal.SIGINT)
+        self.calls = 0
+        with contextlib.suppress(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs here
+        for self.calls in range(1, 4):
+            started(0)  # where the sweep looks whether it was asked to stop
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM to itself")
+@pytest.mark.parametrize("sigint", [signal.SIG_IGN, signal.default_int_handler])
+def test_sigterm_stops_the_sweep_even_where_its_interrupt_was_lost(tmp_path, sigint):
+    _, _, runs = plan_sweep(tmp_path / "b", ["digits"], ["sgd"], 1, epochs=1, extra=dict(TINY))
+    executor = _SwallowingExecutor()
+    before = signal.signal(signal.SIGINT, sigint)
+    try:
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            run_sweep(runs, executor=executor, progress=False)
+        assert signal.getsignal(signal.SIGINT) is sigint  # the process's own again
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert executor.calls == 1 and stopped.value.signum == signal.SIGTERM
+    # SIGINT ignored (a shell's `&`) stays ignored: the user's choice; else it stops too.
+    assert (executor.sigint is signal.SIG_IGN) == (sigint is signal.SIG_IGN)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork")
+def test_a_run_forked_as_the_sweep_stops_ends_on_the_sigterm_it_is_sent(tmp_path):
+    # The stop comes while the run process is being started (recorded, raised once it is
+    # recorded), and the sweep sends it SIGTERM before it has handlers of its own: it must
+    # die of it, not run the sweep's handler (which, stopping already, would do nothing).
+    _, _, runs = plan_sweep(tmp_path / "b", ["digits"], ["sgd"], 1, epochs=1, extra=dict(TINY))
+    with stop_on_signals(), pytest.raises(Stopped):
+        with deferred_stop():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # the handler runs here: it records the stop
+            child = RunProcess(runs[0], runs[0].config, 1, fork=True)
+        pytest.fail("the stop was not raised at the end of the section")
+    child.send(signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert child.code == -signal.SIGTERM, (runs[0].out / LOG_NAME).read_text()

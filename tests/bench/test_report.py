@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from samkit.bench import collect, write_report
-from samkit.bench.report import DOCS_BEGIN, DOCS_END
+from samkit.bench.report import DOCS_BEGIN, DOCS_END, tuning_sentence
 from samkit.cli import main
 
 ACC = {  # optimizer -> seed -> test accuracy (fraction), as written by the runs
@@ -374,3 +374,34 @@ def test_cost_labels_do_not_overlap_with_fourteen_methods(tmp_path):
         assert fig.bbox.contains(a.x0, a.y0) and fig.bbox.contains(a.x1, a.y1)
         for j in range(i):
             assert not a.overlaps(boxes[j]), (ax.texts[i].get_text(), ax.texts[j].get_text())
+
+
+def test_the_tuned_line_gives_each_method_its_whole_configuration(tmp_path):
+    # A tuned sweep: bsam's search covered lr and rho; the recipe fixed ratio="one" (and
+    # rho_min), the class the rest. A reader must be able to rerun it from the report.
+    _fake_sweep(tmp_path, {"t": {"sgd": ACC["sgd"], "bsam": ACC["sam"]}})
+    used = {
+        "sgd": {"lr": 0.0659, "weight_decay": 0.0005, "momentum": 0.9},
+        "bsam": {"rho": 0.0197, "rho_min": 0.0303, "ratio": "one", "official_update": False,
+                 "lr": 0.184, "weight_decay": 0.0005, "momentum": 0.9},
+    }  # fmt: skip
+    for opt, kwargs in used.items():
+        for path in tmp_path.glob(f"t/{opt}/*/config.json"):
+            record = json.loads(path.read_text())
+            info = {"name": opt, "sharpness_aware": opt == "bsam"}
+            path.write_text(json.dumps({**record, "optimizer_kwargs": kwargs,
+                                        "optimizer_info": info}))  # fmt: skip
+    trials = {"sgd": ({"lr": 0.0659},), "bsam": ({"lr": 0.01, "rho": 0.3}, {"lr": 0.184, "rho": 0.0197})}  # fmt: skip
+    tuning = {
+        "tasks": {"t": {opt: {"trials": [{"params": p, "val_acc": 0.9 + 0.01 * i, "run": "x"}
+                                         for i, p in enumerate(ts)], "chosen": len(ts) - 1}
+                        for opt, ts in trials.items()}}
+    }  # fmt: skip
+    (tmp_path / "tuning.json").write_text(json.dumps(tuning))
+    _, (view,) = collect(tmp_path)
+    assert tuning_sentence(view).endswith(
+        "sgd trial 0 (tuned: lr=0.0659; fixed: weight_decay=0.0005, momentum=0.9; 90.00 % "
+        "validation); bsam trial 1 (tuned: lr=0.184, rho=0.0197; fixed: rho_min=0.0303, "
+        "ratio=one, official_update=False, weight_decay=0.0005, momentum=0.9, base=sgd; "
+        "91.00 % validation)."
+    ), tuning_sentence(view)

@@ -29,6 +29,8 @@ from samkit.bench.plan import Sweep
 from samkit.bench.tuning import TRIAL_SEED, TUNING, plan_trials, tuning_record
 from samkit.cli import main
 from samkit.train import TrainConfig
+from samkit.train.config import optimizer_settings
+from samkit.train.recipes import format_value, recipe_config
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_SPLIT = "val_fraction" in TrainConfig.field_names()
@@ -407,3 +409,12 @@ def test_a_killed_tuning_sweep_continues_where_it_stopped(tmp_path, capsys, stan
     assert main(["report", str(out)]) == 0
     md = (out / "report.md").read_text()
     assert "Tuned on validation: 2 trials per method" in md and "| sam | 1/1 |" in md
+    # The tuned line gives sam's whole configuration: what was searched, and the rest as
+    # samkit train --recipe digits --optimizer sam resolves it (the class's, the recipe's).
+    c = record["tasks"]["digits"]["sam"]["chosen"]
+    tuned = record["tasks"]["digits"]["sam"]["trials"][c]["params"]
+    rest = optimizer_settings(recipe_config("digits", optimizer="sam"))
+    fixed = {**{k: v for k, v in rest.items() if k not in tuned}, "base": "sgd"}
+    assert sorted(tuned) == ["lr", "rho"] and len(fixed) > 2
+    line = ", ".join(f"{k}={format_value(v)}" for k, v in fixed.items())
+    assert f"sam trial {c} (tuned: " in md and f"; fixed: {line}; " in md, md

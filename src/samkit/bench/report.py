@@ -59,6 +59,7 @@ from samkit.bench.stats import (
 )
 from samkit.bench.sweep import read_manifest
 from samkit.bench.tuning import TUNING, read_tuning
+from samkit.train.recipes import format_value
 
 __all__ = [
     "DOCS_BEGIN",
@@ -67,6 +68,7 @@ __all__ = [
     "Row",
     "TaskView",
     "collect",
+    "method_settings",
     "never_switched_on",
     "write_report",
 ]
@@ -90,6 +92,22 @@ class RunData:
     summary: dict[str, Any]
     metrics: list[dict[str, Any]]
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: what the run's method was built with (:func:`method_settings`)
+    method: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def method_settings(record: Any) -> dict[str, Any]:
+    """The whole configuration of a run's method, from its ``config.json`` record: the
+    optimizer's keyword arguments as the run resolved them (the class's values, the
+    recipe's, the spec's, the trial's), then the base optimizer of a sharpness-aware
+    method; ``{}`` for a record without them."""
+    if not isinstance(record, dict) or not isinstance(record.get("optimizer_kwargs"), dict):
+        return {}
+    settings = dict(record["optimizer_kwargs"])
+    info, config = record.get("optimizer_info"), record.get("config")
+    if isinstance(info, dict) and info.get("sharpness_aware") and isinstance(config, dict):
+        settings["base"] = config.get("base")
+    return settings
 
 
 @dataclasses.dataclass
@@ -276,7 +294,8 @@ def _row(out: Path, manifest: dict[str, Any], task: str, spec: str, budget: str)
         metrics = _read_metrics(out / r["dir"] / "metrics.jsonl")
         record = _read_json(out / r["dir"] / "config.json")
         config = record.get("config") if isinstance(record, dict) else None
-        data.append(RunData(spec, int(r["seed"]), summary, metrics, config or {}))
+        data.append(RunData(spec, int(r["seed"]), summary, metrics, config or {},
+                            method_settings(record)))  # fmt: skip
     accs = [100.0 * d.summary["test_acc"] for d in data]
     step_times = [d.summary["train_time_s"] / d.summary["steps"] for d in data
                   if d.summary.get("steps")]  # fmt: skip
@@ -596,9 +615,12 @@ def noise_sentence(view: TaskView) -> str:
 
 
 def tuning_sentence(view: TaskView) -> str:
-    """The settings each method's final runs used: its chosen trial, from ``tuning.json``."""
+    """The settings each method's final runs used: its chosen trial (``tuning.json``), the
+    values searched marked ``tuned``, and every other value of the method's configuration
+    (:func:`method_settings` of its runs: the recipe's and the class's) ``fixed``."""
     if not view.tuning:
         return ""
+    rows = {row.optimizer: row for row in view.rows}
     chosen = []
     for spec, entry in view.tuning.items():
         index = entry.get("chosen")
@@ -607,8 +629,14 @@ def tuning_sentence(view: TaskView) -> str:
             chosen.append(f"{spec}: no trial finished")
             continue
         trial = trials[index]
-        params = ", ".join(f"{k}={_short(v)}" for k, v in trial["params"].items())
-        chosen.append(f"{spec} trial {index} ({params}; {100 * trial['val_acc']:.2f} % validation)")
+        tuned = trial["params"]
+        text = "tuned: " + ", ".join(f"{k}={_short(v)}" for k, v in tuned.items())
+        runs = rows[spec].runs if spec in rows else []
+        method = next((r.method for r in runs if r.method), {})
+        fixed = [f"{k}={format_value(v)}" for k, v in method.items() if k not in tuned]
+        if fixed:
+            text += "; fixed: " + ", ".join(fixed)
+        chosen.append(f"{spec} trial {index} ({text}; {100 * trial['val_acc']:.2f} % validation)")
     k = max((len(e.get("trials") or []) for e in view.tuning.values()), default=0)
     return (
         f"Tuned on validation: {k} trials per method from its search space (the same "

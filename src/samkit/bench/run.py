@@ -23,7 +23,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -33,7 +33,17 @@ from samkit.train.config import RESUMABLE_KEYS, ConfigError, TrainConfig
 if TYPE_CHECKING:
     from samkit.bench.executors import Ended, Executor
 
-__all__ = ["RunResult", "SweepError", "prepare", "run_state", "run_sweep"]
+__all__ = [
+    "STOP_SIGNALS",
+    "RunResult",
+    "Stopped",
+    "SweepError",
+    "deferred_stop",
+    "prepare",
+    "run_state",
+    "run_sweep",
+    "stop_on_signals",
+]
 
 LOG_NAME = "train.log"
 #: Files a run writes; what a killed run leaves is cleared before it starts again.
@@ -44,6 +54,94 @@ _IGNORED_IN_COMPARISON = RESUMABLE_KEYS | {"recipe"}
 
 class SweepError(Exception):
     """The sweep cannot start (reported as one line)."""
+
+
+# ----------------------------------------------------------------------------- stopping
+
+
+#: The signals that stop a sweep (SIGINT only where this process does not ignore it).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(KeyboardInterrupt):
+    """The sweep was stopped by the signal ``signum`` (SIGTERM, or SIGINT): its running runs
+    were ended, the finished ones are kept, and the same sweep again resumes the others."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _StopSignals:
+    """While a sweep runs, SIGTERM (and SIGINT, unless this process ignores it, as a shell's
+    ``&`` makes it do: the user's choice, kept) stops it. The handler raises :class:`Stopped`
+    at once, and records the signal, so that :meth:`check`, called where the sweep is
+    between two steps, raises it again where the first one was lost (a handler's exception
+    raised in an at-fork hook or a ``__del__`` method is printed and dropped). In a
+    :meth:`deferred` section (starting a run process and recording it) it only records."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.depth = 0
+        self.defer = 0
+        self.previous: dict[int, Any] = {}
+
+    def handle(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None:  # already stopping: a second signal changes nothing
+            return
+        self.signum = signum
+        if not self.defer:
+            raise Stopped(signum)
+
+    def check(self) -> None:
+        if self.signum is not None and not self.defer:
+            raise Stopped(self.signum)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if self.depth == 0:
+            self.signum = None
+            self.previous = {}
+            for sig in STOP_SIGNALS:
+                if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
+                    continue
+                try:
+                    self.previous[sig] = signal.signal(sig, self.handle)
+                except ValueError:  # not in the main thread: no handlers of ours
+                    break
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if self.depth == 0:
+                for sig, handler in self.previous.items():
+                    signal.signal(sig, handler)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.defer += 1
+        try:
+            yield
+        finally:
+            self.defer -= 1
+        self.check()
+
+
+_STOP = _StopSignals()  # one per process, as signal handlers are
+
+
+def stop_on_signals() -> contextlib.AbstractContextManager[None]:
+    """Context manager: SIGTERM (and SIGINT unless ignored) raise :class:`Stopped` in it
+    (nested: the outermost one installs and restores the handlers)."""
+    return _STOP.installed()
+
+
+def deferred_stop() -> contextlib.AbstractContextManager[None]:
+    """Context manager for an executor's section that must not be cut (start a run process
+    and record it, so that it is ended with the others): a stop asked for in it is raised
+    at its end."""
+    return _STOP.deferred()
 
 
 @dataclasses.dataclass
@@ -305,27 +403,18 @@ def run_sweep(
     pending.sort(key=lambda p: (p[0].seed, -p[0].cost))
     display.cost_left = sum(r.cost for r, _ in pending)
 
+    def started(running: int) -> None:
+        _STOP.check()  # a stop whose Stopped was lost where the signal came
+        display.redraw(running)
+
     def ended(outcome: Ended, running: int) -> None:
         display.cost_done += outcome.run.cost
         display.cost_left -= outcome.run.cost
         finish(_result(outcome), running)
 
-    interrupted = False
-    old_handlers = {}
-
-    def stop(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    with contextlib.suppress(ValueError):  # not in the main thread: keep the defaults
-        old_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, stop)
-    try:
-        executor.execute(pending, display.redraw, ended)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
-        display.close()
-    if interrupted:
-        raise KeyboardInterrupt
+    with stop_on_signals():
+        try:
+            executor.execute(pending, started, ended)
+        finally:
+            display.close()
     return [results[r.out] for r in runs if r.out in results]

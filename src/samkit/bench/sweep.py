@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from samkit.bench.executors import Executor, make_executor
 from samkit.bench.plan import PlannedRun, Sweep
-from samkit.bench.run import RunResult, SweepError, run_sweep
+from samkit.bench.run import RunResult, SweepError, run_sweep, stop_on_signals
 from samkit.bench.tuning import (
     Tuning,
     declared_target,
@@ -209,7 +209,10 @@ def bench(
     result per run, trials first.
 
     Every check (settings, search spaces, the executor's options and resources) happens
-    before anything is written to ``out``."""
+    before anything is written to ``out``. SIGTERM (and SIGINT, unless this process ignores
+    it) stops the sweep: its running runs are ended, the finished ones kept, and
+    :class:`~samkit.bench.run.Stopped` (a ``KeyboardInterrupt``) is raised; the same call
+    again resumes it."""
     if not isinstance(executor, Executor):
         executor = make_executor(
             executor, workers=workers, isolation=isolation, threads=threads,
@@ -242,7 +245,8 @@ def bench(
             (stream or sys.stdout).write(f"{what}:\n")
         return run_sweep(stage, executor=executor, stream=stream, progress=progress)
 
-    with executor:  # e.g. connected to the Ray cluster, its resources checked; both stages
+    # SIGTERM (SIGINT) between the stages stops the sweep as it does within one (Stopped).
+    with stop_on_signals(), executor:  # e.g. connected to the Ray cluster; both stages
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -25,12 +25,13 @@ A method that builds its arithmetic from these helpers therefore runs unchanged 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from samkit._dtensor import dtensor_class, reduce_key
 
 __all__ = [
     "Buckets",
@@ -55,19 +56,9 @@ __all__ = [
 ]
 
 
-def _dtensor_class() -> type | None:
-    """``DTensor``, or ``None`` while ``torch.distributed.tensor`` is not imported.
-
-    No DTensor can exist before that module is imported (by FSDP2, tensor parallelism or
-    the user), and importing it costs seconds: it is never imported here.
-    """
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None) if module is not None else None
-
-
 def is_sharded(tensors: Sequence[Tensor]) -> bool:
     """Whether any tensor of ``tensors`` is a ``DTensor`` (e.g. an FSDP2 parameter)."""
-    cls = _dtensor_class()
+    cls = dtensor_class()
     return cls is not None and any(isinstance(t, cls) for t in tensors)
 
 
@@ -115,7 +106,7 @@ def in_shared_memory(t: Tensor) -> bool:
 
 def local(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Each DTensor replaced by its local shard (a view: in-place changes reach the DTensor)."""
-    cls = _dtensor_class()
+    cls = dtensor_class()
     if cls is None:
         return list(tensors)
     with torch.no_grad():
@@ -206,10 +197,16 @@ def _sharded_reduction(a: Sequence[Tensor], b: Sequence[Tensor] | None, foreach:
     """
     import torch.distributed as dist
 
-    cls = _dtensor_class()
+    cls = dtensor_class()
     kinds: dict[Any, list[int]] = {}
     for i, t in enumerate(a):
-        key = _reduce_key(t, cls)
+        key = reduce_key(
+            t,
+            cls,
+            "a DTensor",
+            "cannot be reduced shard by shard: redistribute it to Shard or Replicate "
+            "placements first",
+        )
         if b is not None and not _same_layout(t, b[i], cls):
             raise ValueError(
                 f"dot: tensor {i} of the two lists has different layouts "
@@ -240,22 +237,6 @@ def _sharded_reduction(a: Sequence[Tensor], b: Sequence[Tensor] | None, foreach:
             dist.all_reduce(value, group=mesh.get_group(d))
         total = total + value
     return total.sqrt() if b is None else total
-
-
-def _reduce_key(t: Tensor, cls: type | None) -> Any:
-    """``None`` for a tensor whose local value is whole; (mesh, sharded mesh dims) otherwise."""
-    if cls is None or not isinstance(t, cls):
-        return None
-    dims = []
-    for d, placement in enumerate(t.placements):
-        if placement.is_shard():
-            dims.append(d)
-        elif placement.is_partial():
-            raise ValueError(
-                f"a DTensor with a Partial placement ({t.placements}) cannot be reduced "
-                "shard by shard: redistribute it to Shard or Replicate placements first"
-            )
-    return (t.device_mesh, tuple(dims)) if dims else None
 
 
 def _same_layout(x: Tensor, y: Tensor, cls: type | None) -> bool:
@@ -519,7 +500,7 @@ def _like(scale: Tensor | float, ref: Tensor) -> Tensor | float:
 
 def _scalar(scale: Tensor | float) -> Tensor | float:
     """A replicated 0-dim DTensor (e.g. a norm computed with DTensor ops) as a plain tensor."""
-    cls = _dtensor_class()
+    cls = dtensor_class()
     if cls is not None and isinstance(scale, cls):
         return scale.full_tensor()
     return scale
@@ -527,7 +508,7 @@ def _scalar(scale: Tensor | float) -> Tensor | float:
 
 def like_layout(shards: list[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
     """Local shards wrapped as DTensors with the layout of ``like`` (plain tensors stay)."""
-    cls = _dtensor_class()
+    cls = dtensor_class()
     assert cls is not None
     out = []
     for r, t in zip(shards, like):

@@ -47,12 +47,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from samkit._dtensor import dtensor_class, reduce_key
+
 __all__ = [
     "Comm",
     "PeerError",
     "Space",
     "collective_timeout",
-    "dtensor_class",
     "is_writer",
     "set_collective_timeout",
     "shard_batches",
@@ -84,13 +85,6 @@ def set_collective_timeout(seconds: float) -> float:
         raise ValueError(f"seconds must be a finite number > 0, got {seconds!r}")
     previous, _TIMEOUT_SECONDS = _TIMEOUT_SECONDS, float(seconds)
     return previous
-
-
-def dtensor_class() -> type | None:
-    """``DTensor``, or ``None`` while ``torch.distributed.tensor`` is not imported (no DTensor
-    can exist before that; importing it costs seconds, so it is never imported here)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None) if module is not None else None
 
 
 def _initialised() -> bool:
@@ -312,21 +306,6 @@ class Comm:
 # ----------------------------------------------------------------------------- vectors
 
 
-def _reduce_key(t: Tensor, cls: type | None) -> Any:
-    """None for a tensor whose local value is whole; (mesh, sharded mesh dims) otherwise."""
-    if cls is None or not isinstance(t, cls):
-        return None
-    dims = []
-    for d, placement in enumerate(t.placements):
-        if placement.is_shard():
-            dims.append(d)
-        elif placement.is_partial():
-            raise ValueError(
-                f"a parameter with a Partial placement ({t.placements}) cannot be measured"
-            )
-    return (t.device_mesh, tuple(dims)) if dims else None
-
-
 class Space:
     """Flat vectors over the measured parameters (this process's elements; see module docs).
 
@@ -351,7 +330,8 @@ class Space:
         # Elements to sum over processes in dot products, grouped by process groups.
         self.keys: dict[Any, list[int]] = {}
         for i, p in enumerate(self.params):
-            self.keys.setdefault(_reduce_key(p, cls), []).append(i)
+            key = reduce_key(p, cls, "a parameter", "cannot be measured")
+            self.keys.setdefault(key, []).append(i)
         if self.sharded:
             if comm is None:
                 raise TypeError(

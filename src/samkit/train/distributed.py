@@ -29,6 +29,7 @@ import dataclasses
 import gc
 import importlib
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -48,6 +49,10 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+#: The process group :func:`processes` joined, until :func:`leave_process_group` leaves it
+#: (weakly: a reference would keep the group, and its threads, alive).
+_joined: weakref.ReferenceType[Any] | None = None
 
 
 class PeerFailure(RuntimeError):
@@ -341,10 +346,12 @@ def processes(launch: Launch, device: torch.device) -> Iterator[Processes]:
     if dist.is_initialized():
         yield Processes(launch, device, str(dist.get_backend()))
         return
+    global _joined
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend)
+    _joined = weakref.ref(dist.group.WORLD)
     yield Processes(launch, device, backend)  # after an error the group stays (see above)
     try:
         dist.barrier(device_ids=[torch.cuda.current_device()] if backend == "nccl" else None)
@@ -353,17 +360,25 @@ def processes(launch: Launch, device: torch.device) -> Iterator[Processes]:
 
 
 def leave_process_group() -> None:
-    """Leave the default process group, if joined, once nothing else holds it: collect what
-    is left of a run in reference cycles (a DDP model holds the group), then destroy the
-    group, which joins its threads (see :func:`processes`). Waits for no other process.
+    """Leave the default process group if :func:`processes` joined it, once nothing else
+    holds it: collect what is left of a run in reference cycles (a DDP model holds the
+    group), then destroy the group, which joins its threads (see :func:`processes`). Waits
+    for no other process. A group samkit did not join (the caller's) is left as it is.
 
     After a run that raised under several processes, call it once the error is dropped
     (the error's traceback holds the run); ``samkit train`` does.
     """
+    global _joined
     import torch.distributed as dist
 
     gc.collect()
-    if dist.is_available() and dist.is_initialized():
+    ours, _joined = _joined, None
+    if (
+        ours is not None
+        and dist.is_available()
+        and dist.is_initialized()
+        and ours() is dist.group.WORLD
+    ):
         dist.destroy_process_group()
 
 

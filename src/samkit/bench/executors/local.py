@@ -24,14 +24,26 @@ from typing import Any
 
 from samkit.bench.executors import Ended, Executor
 from samkit.bench.plan import PlannedRun
-from samkit.bench.run import LOG_NAME, SweepError
+from samkit.bench.run import LOG_NAME, STOP_SIGNALS, SweepError, deferred_stop
 from samkit.train.config import TrainConfig
 from samkit.train.env import check_threads
 
-__all__ = ["ISOLATIONS", "RUN_THREADS", "LocalExecutor", "RunProcess", "check_workers"]
+__all__ = [
+    "ISOLATIONS",
+    "RUN_THREADS",
+    "STOP_GRACE",
+    "LocalExecutor",
+    "RunProcess",
+    "check_workers",
+    "stop",
+]
 
 #: ``--isolation``: ``auto`` (fork where possible), ``fork`` or ``subprocess``.
 ISOLATIONS = ("auto", "fork", "subprocess")
+
+#: Seconds a run process has to end after SIGTERM when the sweep stops, before SIGKILL (a
+#: run dies at once on SIGTERM: this is for one that does not).
+STOP_GRACE = 5.0
 
 #: torch threads of each run when none are given: a sweep's runs share the machine's cores
 #: (``workers`` at a time), and the embedded tasks' models gain nothing from more.
@@ -69,14 +81,28 @@ class RunProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
         self.cpu_seconds: float | None = None
+        self.code: int | None = None  # the exit code, once waited for
         if fork:
             parent = os.getpid()
             sys.stdout.flush()
             sys.stderr.flush()
-            pid = os.fork()
+            # SIGTERM and SIGINT wait (blocked) until the child has its own handlers: one the
+            # sweep sends it as it starts (stopping) must end it, not run the sweep's handler.
+            pid = -1
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                pid = os.fork()
+            finally:
+                if pid != 0:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             if pid == 0:  # child
                 code = 2
                 try:
+                    # The sweep's handlers are not the run's; SIGINT ignored stays ignored.
+                    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+                        signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                     _die_with_parent()
                     if os.getppid() != parent:
                         os._exit(2)
@@ -85,8 +111,6 @@ class RunProcess:
                     os.dup2(fd, 2)
                     sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
                     sys.stderr = sys.stdout
-                    signal.signal(signal.SIGINT, signal.SIG_DFL)
-                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
                     from samkit.bench.child import train_planned
 
                     code = train_planned(config, threads)
@@ -112,6 +136,11 @@ class RunProcess:
     def poll(self) -> int | None:
         """Exit code (negative: killed by that signal), or None while running. Records the
         process's CPU time (user + system) in :attr:`cpu_seconds` when it has ended."""
+        if self.code is None:
+            self.code = self._poll()
+        return self.code
+
+    def _poll(self) -> int | None:
         pid = self.proc.pid if self.proc is not None else self.pid
         assert pid is not None
         if hasattr(os, "wait4"):
@@ -128,19 +157,29 @@ class RunProcess:
         done, status = os.waitpid(pid, os.WNOHANG)
         return None if done == 0 else os.waitstatus_to_exitcode(status)
 
-    def terminate(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            if self.proc is not None:
-                self.proc.terminate()
-            elif self.pid is not None:
-                os.kill(self.pid, signal.SIGTERM)
+    def send(self, signum: int) -> None:
+        """Send ``signum`` to the run's process, by its pid, unless it was waited for."""
+        pid = self.proc.pid if self.proc is not None else self.pid
+        if pid is not None and self.code is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
-    def wait(self) -> None:
-        with contextlib.suppress(ChildProcessError):
-            if self.proc is not None:
-                self.proc.wait()
-            elif self.pid is not None:
-                os.waitpid(self.pid, 0)
+
+def stop(children: Sequence[RunProcess], grace: float = STOP_GRACE) -> None:
+    """End the run processes ``children`` (by their pids): SIGTERM, and SIGKILL to those
+    still running ``grace`` seconds later; return once every one has been waited for."""
+    for child in children:
+        child.send(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    left = list(children)
+    while left:
+        left = [c for c in left if c.poll() is None]
+        if left and time.monotonic() > deadline:
+            for child in left:
+                child.send(signal.SIGKILL)
+            deadline = float("inf")
+        if left:
+            time.sleep(0.01)
 
 
 def _prewarm(configs: Sequence[TrainConfig]) -> None:
@@ -222,7 +261,8 @@ class LocalExecutor(Executor):
                     run, config = queue.pop(0)
                     fork = self.isolation == "fork" or _use_fork(config, self.isolation)
                     try:
-                        running.append(RunProcess(run, config, self.threads, fork))
+                        with deferred_stop():  # a started process is one `running` holds
+                            running.append(RunProcess(run, config, self.threads, fork))
                     except OSError as e:
                         ended(Ended(run, None, error=f"cannot start: {e}"), len(running))
                     started(len(running))
@@ -236,8 +276,5 @@ class LocalExecutor(Executor):
                     ended(Ended(child.run, code, seconds, child.cpu_seconds), len(running))
                 started(len(running))
         except KeyboardInterrupt:
-            for child in running:
-                child.terminate()
-            for child in running:
-                child.wait()
+            stop(running)
             raise

@@ -22,6 +22,7 @@ import re
 import sys
 from pathlib import Path
 
+from samkit.optim.registry import get_optimizer_info
 from samkit.train.recipes import (
     DEFAULT_RECIPE,
     defaults_rows,
@@ -33,21 +34,17 @@ from samkit.train.recipes import (
     resolve_settings,
 )
 
-#: Constructor switches that choose how or where a method is computed, not what it computes:
-#: mSAM's ``vectorize`` (its micro-batches in one batched pass or in a loop, the same update)
-#: and SAF's logit bank storage (``bank_dtype``, ``bank_device``, ``bank_rows``). They are not
-#: hyperparameters of the method, so the defaults table leaves them out; each method's page
-#: lists them with its arguments.
-IMPLEMENTATION_SWITCHES = frozenset({"vectorize", "bank_dtype", "bank_device", "bank_rows"})
 
-
-def _hyperparameters(values: dict) -> dict:
-    return {k: v for k, v in values.items() if k not in IMPLEMENTATION_SWITCHES}
+def _hyperparameters(name: str, values: dict) -> dict:
+    """``values`` without the method's implementation switches (mSAM's ``vectorize``, SAF's
+    bank storage: how or where it is computed, not what; declared on its class)."""
+    switches = get_optimizer_info(name).implementation_switches
+    return {k: v for k, v in values.items() if k not in switches}
 
 
 def defaults_markdown(recipe: str | Path = DEFAULT_RECIPE) -> str:
     """The defaults table: class defaults (the paper's) and the recipe's values, per optimizer
-    (hyperparameters only: :data:`IMPLEMENTATION_SWITCHES` are left out)."""
+    (hyperparameters only: the classes' ``implementation_switches`` are left out)."""
     r = load_recipe(recipe)
     common = {
         k: r.settings[k] for k in ("base", "lr", "momentum", "weight_decay") if k in r.settings
@@ -58,9 +55,9 @@ def defaults_markdown(recipe: str | Path = DEFAULT_RECIPE) -> str:
         "|---|---|---|---|",
     ]
     for row in defaults_rows(recipe):
-        defaults = _hyperparameters(row.class_defaults)
+        defaults = _hyperparameters(row.name, row.class_defaults)
         cls = format_values(defaults) if row.sharpness_aware else "torch's"
-        values = format_values(_hyperparameters(row.recipe_values), defaults)
+        values = format_values(_hyperparameters(row.name, row.recipe_values), defaults)
         lines.append(
             f"| `{row.name}` | {row.passes:.3g} | {cls} | {values.replace('*', ' (tuned)')} |"
         )

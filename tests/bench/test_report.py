@@ -379,19 +379,22 @@ def test_cost_labels_do_not_overlap_with_fourteen_methods(tmp_path):
 def test_the_tuned_line_gives_each_method_its_whole_configuration(tmp_path):
     # A tuned sweep: bsam's search covered lr and rho; the recipe fixed ratio="one" (and
     # rho_min), the class the rest. A reader must be able to rerun it from the report.
-    _fake_sweep(tmp_path, {"t": {"sgd": ACC["sgd"], "bsam": ACC["sam"]}})
+    # mSAM's vectorize is an implementation switch (how, not what): recorded, not listed.
+    _fake_sweep(tmp_path, {"t": {"sgd": ACC["sgd"], "bsam": ACC["sam"], "msam": ACC["sam"]}})
     used = {
         "sgd": {"lr": 0.0659, "weight_decay": 0.0005, "momentum": 0.9},
         "bsam": {"rho": 0.0197, "rho_min": 0.0303, "ratio": "one", "official_update": False,
                  "lr": 0.184, "weight_decay": 0.0005, "momentum": 0.9},
+        "msam": {"rho": 0.05, "micro_batches": 4, "vectorize": True, "lr": 0.1},
     }  # fmt: skip
     for opt, kwargs in used.items():
         for path in tmp_path.glob(f"t/{opt}/*/config.json"):
             record = json.loads(path.read_text())
-            info = {"name": opt, "sharpness_aware": opt == "bsam"}
+            info = {"name": opt, "sharpness_aware": opt != "sgd"}
             path.write_text(json.dumps({**record, "optimizer_kwargs": kwargs,
                                         "optimizer_info": info}))  # fmt: skip
-    trials = {"sgd": ({"lr": 0.0659},), "bsam": ({"lr": 0.01, "rho": 0.3}, {"lr": 0.184, "rho": 0.0197})}  # fmt: skip
+    trials = {"sgd": ({"lr": 0.0659},), "bsam": ({"lr": 0.01, "rho": 0.3}, {"lr": 0.184, "rho": 0.0197}),
+              "msam": ({"lr": 0.1, "rho": 0.05},)}  # fmt: skip
     tuning = {
         "tasks": {"t": {opt: {"trials": [{"params": p, "val_acc": 0.9 + 0.01 * i, "run": "x"}
                                          for i, p in enumerate(ts)], "chosen": len(ts) - 1}
@@ -403,5 +406,6 @@ def test_the_tuned_line_gives_each_method_its_whole_configuration(tmp_path):
         "sgd trial 0 (tuned: lr=0.0659; fixed: weight_decay=0.0005, momentum=0.9; 90.00 % "
         "validation); bsam trial 1 (tuned: lr=0.184, rho=0.0197; fixed: rho_min=0.0303, "
         "ratio=one, official_update=False, weight_decay=0.0005, momentum=0.9, base=sgd; "
-        "91.00 % validation)."
+        "91.00 % validation); msam trial 0 (tuned: lr=0.1, rho=0.05; fixed: micro_batches=4, "
+        "base=sgd; 90.00 % validation)."
     ), tuning_sentence(view)

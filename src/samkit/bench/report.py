@@ -614,6 +614,16 @@ def noise_sentence(view: TaskView) -> str:
     return text[0].upper() + text[1:]
 
 
+def _switches(spec: str) -> frozenset[str]:
+    """The implementation switches of the optimizer a spec names (none if unknown)."""
+    from samkit.optim.registry import get_optimizer_info
+
+    try:
+        return get_optimizer_info(spec.partition(":")[0]).implementation_switches
+    except (KeyError, ValueError):
+        return frozenset()
+
+
 def tuning_sentence(view: TaskView) -> str:
     """The settings each method's final runs used: its chosen trial (``tuning.json``), the
     values searched marked ``tuned``, and every other value of the method's configuration
@@ -633,7 +643,12 @@ def tuning_sentence(view: TaskView) -> str:
         text = "tuned: " + ", ".join(f"{k}={_short(v)}" for k, v in tuned.items())
         runs = rows[spec].runs if spec in rows else []
         method = next((r.method for r in runs if r.method), {})
-        fixed = [f"{k}={format_value(v)}" for k, v in method.items() if k not in tuned]
+        switches = _switches(spec)  # how it is computed, not what: left out
+        fixed = [
+            f"{k}={format_value(v)}"
+            for k, v in method.items()
+            if k not in tuned and k not in switches
+        ]
         if fixed:
             text += "; fixed: " + ", ".join(fixed)
         chosen.append(f"{spec} trial {index} ({text}; {100 * trial['val_acc']:.2f} % validation)")

@@ -135,6 +135,11 @@ class SharpnessAwareOptimizer(ManualSteps, ProcessGroups, FiniteChecks, Checkpoi
     #: base optimizer are left exactly as before the step.
     clean_pass_state: tuple[str, ...] = ()
 
+    #: Constructor switches that choose how or where the method is computed, not what it
+    #: computes (mSAM's ``vectorize``, SAF's bank storage): not hyperparameters of the
+    #: method, so tables of its settings leave them out.
+    implementation_switches: tuple[str, ...] = ()
+
     #: Whether ``first_step``/``second_step`` implement the method. ``None``: only when the
     #: class keeps SAM's sequence of passes (it does not override :meth:`sharpness_step`).
     supports_manual_steps: bool | None = None

@@ -123,6 +123,7 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
     """
 
     step_globals = ("micro_batches",)  # the batch is split once for the whole model
+    implementation_switches = ("vectorize",)  # the loop gives the same update
     own_passes = "its passes run on micro-batches of the batch"
 
     def __init__(

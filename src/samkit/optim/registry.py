@@ -105,6 +105,13 @@ class OptimizerInfo:
             and p.name not in _NOT_HYPERPARAMETERS
         }
 
+    @property
+    def implementation_switches(self) -> frozenset[str]:
+        """Keyword arguments that choose how the method is computed, not what (the class's
+        ``implementation_switches``: mSAM's ``vectorize``, SAF's bank storage). They are in
+        :attr:`hyperparameters` (a run records them) but not in tables of its settings."""
+        return frozenset(getattr(self.cls, "implementation_switches", ()))
+
 
 #: Constructor arguments of a sharpness-aware class that are not its method's settings.
 _NOT_HYPERPARAMETERS = frozenset(

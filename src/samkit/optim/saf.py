@@ -241,6 +241,7 @@ class SAF(TrajectoryLoss):
     """
 
     step_globals = ("lmbda", "tau", "start_epoch", "horizon")
+    implementation_switches = ("bank_dtype", "bank_device", "bank_rows")  # where records live
 
     def __init__(
         self,

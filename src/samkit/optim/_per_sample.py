@@ -20,7 +20,12 @@ from torch.utils._pytree import tree_map
 from samkit.optim._compat import compiler_disabled
 from samkit.optim._distributed import Group, through_flat
 
-__all__ = ["NonFiniteSamples", "fisher_scores", "per_sample_squared_gradients"]
+__all__ = [
+    "NonFiniteSamples",
+    "add_fisher_scores",
+    "fisher_scores",
+    "per_sample_squared_gradients",
+]
 
 #: The chunk rule: per-sample gradients are computed for as many samples at once as hold at
 #: most this many values together (2**20: 4 MiB in float32), and at least one sample. A
@@ -145,3 +150,37 @@ def fisher_scores(
     )
     *scores, n = through_flat(scores + [scores[0].new_tensor([k])], replicas.all_reduce_)
     return scores, int(n)
+
+
+def add_fisher_scores(
+    state: Any,
+    model: nn.Module,
+    closure: Any,
+    params: list[Tensor],
+    k: int,
+    replicas: Group | None,
+    finite_only: bool,
+) -> int:
+    """Add the Fisher scores of the first ``k`` samples (of each replica's batch) into
+    ``state[p]["fisher"]`` (zeros when a sum starts); returns the samples added.
+
+    In one process the squares go into the sums in place, chunk by chunk, each chunk checked
+    first with ``finite_only``; under DDP the replicas' scores are summed in a buffer of
+    their own, checked, then added. A chunk or a sum that is not finite raises
+    :class:`NonFiniteSamples` with the samples added before it.
+    """
+    sums = []
+    for p in params:
+        if "fisher" not in state[p]:
+            state[p]["fisher"] = torch.zeros_like(
+                p, dtype=torch.promote_types(p.dtype, torch.float32)
+            )
+        sums.append(state[p]["fisher"])
+    if replicas is None:
+        return fisher_scores(model, closure, params, k, None, sums, finite_only)[1]
+    scores, scored = fisher_scores(model, closure, params, k, replicas)
+    if finite_only and not _finite(scores):  # the same sums, hence the same answer, everywhere
+        raise NonFiniteSamples(0)
+    for f, s in zip(sums, scores):
+        f.add_(s)
+    return scored

@@ -14,7 +14,7 @@ from samkit.optim._coordinates import Coordinates, coordinates, kept_count, live
 from samkit.optim._distributed import Group, first_replica_flags, replicas_of
 from samkit.optim._per_sample import (
     NonFiniteSamples,
-    fisher_scores,
+    add_fisher_scores,
     per_sample_squared_gradients,
 )
 from samkit.optim._rng import check_seed, draw_seed
@@ -300,23 +300,15 @@ class SSAM(SharpnessAwareOptimizer):
         model = self.model if self.model is not None else closure.model
         # F_j = Σ_n (∂_j ℓ_n)² over the first samples of this batch (and of every replica's)
         k = min(needed - count, closure.batch_size)
-        check = self.on_nonfinite != "ignore"  # checked now, on Fisher steps only
-        if replicas is None:  # F += Σ g_n² in place, chunk by chunk, each checked first
-            sums = [self._fisher_sum(p) for p in params]
-            try:
-                _, scored = fisher_scores(model, closure, params, k, None, sums, check)
-            except NonFiniteSamples as e:  # F holds the finite samples before it
-                self.samkit_state["ssam_fisher_count"] = count + e.samples
-                self._record_finite("fisher", float("nan"), False)
-                self.verify_finite()  # raises, or skips the step
-        else:  # the replicas' scores, summed, then checked together and added
-            scores, scored = fisher_scores(model, closure, params, k, replicas)
-            if check:
-                self._record_finite("fisher", torch.stack([s.sum() for s in scores]).sum(), False)
-                self.verify_finite()
-            for p, s in zip(params, scores):
-                self._fisher_sum(p).add_(s)
-            del scores
+        try:  # F += Σ g_n², checked now (on Fisher steps only): finite samples count at once
+            scored = add_fisher_scores(
+                self.state, model, closure, params, k, replicas, self.on_nonfinite != "ignore"
+            )
+        except NonFiniteSamples as e:  # F holds the finite samples before the bad ones
+            self.samkit_state["ssam_fisher_count"] = count + e.samples
+            self._record_finite("fisher", float("nan"), False)
+            self.verify_finite()  # raises, or skips the step
+            raise
         self.samkit_state["ssam_fisher_count"] = count + scored  # finite samples count at once
         if count + scored < needed:
             return None
@@ -327,14 +319,6 @@ class SSAM(SharpnessAwareOptimizer):
             self.state[p]["mask"] = m
         self.samkit_state["ssam_mask_epoch"] = epoch
         return masks
-
-    def _fisher_sum(self, p: Tensor) -> Tensor:
-        """The Fisher sum in progress of ``p`` (zeros when it starts), in its state."""
-        if "fisher" not in self.state[p]:
-            self.state[p]["fisher"] = torch.zeros_like(
-                p, dtype=torch.promote_types(p.dtype, torch.float32)
-            )
-        return self.state[p]["fisher"]
 
     def _top_k(
         self,

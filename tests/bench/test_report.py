@@ -302,17 +302,18 @@ def test_the_task_base_optimizer_is_the_reference_when_the_sweep_ran_it(tmp_path
            "adamw": {s: 0.9 + 0.01 * s for s in range(3)},
            "sam": {s: 0.92 + 0.01 * s for s in range(3)}}  # fmt: skip
     _fake_sweep(tmp_path, {"t": acc}, seeds=3)
-    for config in tmp_path.rglob("config.json"):
-        record = json.loads(config.read_text())
-        record["config"]["base"] = "adamw"
-        config.write_text(json.dumps(record))
+
+    def task_base(base):
+        for config in tmp_path.rglob("config.json"):
+            record = json.loads(config.read_text())
+            record["config"]["base"] = base
+            config.write_text(json.dumps(record))
+
+    task_base("adamw")
     _, views = collect(tmp_path)
     assert [r.optimizer for r in views[0].rows] == ["adamw", "sgd", "sam"]
     assert views[0].rows[2].diff.mean == pytest.approx(0.02 * 100)
-    for config in tmp_path.rglob("config.json"):
-        record = json.loads(config.read_text())
-        record["config"]["base"] = "lion"
-        config.write_text(json.dumps(record))
+    task_base("lion")
     _, views = collect(tmp_path)
     assert [r.optimizer for r in views[0].rows] == ["sgd", "adamw", "sam"]
 

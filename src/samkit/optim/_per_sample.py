@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_map
 
 from samkit.optim._compat import compiler_disabled
 from samkit.optim._distributed import Group, through_flat
+from samkit.optim._tensors import global_norm
 
 __all__ = [
     "NonFiniteSamples",
@@ -67,11 +68,7 @@ def per_sample_squared_gradients(
 
     names = {p: n for n, p in module.named_parameters()}
     wanted = {names[p]: p.detach() for p in params if p in names}
-    acc = into
-    if acc is None:
-        acc = [
-            torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params
-        ]
+    acc = into if into is not None else [_zero_sum(p) for p in params]
     if not wanted or k <= 0:
         return acc
 
@@ -92,7 +89,7 @@ def per_sample_squared_gradients(
                 hi = min(k, lo + chunk)
                 xs = tree_map(lambda t, a=lo, b=hi: t[a:b] if isinstance(t, Tensor) else t, inputs)
                 gs = per_sample(wanted, xs, targets[lo:hi])
-                if finite_only and not _finite(list(gs.values())):
+                if finite_only and not torch.isfinite(global_norm(list(gs.values()))):
                     raise NonFiniteSamples(lo)
                 for name, g in gs.items():
                     a = acc[position[name]]
@@ -111,11 +108,9 @@ def per_sample_squared_gradients(
     return acc
 
 
-def _finite(tensors: list[Tensor]) -> bool:
-    norms = torch.stack(
-        [torch.linalg.vector_norm(t.float() if t.dtype != torch.float64 else t) for t in tensors]
-    )
-    return bool(torch.isfinite(norms).all())
+def _zero_sum(p: Tensor) -> Tensor:
+    """A sum of squares for ``p``, at zero: float, at least float32 (float64 stays)."""
+    return torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
 
 
 def fisher_scores(
@@ -169,17 +164,16 @@ def add_fisher_scores(
     their own, checked, then added. A chunk or a sum that is not finite raises
     :class:`NonFiniteSamples` with the samples added before it.
     """
-    sums = []
     for p in params:
         if "fisher" not in state[p]:
-            state[p]["fisher"] = torch.zeros_like(
-                p, dtype=torch.promote_types(p.dtype, torch.float32)
-            )
-        sums.append(state[p]["fisher"])
+            state[p]["fisher"] = _zero_sum(p)
+    sums = [state[p]["fisher"] for p in params]
     if replicas is None:
         return fisher_scores(model, closure, params, k, None, sums, finite_only)[1]
     scores, scored = fisher_scores(model, closure, params, k, replicas)
-    if finite_only and not _finite(scores):  # the same sums, hence the same answer, everywhere
+    if finite_only and not torch.isfinite(
+        global_norm(scores)
+    ):  # the same sums, hence the same answer, everywhere
         raise NonFiniteSamples(0)
     for f, s in zip(sums, scores):
         f.add_(s)

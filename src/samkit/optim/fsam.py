@@ -163,7 +163,7 @@ class FriendlySAM(SharpnessAwareOptimizer):
             first_seen.extend((gp.params[i], g) for i, g in zip(first, kept))
         scale = self._grad_scale()
         if folds:
-            ok = self.finite_so_far(folds[0][0].grads[folds[0][1][0]].device)
+            ok = self.finite_so_far(folds[0][0].grads[0].device)
             for gp, idx, d in folds:
                 grads = [gp.grads[i] for i in idx]
                 emas = [self.state[gp.params[i]]["ema"] for i in idx]
@@ -190,9 +190,10 @@ class FriendlySAM(SharpnessAwareOptimizer):
     ) -> list[Tensor]:
         """The directions ``d_t = g_t - sigma·m_{t-1}``, and ``m_t`` into ``emas`` where ``ok``.
 
-        ``d`` is written over ``g`` when the step owns the gradients (they are new tensors
-        of this step's clean pass, which the perturbed pass replaces); otherwise (between
-        ``first_step`` and ``second_step``, or a gradient in DDP's buckets) ``d`` is new.
+        ``d`` is written over ``g`` (the clean pass's gradients, which the perturbed pass
+        replaces; in DDP's buckets too, which that pass overwrites only after ``d`` has moved
+        the weights), except between ``first_step`` and ``second_step``, where the user's
+        loop owns them and ``d`` is new.
         On a CPU the flag is read at once (there is no device to wait for) and ``m`` is
         updated in place; on an accelerator ``m_t`` is formed beside ``m_{t-1}`` per slice
         and selected with ``torch.where`` on the device.

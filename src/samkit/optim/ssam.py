@@ -256,14 +256,18 @@ class SSAM(SharpnessAwareOptimizer):
         self.base_step()  # w ← base_step(w, g')
         return loss
 
-    def _commit_masks(self, new: dict[Tensor, Tensor], epoch: int | None) -> None:
+    def _commit_masks(
+        self, new: dict[Tensor, Tensor], epoch: int | None, at_once: bool = False
+    ) -> None:
+        """Store the masks (and the update's epoch) on accept, or ``at_once`` (SSAM-F's)."""
+
         def commit() -> None:
             for p, m in new.items():
                 self.state[p]["mask"] = m
             if epoch is not None:
                 self.samkit_state["ssam_mask_epoch"] = epoch
 
-        self.on_accept(commit)
+        commit() if at_once else self.on_accept(commit)
 
     def _mask_params(self) -> list[list[Tensor]]:
         """Per group, the parameters a mask covers (those that require a gradient)."""
@@ -315,9 +319,7 @@ class SSAM(SharpnessAwareOptimizer):
         fisher = {p: self.state[p].pop("fisher") for p in params}  # released once selected
         masks = self._top_k(lambda gi, c: [fisher[p] for p in c.params], replicas)  # no copy
         self.samkit_state["ssam_fisher_count"] = 0
-        for p, m in masks.items():  # committed at once: the scores were finite
-            self.state[p]["mask"] = m
-        self.samkit_state["ssam_mask_epoch"] = epoch
+        self._commit_masks(masks, epoch, at_once=True)  # the scores were finite
         return masks
 
     def _top_k(
